@@ -1,0 +1,1 @@
+"""Drivers: the `mocoplus` command line and the Prefect flows that compose the stages."""

@@ -1,0 +1,88 @@
+"""ResNet backbones: torchvision's blocks with a CIFAR stem and a width multiplier.
+
+torchvision's `ResNet` hard-codes the 64-channel stem and the 7×7/stride-2 conv
+plus max-pool that shrink a 28–64 px image to nothing. We reuse its blocks,
+``_make_layer`` and ``forward`` and only choose the widths and the stem, so the
+state-dict keys stay torchvision's (conv1, bn1, layer1…4) and ``width=1``
+models can load torchvision weights. The classifier is an identity: the output
+is the pooled feature vector.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+NormLayer = Callable[[int], nn.Module]
+
+_LAYOUTS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], list[int]]] = {
+    "resnet18": (BasicBlock, [2, 2, 2, 2]),
+    "resnet34": (BasicBlock, [3, 4, 6, 3]),
+    "resnet50": (Bottleneck, [3, 4, 6, 3]),
+}
+
+
+class ResNetBackbone(ResNet):
+    """A torchvision ResNet trunk returning pooled features of size ``out_dim``."""
+
+    def __init__(
+        self,
+        block: type[BasicBlock] | type[Bottleneck],
+        layers: list[int],
+        *,
+        width: float = 1.0,
+        cifar_stem: bool = False,
+        norm_layer: NormLayer = nn.BatchNorm2d,
+        zero_init_residual: bool = False,
+    ) -> None:
+        nn.Module.__init__(self)  # ResNet.__init__ would build the fixed-width model
+        widths = [max(1, round(64 * width * 2**i)) for i in range(4)]
+        self._norm_layer = norm_layer
+        self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
+        if cifar_stem:  # 3×3 stride 1, no max-pool: keeps 32×32 resolution into layer1
+            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+            self.maxpool = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.bn1 = norm_layer(widths[0])
+        self.relu = nn.ReLU(inplace=True)
+        self.layer1 = self._make_layer(block, widths[0], layers[0])
+        self.layer2 = self._make_layer(block, widths[1], layers[1], stride=2)
+        self.layer3 = self._make_layer(block, widths[2], layers[2], stride=2)
+        self.layer4 = self._make_layer(block, widths[3], layers[3], stride=2)
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Identity()
+        self.out_dim = widths[3] * block.expansion
+        self._init_weights(zero_init_residual)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        """torchvision's initialisation (Kaiming fan-out convs, unit BN)."""
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if zero_init_residual:
+            for module in self.modules():
+                if isinstance(module, Bottleneck):
+                    nn.init.zeros_(module.bn3.weight)
+                elif isinstance(module, BasicBlock):
+                    nn.init.zeros_(module.bn2.weight)
+
+
+def build_backbone(
+    arch: str,
+    *,
+    width: float = 1.0,
+    cifar_stem: bool = False,
+    norm_layer: NormLayer = nn.BatchNorm2d,
+) -> ResNetBackbone:
+    """``resnet18``/``resnet34``/``resnet50``; ``cifar_stem`` for 28–64 px inputs."""
+    if arch not in _LAYOUTS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_LAYOUTS)}")
+    block, layers = _LAYOUTS[arch]
+    return ResNetBackbone(block, layers, width=width, cifar_stem=cifar_stem, norm_layer=norm_layer)

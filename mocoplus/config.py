@@ -1,0 +1,128 @@
+"""`MoCoConfig`: every knob of the method in one validated dataclass.
+
+Validation happens at construction so a bad config fails with one clear line
+before any tensor is allocated, not as a shape error deep inside a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Arch = Literal["resnet18", "resnet34", "resnet50"]
+DualView = Literal["none", "symmetric", "key-anchor"]
+Negatives = Literal["all", "topk", "band", "threshold"]
+KeyBatchNorm = Literal["auto", "shuffle", "sync", "split", "plain"]
+MomentumSchedule = Literal["constant", "cosine"]
+
+ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
+DUAL_VIEWS: tuple[str, ...] = ("none", "symmetric", "key-anchor")
+NEGATIVES: tuple[str, ...] = ("all", "topk", "band", "threshold")
+KEY_BATCH_NORMS: tuple[str, ...] = ("auto", "shuffle", "sync", "split", "plain")
+MOMENTUM_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+
+
+def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class NegativeSampling:
+    """Which queue entries serve as negatives for each anchor (DESIGN §1).
+
+    ``mode``: ``all`` (the whole queue, MoCo), ``topk`` (the ``k`` most similar),
+    ``band`` (drop the ``skip`` most similar, likely false negatives, keep the
+    next ``k``), ``threshold`` (drop entries more similar than ``threshold``,
+    keep the ``k`` most similar of the rest; ``k=None`` keeps all of the rest).
+    """
+
+    mode: Negatives = "all"
+    k: int | None = None
+    skip: int = 0
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        _require_choice("negatives", self.mode, NEGATIVES)
+        if self.mode == "topk" and self.k is None:
+            raise ValueError("negatives='topk' needs k (the number of negatives to keep)")
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be a positive number of negatives; got {self.k}")
+        if self.skip < 0:
+            raise ValueError(f"skip must be >= 0; got {self.skip}")
+        if self.mode == "threshold" and self.threshold is None:
+            raise ValueError("negatives='threshold' needs threshold (a cosine similarity)")
+
+
+ALL_NEGATIVES = NegativeSampling()
+
+
+@dataclass(frozen=True)
+class MoCoConfig:
+    """The method's hyper-parameters; defaults are MoCo v2 on ResNet-50.
+
+    ``hidden_dim=None`` sizes the projection MLP's hidden layer like the
+    backbone's feature width, as MoCo v2 does; ``head_bn`` adds batch norm to
+    it (SimCLR / MoCo v3), which small CPU-sized runs need to start learning
+    quickly.
+    """
+
+    # encoders
+    arch: Arch = "resnet50"
+    width: float = 1.0
+    cifar_stem: bool = False
+    hidden_dim: int | None = None
+    embedding_dim: int = 128
+    head_bn: bool = False
+    # key encoder and queue
+    queue_size: int = 65536
+    momentum: float = 0.999
+    momentum_schedule: MomentumSchedule = "constant"
+    key_bn: KeyBatchNorm = "auto"
+    bn_splits: int = 8
+    # objective
+    temperature: float = 0.2
+    dual_view: DualView = "none"
+    key_anchor_weight: float = 1.0
+    negatives: Negatives = "all"
+    num_negatives: int | None = None
+    skip_negatives: int = 0
+    negative_threshold: float | None = None
+    warmup_epochs: int = 0
+
+    def __post_init__(self) -> None:
+        _require_choice("arch", self.arch, ARCHS)
+        _require_choice("dual_view", self.dual_view, DUAL_VIEWS)
+        _require_choice("key_bn", self.key_bn, KEY_BATCH_NORMS)
+        _require_choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
+        if self.width <= 0:
+            raise ValueError(f"width must be > 0; got {self.width}")
+        if self.embedding_dim < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
+            raise ValueError("embedding_dim and hidden_dim must be positive")
+        if self.queue_size < 1:
+            raise ValueError(f"queue_size must be >= 1; got {self.queue_size}")
+        if not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1]; got {self.momentum}")
+        if self.bn_splits < 1:
+            raise ValueError(f"bn_splits must be >= 1; got {self.bn_splits}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0; got {self.temperature}")
+        if self.key_anchor_weight < 0:
+            raise ValueError(f"key_anchor_weight must be >= 0; got {self.key_anchor_weight}")
+        if self.warmup_epochs < 0:
+            raise ValueError(f"warmup_epochs must be >= 0; got {self.warmup_epochs}")
+        _ = self.sampling  # builds (and so validates) the negative-sampling fields
+
+    @property
+    def sampling(self) -> NegativeSampling:
+        """The hard-negative selection once warm-up is over."""
+        return NegativeSampling(
+            mode=self.negatives,
+            k=self.num_negatives,
+            skip=self.skip_negatives,
+            threshold=self.negative_threshold,
+        )
+
+    def sampling_at(self, epoch: int) -> NegativeSampling:
+        """`all` during warm-up: a random encoder has no meaningful hard negatives."""
+        return ALL_NEGATIVES if epoch < self.warmup_epochs else self.sampling

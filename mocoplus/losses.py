@@ -1,0 +1,176 @@
+"""The contrastive objective: InfoNCE over a queue, hard-negative selection and
+the dual-view modes (DESIGN §1).
+
+    l(a, p, N) = -log( e^{a·p/τ} / (e^{a·p/τ} + Σ_{n∈N} e^{a·n/τ}) )
+
+Logits against the whole queue are computed once with gradient; the selection
+(top-k, band, threshold) runs on them detached and the chosen logits are
+gathered from the differentiable matrix, so selection costs one top-k and a
+gather, and backward is the same matmul as plain MoCo. Rows left with
+fewer than ``k`` candidates are padded with masked (−inf) logits: the positive
+is always present, so log-sum-exp stays finite and nothing turns NaN.
+
+Everything here runs in at least float32 with autocast off: bf16 logits over a
+65k queue lose the differences that hard-negative mining is about.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from mocoplus.config import ALL_NEGATIVES, DUAL_VIEWS, NegativeSampling
+
+
+@dataclass(frozen=True)
+class ContrastiveResult:
+    """The loss and the similarity statistics a trainer logs (all detached but ``loss``)."""
+
+    loss: Tensor
+    positive_similarity: Tensor
+    negative_similarity: Tensor
+    selected_negative_similarity: Tensor
+
+
+def select_negatives(
+    scores: Tensor, sampling: NegativeSampling, *, scale: float = 1.0
+) -> tuple[Tensor | None, Tensor | None]:
+    """Pick each anchor's negatives from its row of queue scores.
+
+    ``scores`` are similarities a·n times a positive ``scale`` (the logits
+    a·n/τ with ``scale=1/τ``): ordering does not change, and the threshold is
+    scaled to match, so no extra pass over the [B, K] matrix is needed.
+    Returns ``(indices, valid)``, both ``[B, M]``: queue columns and whether the
+    slot holds a real negative (False marks padding). ``(None, None)`` means
+    "the whole queue". Runs under no_grad; callers gather with gradient.
+    """
+    queue_size = scores.shape[1]
+    with torch.no_grad():
+        if sampling.mode == "all":
+            return None, None
+        if sampling.mode == "topk":
+            indices = scores.topk(min(sampling.k, queue_size), dim=1).indices
+            return indices, None
+        if sampling.mode == "band":
+            keep = queue_size if sampling.k is None else sampling.k
+            end = min(sampling.skip + keep, queue_size)
+            indices = scores.topk(end, dim=1).indices[:, sampling.skip :]
+            return indices, None
+        # threshold: entries above it are presumed false negatives
+        allowed = scores <= sampling.threshold * scale
+        if sampling.k is None:
+            return None, allowed
+        values, indices = torch.where(allowed, scores, float("-inf")).topk(min(sampling.k, queue_size), dim=1)
+        return indices, torch.isfinite(values)
+
+
+def contrastive_loss(
+    anchors: Tensor,
+    positives: Tensor,
+    queue: Tensor,
+    *,
+    temperature: float,
+    sampling: NegativeSampling = ALL_NEGATIVES,
+) -> ContrastiveResult:
+    """Mean over the batch of l(a, p, N(a)); see the module docstring."""
+    if anchors.ndim != 2 or anchors.shape != positives.shape:
+        raise ValueError(
+            f"anchors and positives must both be [B, d]; got {tuple(anchors.shape)} and {tuple(positives.shape)}"
+        )
+    if queue.ndim != 2 or queue.shape[1] != anchors.shape[1]:
+        raise ValueError(f"queue must be [K, {anchors.shape[1]}]; got {tuple(queue.shape)}")
+    dtype = torch.promote_types(anchors.dtype, torch.float32)
+    with torch.autocast(device_type=anchors.device.type, enabled=False):
+        scaled = anchors.to(dtype) / temperature  # scale B×d, not the B×K logits
+        positive = (scaled * positives.to(dtype)).sum(dim=1)
+        logits = scaled @ queue.to(dtype).T
+        indices, valid = select_negatives(logits.detach(), sampling, scale=1.0 / temperature)
+        negatives = logits if indices is None else logits.gather(1, indices)
+        if valid is not None:
+            negatives = negatives.masked_fill(~valid, float("-inf"))
+        # log(e^pos + Σ e^neg) − pos, without concatenating a [B, 1+M] copy
+        loss = (torch.logaddexp(positive, torch.logsumexp(negatives, dim=1)) - positive).mean()
+    with torch.no_grad():
+        negative_similarity = logits.mean() * temperature
+        if indices is None and valid is None:
+            selected_similarity = negative_similarity
+        else:
+            kept = negatives if valid is None else negatives.where(valid, 0.0)
+            count = max(kept.numel(), 1) if valid is None else valid.sum().clamp(min=1)  # no host sync on GPU
+            selected_similarity = kept.sum() * temperature / count
+    return ContrastiveResult(
+        loss=loss,
+        positive_similarity=positive.detach().mean() * temperature,
+        negative_similarity=negative_similarity,
+        selected_negative_similarity=selected_similarity,
+    )
+
+
+def info_nce(
+    anchors: Tensor,
+    positives: Tensor,
+    queue: Tensor,
+    *,
+    temperature: float,
+    negatives: str = "all",
+    k: int | None = None,
+    skip: int = 0,
+    threshold: float | None = None,
+) -> Tensor:
+    """InfoNCE of L2-normalised ``anchors`` [B,d] vs ``positives`` [B,d] and a ``queue`` [K,d].
+
+    ``negatives`` selects, per anchor, which queue entries enter the
+    denominator: ``all``, ``topk`` (``k`` most similar), ``band`` (skip the
+    ``skip`` most similar, keep the next ``k``) or ``threshold`` (drop those
+    with similarity > ``threshold``, keep the ``k`` most similar of the rest).
+    Gradients flow to anchors and positives, never through the selection.
+    """
+    sampling = NegativeSampling(mode=negatives, k=k, skip=skip, threshold=threshold)
+    return contrastive_loss(anchors, positives, queue, temperature=temperature, sampling=sampling).loss
+
+
+def dual_view_loss(
+    q1: Tensor,
+    k2: Tensor,
+    queue: Tensor,
+    *,
+    mode: str,
+    temperature: float,
+    sampling: NegativeSampling = ALL_NEGATIVES,
+    q2: Tensor | None = None,
+    k1: Tensor | None = None,
+    key_anchor_weight: float = 1.0,
+) -> ContrastiveResult:
+    """The objective for one batch of two views (q = query, k = key embeddings).
+
+    - ``none``: l(q1, k2, N(q1)) — MoCo v2.
+    - ``symmetric``: ½[l(q1, k2, N(q1)) + l(q2, k1, N(q2))] — both views anchor.
+    - ``key-anchor``: l(q1, k2, N(q1)) + λ·l(k2, q1, N(k2)) — the key embedding
+      anchors too, its positive the query; gradient reaches q1 from both terms.
+    """
+    if mode not in DUAL_VIEWS:
+        raise ValueError(f"dual_view must be one of {', '.join(DUAL_VIEWS)}; got {mode!r}")
+    terms = [contrastive_loss(q1, k2, queue, temperature=temperature, sampling=sampling)]
+    weights = [1.0]
+    if mode == "symmetric":
+        if q2 is None or k1 is None:
+            raise ValueError("dual_view='symmetric' needs q2 and k1")
+        terms.append(contrastive_loss(q2, k1, queue, temperature=temperature, sampling=sampling))
+        weights = [0.5, 0.5]
+    elif mode == "key-anchor":
+        terms.append(contrastive_loss(k2.detach(), q1, queue, temperature=temperature, sampling=sampling))
+        weights = [1.0, key_anchor_weight]
+    if len(terms) == 1:
+        return terms[0]
+
+    def mean_of(field: str) -> Tensor:
+        return torch.stack([getattr(t, field) for t in terms]).mean()
+
+    return ContrastiveResult(
+        loss=sum(w * t.loss for w, t in zip(weights, terms, strict=True)),
+        positive_similarity=mean_of("positive_similarity"),
+        negative_similarity=mean_of("negative_similarity"),
+        selected_negative_similarity=mean_of("selected_negative_similarity"),
+    )

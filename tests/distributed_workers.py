@@ -1,0 +1,65 @@
+"""Worker functions for the two-process gloo tests (spawn needs them importable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from mocoplus import MoCoConfig, MoCoPlus, distributed
+from mocoplus.queue import KeyQueue
+
+TINY = {"arch": "resnet18", "width": 0.125, "cifar_stem": True, "embedding_dim": 8, "queue_size": 10}
+
+
+def _init(rank: int, world: int, store: Path) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+
+
+def gather_into_queue(rank: int, world: int, store: Path, out: Path) -> None:
+    _init(rank, world, store)
+    queue = KeyQueue(10, 2)
+    for step in range(3):  # 6 keys a step into 10 slots: wraps around
+        keys = torch.full((3, 2), float(100 * step + 10 * rank)) + torch.arange(3.0).unsqueeze(1)
+        queue.enqueue(distributed.concat_all_gather(keys))
+    torch.save({"keys": queue.keys, "pointer": queue.pointer}, out / f"queue-{rank}.pt")
+    dist.destroy_process_group()
+
+
+def shuffle_bn_step(rank: int, world: int, store: Path, out: Path) -> None:
+    _init(rank, world, store)
+    torch.manual_seed(0)  # same initial weights on both ranks, as DDP expects
+    model = MoCoPlus(MoCoConfig(**TINY, key_bn="auto"))
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
+
+    shuffled, restore = distributed.shuffle_across_ranks(images)
+    foreign = sum(int(not any(torch.equal(s, x) for x in images)) for s in shuffled)
+    roundtrip = torch.equal(distributed.unshuffle_across_ranks(shuffled, restore), images)
+
+    model.eval()
+    direct = torch.nn.functional.normalize(model.key_encoder(images), dim=1)
+    keys_match = torch.allclose(model.encode_keys(images), direct, atol=1e-6)
+
+    model.train()
+    ddp = DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.query_encoder.parameters(), lr=0.1)
+    out_step = ddp(images, images.flip(-1))
+    out_step.loss.backward()
+    optimizer.step()
+    first_grad = next(model.query_encoder.parameters()).grad
+    torch.save(
+        {
+            "key_bn": model.key_bn,
+            "foreign": foreign,
+            "roundtrip": roundtrip,
+            "keys_match": keys_match,
+            "loss": out_step.loss.detach(),
+            "grad": first_grad,
+            "queue": model.queue.keys.clone(),
+            "pointer": int(model.queue.pointer),
+        },
+        out / f"step-{rank}.pt",
+    )
+    dist.destroy_process_group()

@@ -1,0 +1,64 @@
+"""Naive, loop-based references for the objective (DESIGN §1), in float64.
+
+One anchor at a time, Python sorting for the selection: slow and obviously
+right, which is the point.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def naive_negatives(
+    similarities: list[float], mode: str, k: int | None, skip: int, threshold: float | None
+) -> list[int]:
+    order = sorted(range(len(similarities)), key=lambda j: -similarities[j])
+    if mode == "all":
+        return list(range(len(similarities)))
+    if mode == "topk":
+        return order[:k]
+    if mode == "band":
+        return order[skip:] if k is None else order[skip : skip + k]
+    if mode == "threshold":
+        rest = [j for j in order if similarities[j] <= threshold]
+        return rest if k is None else rest[:k]
+    raise ValueError(mode)
+
+
+def naive_info_nce(
+    anchors: Tensor,
+    positives: Tensor,
+    queue: Tensor,
+    temperature: float,
+    mode: str = "all",
+    k: int | None = None,
+    skip: int = 0,
+    threshold: float | None = None,
+) -> Tensor:
+    """Mean over anchors of −log(e^{a·p/τ} / (e^{a·p/τ} + Σ_{n∈N(a)} e^{a·n/τ}))."""
+    losses = []
+    for a, p in zip(anchors, positives, strict=True):
+        similarities = [float(a.detach() @ n) for n in queue]
+        chosen = naive_negatives(similarities, mode, k, skip, threshold)
+        logits = [a @ p / temperature] + [a @ queue[j] / temperature for j in chosen]
+        denominator = sum(torch.exp(logit) for logit in logits)
+        losses.append(-(logits[0] - torch.log(denominator)))
+    return torch.stack(losses).mean()
+
+
+def naive_dual_view(q1, q2, k1, k2, queue, dual_view: str, weight: float, temperature: float, **selection) -> Tensor:
+    first = naive_info_nce(q1, k2, queue, temperature, **selection)
+    if dual_view == "none":
+        return first
+    if dual_view == "symmetric":
+        return 0.5 * (first + naive_info_nce(q2, k1, queue, temperature, **selection))
+    if dual_view == "key-anchor":
+        return first + weight * naive_info_nce(k2.detach(), q1, queue, temperature, **selection)
+    raise ValueError(dual_view)
+
+
+def unit_vectors(generator: torch.Generator, n: int, d: int, *, requires_grad: bool = False) -> Tensor:
+    """``n`` random L2-normalised float64 vectors of dimension ``d``."""
+    vectors = torch.nn.functional.normalize(torch.randn(n, d, generator=generator, dtype=torch.float64), dim=1)
+    return vectors.requires_grad_(requires_grad)

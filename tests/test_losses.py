@@ -1,0 +1,172 @@
+"""The objective against the naive float64 reference (tests/reference.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import naive_dual_view, naive_info_nce, unit_vectors
+
+from mocoplus.config import NegativeSampling
+from mocoplus.losses import contrastive_loss, dual_view_loss, info_nce
+
+SELECTIONS = [
+    pytest.param({"negatives": "all"}, id="all"),
+    pytest.param({"negatives": "topk", "k": 5}, id="topk"),
+    pytest.param({"negatives": "topk", "k": 50}, id="topk-k>K"),
+    pytest.param({"negatives": "band", "k": 4, "skip": 3}, id="band"),
+    pytest.param({"negatives": "band", "k": None, "skip": 2}, id="band-rest"),
+    pytest.param({"negatives": "band", "k": 10, "skip": 15}, id="band-short"),
+    pytest.param({"negatives": "threshold", "threshold": 0.1, "k": 3}, id="threshold"),
+    pytest.param({"negatives": "threshold", "threshold": 0.0, "k": None}, id="threshold-rest"),
+    pytest.param({"negatives": "threshold", "threshold": -0.2, "k": 8}, id="threshold-few"),
+]
+
+
+def naive_kwargs(selection: dict) -> dict:
+    return {"mode": selection["negatives"], **{key: v for key, v in selection.items() if key != "negatives"}}
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_info_nce_matches_naive_loop_value_and_gradients(generator, selection):
+    B, K, d, tau = 6, 19, 8, 0.2  # K not a multiple of B
+    anchors = unit_vectors(generator, B, d, requires_grad=True)
+    positives = unit_vectors(generator, B, d, requires_grad=True)
+    queue = unit_vectors(generator, K, d)
+
+    loss = info_nce(anchors, positives, queue, temperature=tau, **selection)
+    grads = torch.autograd.grad(loss, [anchors, positives])
+    expected = naive_info_nce(anchors, positives, queue, tau, **naive_kwargs(selection))
+    expected_grads = torch.autograd.grad(expected, [anchors, positives])
+
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_ties_in_the_queue_give_the_naive_loss(generator, selection):
+    B, d = 5, 6
+    anchors = unit_vectors(generator, B, d)
+    positives = unit_vectors(generator, B, d)
+    distinct = unit_vectors(generator, 7, d)
+    queue = torch.cat([distinct, distinct, distinct[:3]])  # every similarity appears two or three times
+    loss = info_nce(anchors, positives, queue, temperature=0.1, **selection)
+    expected = naive_info_nce(anchors, positives, queue, 0.1, **naive_kwargs(selection))
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+
+
+@given(
+    batch=st.integers(1, 9),
+    queue_size=st.integers(1, 40),
+    dim=st.integers(2, 12),
+    mode=st.sampled_from(["all", "topk", "band", "threshold"]),
+    k=st.one_of(st.none(), st.integers(1, 50)),
+    skip=st.integers(0, 45),
+    threshold=st.floats(-1.0, 1.0),
+    temperature=st.floats(0.05, 1.0),
+    seed=st.integers(0, 2**31 - 1),
+)
+@settings(max_examples=150, deadline=None)
+def test_info_nce_matches_naive_loop_for_any_shapes(
+    batch, queue_size, dim, mode, k, skip, threshold, temperature, seed
+):
+    if mode == "topk" and k is None:
+        k = 3
+    generator = torch.Generator().manual_seed(seed)
+    anchors = unit_vectors(generator, batch, dim, requires_grad=True)
+    positives = unit_vectors(generator, batch, dim)
+    queue = unit_vectors(generator, queue_size, dim)
+    selection = {"k": k, "skip": skip if mode == "band" else 0, "threshold": threshold if mode == "threshold" else None}
+
+    loss = info_nce(anchors, positives, queue, temperature=temperature, negatives=mode, **selection)
+    expected = naive_info_nce(anchors, positives, queue, temperature, mode, **selection)
+    torch.testing.assert_close(loss, expected, rtol=1e-9, atol=1e-12)
+    (grad,) = torch.autograd.grad(loss, anchors)
+    assert torch.isfinite(grad).all()
+
+
+def test_rows_without_any_negative_give_zero_loss_and_finite_gradients(generator):
+    anchors = unit_vectors(generator, 4, 5, requires_grad=True)
+    positives = unit_vectors(generator, 4, 5)
+    queue = unit_vectors(generator, 6, 5)
+    for selection in ({"negatives": "threshold", "threshold": -1.5, "k": 3}, {"negatives": "band", "skip": 6, "k": 2}):
+        loss = info_nce(anchors, positives, queue, temperature=0.2, **selection)
+        (grad,) = torch.autograd.grad(loss, anchors)
+        assert loss.item() == pytest.approx(0.0, abs=1e-12)  # −log(e^p / e^p)
+        assert torch.isfinite(grad).all()
+
+
+def test_selection_changes_the_loss_and_statistics(generator):
+    """Hard negatives are harder: the selected ones are more similar than the queue's mean."""
+    anchors = unit_vectors(generator, 8, 16)
+    positives = unit_vectors(generator, 8, 16)
+    queue = unit_vectors(generator, 64, 16)
+    everything = contrastive_loss(anchors, positives, queue, temperature=0.2)
+    hardest = contrastive_loss(anchors, positives, queue, temperature=0.2, sampling=NegativeSampling("topk", k=4))
+    assert hardest.loss < everything.loss  # fewer terms in the denominator
+    assert hardest.selected_negative_similarity > everything.selected_negative_similarity
+    torch.testing.assert_close(everything.selected_negative_similarity, everything.negative_similarity)
+
+
+def test_low_precision_inputs_and_autocast_compute_in_float32(generator):
+    anchors = unit_vectors(generator, 4, 8).to(torch.bfloat16)
+    positives = unit_vectors(generator, 4, 8).to(torch.bfloat16)
+    queue = unit_vectors(generator, 10, 8).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = info_nce(anchors, positives, queue, temperature=0.2, negatives="topk", k=3)
+    assert loss.dtype == torch.float32
+    expected = naive_info_nce(anchors.double(), positives.double(), queue.double(), 0.2, "topk", k=3)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["none", "symmetric", "key-anchor"])
+@pytest.mark.parametrize("selection", [{"mode": "all"}, {"mode": "band", "k": 5, "skip": 2}])
+def test_dual_view_modes_match_naive_composition(generator, mode, selection):
+    B, K, d = 5, 13, 6
+    q1, q2 = (unit_vectors(generator, B, d, requires_grad=True) for _ in range(2))
+    k1, k2 = (unit_vectors(generator, B, d) for _ in range(2))
+    queue = unit_vectors(generator, K, d)
+    result = dual_view_loss(
+        q1, k2, queue, q2=q2, k1=k1, mode=mode, temperature=0.3,
+        sampling=NegativeSampling(**selection), key_anchor_weight=0.7,
+    )  # fmt: skip
+    expected = naive_dual_view(q1, q2, k1, k2, queue, mode, 0.7, 0.3, **selection)
+    torch.testing.assert_close(result.loss, expected, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(result.loss, [q1, q2], allow_unused=True)
+    want = torch.autograd.grad(expected, [q1, q2], allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        assert (g is None) == (w is None)
+        if w is not None:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    if mode != "symmetric":
+        assert got[1] is None  # q2 plays no part outside the symmetric loss
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"negatives": "hardest"}, "negatives must be one of"),
+        ({"negatives": "topk"}, "needs k"),
+        ({"negatives": "threshold", "k": 2}, "needs threshold"),
+        ({"negatives": "band", "k": 0}, "positive number"),
+        ({"negatives": "band", "k": 2, "skip": -1}, "skip must be"),
+    ],
+)
+def test_bad_selection_arguments_are_rejected_clearly(generator, kwargs, message):
+    vectors = unit_vectors(generator, 3, 4)
+    with pytest.raises(ValueError, match=message):
+        info_nce(vectors, vectors, vectors, temperature=0.2, **kwargs)
+
+
+def test_mismatched_shapes_are_rejected_clearly(generator):
+    with pytest.raises(ValueError, match="must both be"):
+        info_nce(
+            unit_vectors(generator, 3, 4), unit_vectors(generator, 2, 4), unit_vectors(generator, 5, 4), temperature=1
+        )
+    with pytest.raises(ValueError, match="queue must be"):
+        info_nce(
+            unit_vectors(generator, 3, 4), unit_vectors(generator, 3, 4), unit_vectors(generator, 5, 3), temperature=1
+        )

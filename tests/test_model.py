@@ -1,0 +1,257 @@
+"""MoCoPlus: encoders, momentum, queue, batch norm variants, state dict, learning."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections import deque
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+
+from mocoplus import MoCoConfig, MoCoPlus, momentum_at
+from mocoplus.backbones import build_backbone
+from mocoplus.batchnorm import SplitBatchNorm
+from mocoplus.queue import KeyQueue
+
+TINY = {"arch": "resnet18", "width": 0.125, "cifar_stem": True, "embedding_dim": 16, "queue_size": 50, "bn_splits": 4}
+
+
+def tiny_model(**overrides) -> MoCoPlus:
+    return MoCoPlus(MoCoConfig(**{**TINY, **overrides}))
+
+
+def images(batch: int, size: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_key_encoder_gets_no_gradient_and_follows_the_ema():
+    torch.manual_seed(0)
+    model = tiny_model(momentum=0.9)
+    optimizer = torch.optim.SGD(model.query_encoder.parameters(), lr=0.5)
+    model(images(8), images(8, seed=1)).loss.backward()
+    optimizer.step()  # θq moves; θk must not follow until the next forward
+    assert all(p.grad is None for p in model.key_encoder.parameters())
+    assert all(not p.requires_grad for p in model.key_encoder.parameters())
+
+    key_before = [p.clone() for p in model.key_encoder.parameters()]
+    query_now = [p.clone() for p in model.query_encoder.parameters()]
+    out = model(images(8, seed=2), images(8, seed=3))
+    assert out.momentum == 0.9
+    for k_after, k_before, q in zip(model.key_encoder.parameters(), key_before, query_now, strict=True):
+        torch.testing.assert_close(k_after, 0.9 * k_before + 0.1 * q)
+    assert any(not torch.equal(a, b) for a, b in zip(key_before, model.key_encoder.parameters(), strict=True))
+
+
+def test_cosine_momentum_rises_from_base_to_one():
+    assert momentum_at(0.0, 0.99, "cosine") == pytest.approx(0.99)
+    assert momentum_at(0.5, 0.99, "cosine") == pytest.approx(0.995)
+    assert momentum_at(1.0, 0.99, "cosine") == pytest.approx(1.0)
+    assert momentum_at(0.7, 0.99, "constant") == 0.99
+    model = tiny_model(momentum=0.9, momentum_schedule="cosine")
+    assert model(images(8), images(8), progress=1.0).momentum == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("size", "batches"), [(5, [3, 3, 3]), (7, [2, 9, 4]), (4, [4, 4]), (6, [1, 13, 5, 2])])
+def test_queue_is_fifo_with_wrap_around_for_any_sizes(size, batches):
+    queue = KeyQueue(size, 2)
+    reference: deque[float] = deque(queue.keys[:, 0].tolist(), maxlen=size)  # oldest first, from slot 0
+    counter = 0
+    for count in batches:
+        keys = torch.arange(counter, counter + count, dtype=torch.float32).unsqueeze(1).repeat(1, 2)
+        counter += count
+        queue.enqueue(keys)
+        reference.extend(keys[:, 0].tolist())
+        pointer = int(queue.pointer)
+        in_age_order = torch.cat([queue.keys[pointer:], queue.keys[:pointer]])[:, 0]  # oldest slot is the pointer
+        assert in_age_order.tolist() == list(reference)
+
+
+def test_keys_enter_the_queue_after_the_loss_and_symmetric_enqueues_both_views():
+    torch.manual_seed(0)
+    model = tiny_model(queue_size=64)
+    before = model.queue.keys.clone()
+    model.eval()  # deterministic BN so the expected loss can be recomputed
+    x1, x2 = images(8), images(8, seed=1)
+    out = model(x1, x2)
+    q1 = F.normalize(model.query_encoder(x1), dim=1)
+    k2 = F.normalize(model.key_encoder(x2), dim=1)
+    expected = -torch.log_softmax(torch.cat([(q1 * k2).sum(1, keepdim=True), q1 @ before.T], 1) / 0.2, 1)[:, 0].mean()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.queue.keys[:8], k2)
+    assert int(model.queue.pointer) == 8
+
+    symmetric = tiny_model(queue_size=64, dual_view="symmetric")
+    symmetric(x1, x2)
+    assert int(symmetric.queue.pointer) == 16
+
+
+def test_state_dict_round_trip_includes_the_queue():
+    torch.manual_seed(0)
+    model = tiny_model()
+    for step in range(3):
+        model(images(8, seed=step), images(8, seed=step + 10)).loss.backward()
+    state = copy.deepcopy(model.state_dict())
+    assert {"queue.keys", "queue.pointer"} <= state.keys()
+    restored = tiny_model()
+    restored.load_state_dict(state)
+    torch.testing.assert_close(restored.queue.keys, model.queue.keys)
+    assert int(restored.queue.pointer) == int(model.queue.pointer) == 24 % 50
+    model.eval()
+    restored.eval()
+    torch.manual_seed(5)
+    a = model(images(8, seed=7), images(8, seed=8)).loss
+    torch.manual_seed(5)
+    b = restored(images(8, seed=7), images(8, seed=8)).loss
+    torch.testing.assert_close(a, b)
+
+
+def test_split_batch_norm_normalises_each_interleaved_group_on_its_own():
+    torch.manual_seed(0)
+    split = SplitBatchNorm(3, num_splits=2)
+    nn.init.uniform_(split.weight)
+    nn.init.uniform_(split.bias)
+    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    out = split(x)
+    for group in range(2):
+        part = x[group::2]
+        mean = part.mean(dim=(0, 2, 3), keepdim=True)
+        var = part.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        expected = (part - mean) / torch.sqrt(var + split.eps) * split.weight.view(1, 3, 1, 1) + split.bias.view(
+            1, 3, 1, 1
+        )
+        torch.testing.assert_close(out[group::2], expected, rtol=1e-5, atol=1e-5)
+    plain = nn.BatchNorm2d(3)
+    plain.load_state_dict({k: v for k, v in split.state_dict().items()})
+    split.eval()
+    plain.eval()
+    torch.testing.assert_close(split(x), plain(x))
+    with pytest.raises(ValueError, match="divisible by bn_splits=2"):
+        split.train()(torch.randn(5, 3, 4, 4))
+
+
+def test_split_bn_is_the_single_device_default_and_shuffles_keys_without_reordering_them():
+    model = tiny_model()
+    assert model.key_bn == "split"
+    assert any(isinstance(m, SplitBatchNorm) for m in model.key_encoder.modules())
+    model.eval()  # eval BN is per-sample, so shuffling must be invisible in the output
+    x = images(8)
+    torch.testing.assert_close(model.encode_keys(x), F.normalize(model.key_encoder(x), dim=1))
+    assert tiny_model(key_bn="plain").key_bn == "plain"
+
+
+@pytest.mark.parametrize(("arch", "dim"), [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048)])
+def test_backbones_keep_torchvision_keys_and_feature_sizes(arch, dim):
+    backbone = build_backbone(arch)
+    assert backbone.out_dim == dim
+    reference = getattr(torchvision.models, arch)(weights=None)
+    expected = {k: v.shape for k, v in reference.state_dict().items() if not k.startswith("fc.")}
+    assert {k: v.shape for k, v in backbone.state_dict().items()} == expected
+
+
+def test_cifar_stem_and_width_multiplier():
+    backbone = build_backbone("resnet18", width=0.25, cifar_stem=True).eval()
+    assert backbone.out_dim == 128
+    assert backbone.conv1.kernel_size == (3, 3) and backbone.conv1.stride == (1, 1)
+    assert isinstance(backbone.maxpool, nn.Identity)
+    assert backbone(torch.randn(2, 3, 28, 28)).shape == (2, 128)
+    features = {}
+    backbone.layer4.register_forward_hook(lambda module, inputs, output: features.update(out=output))
+    backbone(torch.randn(1, 3, 32, 32))
+    assert features["out"].shape[-2:] == (4, 4)  # 32 / 8: the CIFAR stem does not downsample
+    with pytest.raises(ValueError, match="unknown arch"):
+        build_backbone("vgg16")
+
+
+def test_warmup_uses_every_negative_then_the_selection():
+    config = MoCoConfig(**TINY, negatives="band", num_negatives=8, skip_negatives=2, warmup_epochs=2)
+    assert config.sampling_at(0).mode == "all" and config.sampling_at(1).mode == "all"
+    assert config.sampling_at(2).mode == "band" and config.sampling_at(2).k == 8
+    x1, x2 = images(8), images(8, seed=1)
+
+    def first_loss(config: MoCoConfig, epoch: int) -> torch.Tensor:
+        torch.manual_seed(0)
+        return MoCoPlus(config).eval()(x1, x2, epoch=epoch).loss
+
+    plain = MoCoConfig(**TINY)
+    torch.testing.assert_close(first_loss(config, epoch=1), first_loss(plain, epoch=1))
+    assert first_loss(config, epoch=2) < first_loss(plain, epoch=2)  # 8 negatives instead of 50
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"dual_view": "both"}, "dual_view must be one of"),
+        ({"negatives": "topk"}, "needs k"),
+        ({"queue_size": 0}, "queue_size"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"key_bn": "group"}, "key_bn"),
+        ({"arch": "vit"}, "arch"),
+    ],
+)
+def test_bad_configs_fail_at_construction(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        MoCoConfig(**{**TINY, **overrides})
+
+
+DUAL = ["none", "symmetric", "key-anchor"]
+SELECTION = {
+    "all": {},
+    "topk": {"num_negatives": 16},
+    "band": {"num_negatives": 16, "skip_negatives": 2},
+    "threshold": {"negative_threshold": 0.9, "num_negatives": 16},
+}
+
+
+def synthetic_views(generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two shifted, noisy views of fresh smooth random images: instance discrimination with no false negatives."""
+    base = F.interpolate(torch.randn(batch, 3, 4, 4, generator=generator), size=16, mode="bilinear")
+
+    def view() -> torch.Tensor:
+        shift = int(torch.randint(-2, 3, (), generator=generator))
+        return torch.roll(base, shifts=shift, dims=-1) + 0.1 * torch.randn(base.shape, generator=generator)
+
+    return view(), view()
+
+
+@pytest.mark.parametrize("dual_view", DUAL)
+@pytest.mark.parametrize("negatives", list(SELECTION))
+def test_thirty_steps_lower_the_loss_in_every_mode(dual_view, negatives):
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
+    model = tiny_model(dual_view=dual_view, negatives=negatives, momentum=0.9, head_bn=True, **SELECTION[negatives])
+    optimizer = torch.optim.Adam(model.query_encoder.parameters(), lr=1e-3)
+    losses = []
+    for step in range(30):
+        out = model(*synthetic_views(generator, 32), progress=step / 30)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    assert all(math.isfinite(loss) for loss in losses)
+    # steps 0–1 still compare against the random vectors the queue starts with
+    early, late = sum(losses[2:7]) / 5, sum(losses[-5:]) / 5
+    assert late < 0.95 * early, losses
+
+
+def test_head_bn_uses_split_bn_on_one_device_and_plain_bn_otherwise():
+    split = tiny_model(head_bn=True)
+    assert isinstance(split.query_encoder.head[1], SplitBatchNorm)
+    assert isinstance(split.key_encoder.head[1], SplitBatchNorm)
+    plain = tiny_model(head_bn=True, key_bn="plain")
+    assert type(plain.query_encoder.head[1]) is nn.BatchNorm1d
+    assert len(tiny_model().query_encoder.head) == 3  # MoCo v2: Linear, ReLU, Linear
+
+
+def test_split_batch_norm_on_features_matches_per_group_statistics():
+    split = SplitBatchNorm(5, num_splits=4)
+    x = torch.randn(16, 5) * 2 + 3
+    out = split(x)
+    for group in range(4):
+        part = x[group::4]
+        expected = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + split.eps)
+        torch.testing.assert_close(out[group::4], expected, rtol=1e-5, atol=1e-5)
