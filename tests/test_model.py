@@ -255,3 +255,17 @@ def test_split_batch_norm_on_features_matches_per_group_statistics():
         part = x[group::4]
         expected = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + split.eps)
         torch.testing.assert_close(out[group::4], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_split_batch_norm_keeps_channels_last_and_gives_the_same_numbers():
+    torch.manual_seed(0)
+    split = SplitBatchNorm(6, num_splits=4)
+    nn.init.uniform_(split.weight)
+    x = torch.randn(8, 6, 5, 3)
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    reference = copy.deepcopy(split)
+    out, out_last = reference(x), split(x_last)
+    assert out_last.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_last, out)
+    torch.testing.assert_close(split.running_mean, reference.running_mean)
+    torch.testing.assert_close(split.running_var, reference.running_var)
