@@ -47,6 +47,7 @@ from torch.nn import functional as F
 from mocoplus import MoCoConfig, MoCoPlus
 from mocoplus.config import NEGATIVES, NegativeSampling
 from mocoplus.losses import contrastive_loss
+from pipeline.precision import bf16_is_native, resolve_precision
 
 SELECTION_BUDGET = 0.10  # the issue's target: selection adds at most 10% to a step
 REFERENCE_BATCH = 256  # the batch the objective is always timed at, whatever the step batch
@@ -135,73 +136,20 @@ def summarise(samples_ms: Sequence[float]) -> dict[str, float | int]:
 # --------------------------------------------------------------------------- environment
 
 
-def detect_cpu_bf16(threads: int) -> dict[str, object]:
-    """Whether this CPU runs bf16 natively, detected rather than assumed.
-
-    oneDNN's own check (``_is_mkldnn_bf16_supported``) is authoritative when
-    the build exposes it; a bf16-vs-fp32 matmul timing is recorded either way
-    and is the fallback decision on builds without the check (bf16 emulated in
-    software is slower than fp32, native bf16 is faster).
-    """
-    mkldnn = torch.backends.mkldnn.is_available()
-    flag: bool | None = None
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if check is not None:
-        try:
-            flag = bool(check())
-        except RuntimeError:
-            flag = None
-    speedup = matmul_bf16_speedup()
-    supported = flag if flag is not None else speedup > 1.1
-    return {
-        "mkldnn_available": mkldnn,
-        "mkldnn_bf16_supported": flag,
-        "matmul_bf16_speedup_vs_fp32": round(speedup, 2),
-        "decided_by": "mkldnn_bf16_supported" if flag is not None else "matmul timing",
-        "bf16_supported": bool(mkldnn and supported),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": threads,
-    }
-
-
-def matmul_bf16_speedup(size: int = 1024, repeats: int = 5) -> float:
-    """fp32 time / bf16 time of a square matmul on CPU (best of ``repeats``)."""
-    a32, b32 = torch.randn(size, size), torch.randn(size, size)
-    a16, b16 = a32.bfloat16(), b32.bfloat16()
-
-    def best(fn: Callable[[], Tensor]) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return min(times)
-
-    return best(lambda: a32 @ b32) / best(lambda: a16 @ b16)
-
-
 def resolve_step_precision(settings: Settings, device: torch.device) -> tuple[torch.dtype, bool, dict[str, object]]:
-    """(autocast dtype, channels_last, detection report) for the training step.
+    """(autocast dtype, channels_last, detection report) for the training step, as the trainer picks them.
 
-    ``auto`` means bf16 autocast where the hardware runs it natively (CUDA with
-    bf16, or a CPU that passes `detect_cpu_bf16`), fp32 elsewhere; channels_last
-    follows bf16 on CPU because oneDNN's bf16 convolutions are NHWC-native.
+    ``auto`` is `pipeline.precision`'s rule: bf16 autocast + channels_last where
+    bf16 is native on the device (detected through oneDNN / CUDA), else fp32.
     """
-    report: dict[str, object] = {}
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported()
-        report["cuda_bf16_supported"] = native
-    else:
-        report = detect_cpu_bf16(settings.threads)
-        native = bool(report["bf16_supported"])
-    if settings.step_dtype == "auto":
-        dtype = torch.bfloat16 if native else torch.float32
-    else:
-        dtype = torch.bfloat16 if settings.step_dtype == "bf16" else torch.float32
-    channels_last = settings.channels_last
-    if channels_last is None:
-        channels_last = dtype == torch.bfloat16
+    precision = resolve_precision(settings.step_dtype, device)
+    dtype = precision.autocast_dtype or torch.float32
+    channels_last = precision.channels_last if settings.channels_last is None else settings.channels_last
+    report = {
+        "bf16_native": bf16_is_native(device),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "decided_by": "pipeline.precision.resolve_precision",
+    }
     return dtype, channels_last, report
 
 
