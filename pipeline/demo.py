@@ -53,9 +53,10 @@ class DemoConfig:
     train_size: int = 10_000
     test_size: int = 2_000
     batch_size: int = 256
-    epochs: int = 3
+    epochs: int = 6
     steps: int | None = None
     lr: float = 0.06
+    lr_warmup_steps: int = 25
     sgd_momentum: float = 0.9
     weight_decay: float = 5e-4
     image_size: int = 32
@@ -80,8 +81,8 @@ class DemoConfig:
             raise ValueError(f"train_size ({self.train_size}) must be at least batch_size ({self.batch_size}) >= 1")
         if self.test_size < 1 or self.epochs < 1 or (self.steps is not None and self.steps < 1):
             raise ValueError("test_size, epochs and steps must be positive")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0; got {self.lr}")
+        if self.lr <= 0 or self.lr_warmup_steps < 0:
+            raise ValueError(f"lr must be > 0 and lr_warmup_steps >= 0; got {self.lr}, {self.lr_warmup_steps}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
         moco = self.moco  # validates the method's fields now, before any data is read
@@ -199,9 +200,17 @@ def resolve_precision(name: PrecisionName) -> Precision:
     return Precision("bf16", torch.bfloat16)
 
 
-def cosine_lr(base_lr: float, step: int, total_steps: int) -> float:
-    """Cosine decay from ``base_lr`` to 0 over ``total_steps`` (MoCo v2's schedule, per step)."""
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+def learning_rate(base_lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 (MoCo v2's schedule), per step.
+
+    The warm-up matters for short runs: full-size first updates of a random
+    network pull every embedding into one narrow cone, and a few hundred steps
+    are not enough to recover from it.
+    """
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -315,7 +324,7 @@ def _train(
             order = torch.randperm(len(images), generator=generator)
         view1, view2 = augment(images[order[index * batch : (index + 1) * batch]], generator)
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(config.lr, step, total)
+            group["lr"] = learning_rate(config.lr, step, total, config.lr_warmup_steps)
         with precision.autocast():
             out = model(view1, view2, epoch=epoch, progress=step / total)
         optimizer.zero_grad(set_to_none=True)
