@@ -22,10 +22,10 @@ import platform
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,8 +37,7 @@ from mocoplus import MoCoConfig, MoCoPlus
 from pipeline.augment import AugmentConfig, TwoViewAugment, eval_transform, small_grayscale_preset
 from pipeline.fashion_mnist import CLASS_NAMES, FashionMNISTSplit, find_fashion_mnist, load_split
 from pipeline.knn import extract_features, knn_top1
-
-PrecisionName = Literal["auto", "bf16", "fp32"]
+from pipeline.precision import PRECISIONS, Precision, PrecisionName, resolve_precision
 
 
 @dataclass(frozen=True)
@@ -83,8 +82,8 @@ class DemoConfig:
             raise ValueError("test_size, epochs and steps must be positive")
         if self.lr <= 0 or self.lr_warmup_steps < 0:
             raise ValueError(f"lr must be > 0 and lr_warmup_steps >= 0; got {self.lr}, {self.lr_warmup_steps}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise ValueError(f"precision must be auto, bf16 or fp32; got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
         moco = self.moco  # validates the method's fields now, before any data is read
         if self.batch_size % moco.bn_splits:
             raise ValueError(f"batch_size must be a multiple of {moco.bn_splits} (split-BN); got {self.batch_size}")
@@ -168,36 +167,6 @@ class DemoResult:
             "elapsed_s": self.elapsed_s,
             "versions": self.versions,
         }
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How the CPU runs the network: bf16 autocast where it is native, fp32 otherwise."""
-
-    name: str
-    autocast_dtype: torch.dtype | None
-
-    def autocast(self) -> torch.autocast | nullcontext[None]:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(device_type="cpu", dtype=self.autocast_dtype)
-
-
-def cpu_supports_bf16() -> bool:
-    """Whether oneDNN has native bf16 kernels here (AVX512-BF16/AMX); emulated bf16 is slower than fp32."""
-    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if not torch.backends.mkldnn.is_available() or probe is None:
-        return False
-    try:
-        return bool(probe())
-    except RuntimeError:
-        return False
-
-
-def resolve_precision(name: PrecisionName) -> Precision:
-    if name == "fp32" or (name == "auto" and not cpu_supports_bf16()):
-        return Precision("fp32", None)
-    return Precision("bf16", torch.bfloat16)
 
 
 def learning_rate(base_lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
@@ -316,13 +285,14 @@ def _train(
     total, per_epoch, batch = config.total_steps, config.steps_per_epoch, config.batch_size
     task = progress.add_task("pretraining", total=total, status="")
     sums: dict[int, np.ndarray] = {}  # epoch → summed (steps, loss, positive sim, selected negative sim)
-    model.train()
+    model.to(memory_format=precision.memory_format()).train()  # oneDNN's bf16 convolutions are NHWC-native
     start = time.perf_counter()
     for step in range(total):
         epoch, index = divmod(step, per_epoch)
         if index == 0:
             order = torch.randperm(len(images), generator=generator)
-        view1, view2 = augment(images[order[index * batch : (index + 1) * batch]], generator)
+        views = augment(images[order[index * batch : (index + 1) * batch]], generator)
+        view1, view2 = (view.contiguous(memory_format=precision.memory_format()) for view in views)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(config.lr, step, total, config.lr_warmup_steps)
         with precision.autocast():
