@@ -264,8 +264,7 @@ class _Knn:
                     images,
                     batch_size=512,
                     transform=lambda batch: eval_transform(batch, self.config.augment),
-                    autocast_dtype=self.precision.autocast_dtype,
-                    channels_last=self.precision.channels_last,
+                    precision=self.precision,
                 )
             )
             self.progress.advance(task)

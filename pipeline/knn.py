@@ -9,11 +9,12 @@ their labels with weight exp(sim / τ). Queries are processed in chunks so the
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from pipeline.precision import Precision, resolve_precision
 
 
 @torch.no_grad()
@@ -24,8 +25,7 @@ def extract_features(
     *,
     transform: Callable[[Tensor], Tensor] | None = None,
     device: torch.device | str = "cpu",
-    autocast_dtype: torch.dtype | None = None,
-    channels_last: bool = False,
+    precision: Precision | None = None,
 ) -> Tensor:
     """Features ``[N, D]`` (float32, on the CPU, not normalised) of ``images`` in eval mode.
 
@@ -33,24 +33,22 @@ def extract_features(
     makes batch norm use its running statistics, so a feature does not depend
     on which other images share its batch. The module's train/eval mode is
     restored afterwards, so this can run in the middle of training.
+    ``precision`` (autocast dtype and memory format) defaults to fp32.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
-    autocast = (
-        torch.autocast(device_type=device.type, dtype=autocast_dtype) if autocast_dtype is not None else nullcontext()
-    )
+    precision = precision or resolve_precision("fp32", device)
     features = []
     try:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(device)
             if transform is not None:
                 batch = transform(batch)
-            if channels_last:
-                batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast:
+            batch = batch.contiguous(memory_format=precision.memory_format())
+            with precision.autocast():
                 features.append(backbone(batch).float().cpu())
     finally:
         backbone.train(was_training)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from pipeline.knn import extract_features, knn_predict, knn_top1
+from pipeline.precision import resolve_precision
 
 
 def naive_knn(bank, bank_labels, queries, num_classes, k, temperature):
@@ -79,7 +80,7 @@ def test_extract_features_in_eval_mode_and_restores_mode(generator):
 def test_extract_features_bf16_autocast_returns_float32(generator):
     images = torch.randint(0, 256, (6, 1, 9, 9), generator=generator, dtype=torch.uint8)
     features = extract_features(
-        tiny_backbone(), images, batch_size=4, transform=lambda b: b.float() / 255, autocast_dtype=torch.bfloat16
+        tiny_backbone(), images, batch_size=4, transform=lambda b: b.float() / 255, precision=resolve_precision("bf16")
     )
     assert features.shape == (6, 4)
     assert features.dtype == torch.float32
