@@ -113,6 +113,121 @@ def demo(
     )
 
 
+def _byte_size(text: str) -> int:
+    """``"512M"``, ``"1G"``, ``"64k"`` or plain bytes → bytes (binary multiples)."""
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    cleaned = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (cleaned[:-1], cleaned[-1]) if cleaned[-1:] in units and cleaned[-1:] else (cleaned, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a size such as 512M or 1G") from None
+    if value < 1:
+        raise typer.BadParameter(f"{text!r} must be at least one byte")
+    return int(value)
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mocoplus ingest fashion-mnist:train --out shards/fmnist-train\n\n"
+        "  mocoplus ingest ~/photos --out shards/photos --format jpg --max-side 512 --shard-size 2000\n\n"
+        "  mocoplus ingest images.csv --out shards/listed   # CSV with a 'path' and an optional 'label' column"
+    )
+)
+def ingest(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="An image folder (class subfolders → labels), a .txt/.csv list of paths, "
+            "or fashion-mnist[:train|:test]."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the shards and manifest.json.")],
+    shard_size: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = 5000,
+    shard_bytes: Annotated[
+        str, typer.Option(help="Byte cap per shard (e.g. 512M, 1G); a shard closes at whichever limit comes first.")
+    ] = "512M",
+    image_format: Annotated[
+        str, typer.Option("--format", help="Stored image format: png, jpg, webp, or keep (original bytes if possible).")
+    ] = "png",
+    max_side: Annotated[int | None, typer.Option(min=1, help="Shrink images whose longer side exceeds this.")] = None,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Reject images with more pixels than this (decompression bombs).")
+    ] = 64_000_000,
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
+    name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = "shard",
+    overwrite: Annotated[bool, typer.Option(help="Replace a shard set made from other input.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Write images as WebDataset shards with a manifest; bad inputs are skipped and listed, never fatal."""
+    from pipeline.ingest import IngestConfig
+    from pipeline.ingest import ingest as run_ingest
+
+    try:
+        settings = {"workers": workers} if workers is not None else {}
+        config = IngestConfig(
+            shard_size=shard_size,
+            shard_bytes=_byte_size(shard_bytes),
+            image_format=image_format,
+            max_side=max_side,
+            max_pixels=max_pixels,
+            name=name,
+            overwrite=overwrite,
+            **settings,
+        )
+        result = run_ingest(source, out, config, progress=progress)
+    except EXPECTED_ERRORS as error:
+        raise _fail(str(error) or type(error).__name__) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; rerun the same command to resume from the last finished shard", code=130) from None
+
+    manifest = result.manifest
+    console = Console(soft_wrap=True)
+    if manifest.skipped:
+        table = Table(title=f"skipped inputs ({len(manifest.skipped):,}; all listed in manifest.json)")
+        table.add_column("input", overflow="fold")
+        table.add_column("reason", overflow="fold")
+        for item in manifest.skipped[:20]:
+            table.add_row(item.input, item.reason)
+        console.print(table)
+    size = sum(shard.bytes for shard in manifest.shards) / 2**20
+    state = "already up to date" if result.up_to_date else f"{result.images_per_s:,.0f} inputs/s"
+    if result.resumed_inputs and not result.up_to_date:
+        state += f" (resumed after {result.resumed_inputs:,} inputs)"
+    console.print(
+        f"{manifest.inputs:,} inputs → {manifest.written:,} samples in {len(manifest.shards)} shards "
+        f"({size:,.1f} MiB) · {len(manifest.skipped):,} skipped · {state} · {result.out_dir / 'manifest.json'}",
+        highlight=False,
+    )
+    if manifest.written == 0:
+        raise _fail(f"nothing usable was written: all {manifest.inputs:,} inputs were skipped")
+
+
+@app.command(
+    epilog="Examples:\n\n  mocoplus verify shards/fmnist-train\n\n  mocoplus verify shards/fmnist-train --quick"
+)
+def verify(
+    shards: Annotated[Path, typer.Argument(help="A shard set folder (with manifest.json).")],
+    quick: Annotated[bool, typer.Option(help="Check hashes, counts and labels only; skip decoding images.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Check every shard's sha256 and count against the manifest and decode every sample."""
+    from pipeline.verify import verify as run_verify
+
+    try:
+        report = run_verify(shards, quick=quick, progress=progress)
+    except EXPECTED_ERRORS as error:
+        raise _fail(str(error) or type(error).__name__) from None
+    for problem in report.problems:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"bad: {problem}", markup=False)
+    checked = "hashes and counts" if quick else f"hashes, counts and {report.decoded:,} decoded images"
+    summary = f"{report.shards} shards, {report.samples:,} samples: {checked}"
+    if not report.ok:
+        raise _fail(f"{summary}; {len(report.problems):,} problems")
+    Console(highlight=False).print(f"ok: {summary}")
+
+
 def main() -> None:
     """Console-script entry point (``mocoplus = "flows.cli:main"``)."""
     app()

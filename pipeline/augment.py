@@ -33,11 +33,14 @@ class AugmentConfig:
     """Parameters of the two-view augmentation (defaults: MoCo v2's, for RGB images).
 
     ``mean``/``std`` are per output channel, in [0, 1] pixel units. A
-    probability of 0 turns a transform off.
+    probability of 0 turns a transform off. ``input_mode`` is what the data
+    streams decode images to (``L`` or ``RGB``); gray input is replicated to
+    ``channels`` at the end, so augmenting it costs a third.
     """
 
     output_size: int = 224
     channels: int = 3
+    input_mode: str = "RGB"
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip_p: float = 0.5
@@ -53,6 +56,8 @@ class AugmentConfig:
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
     def __post_init__(self) -> None:
+        if self.input_mode not in ("L", "RGB"):
+            raise ValueError(f"input_mode must be 'L' or 'RGB'; got {self.input_mode!r}")
         if self.output_size < 1 or self.channels not in (1, 3):
             raise ValueError(f"output_size must be >= 1 and channels 1 or 3; got {self.output_size}, {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels or min(self.std) <= 0:
@@ -90,7 +95,16 @@ def small_grayscale_preset(
         blur_sigma=(0.1, 1.0),
         mean=(mean,) * 3,
         std=(std,) * 3,
+        input_mode="L",
     )
+
+
+def colour_224_preset() -> AugmentConfig:
+    """MoCo v2's recipe for photos: 224 px RGB crops of 20-100% of the image, jitter, 20% gray, blur."""
+    return AugmentConfig()
+
+
+PRESETS = {"small-grayscale": small_grayscale_preset, "colour-224": colour_224_preset}
 
 
 def _as_float_batch(images: Tensor) -> Tensor:
@@ -162,9 +176,28 @@ class RandomAugment(nn.Module):
         self.config = config
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Crop, flip and colour-augment a batch of same-sized uint8 images."""
+        x = self._crop_and_flip(_as_float_batch(images), generator)
+        return self._photometric(x, generator)
+
+    def after_crop(self, crops: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """Flip and colour-augment a uint8 batch already cropped to ``output_size`` (see `crop_box`).
+
+        The data streams crop each image on its own (images differ in size),
+        then run the rest of the augmentation on the whole batch.
+        """
+        x = _as_float_batch(crops)
+        if x.shape[-2:] != (self.config.output_size, self.config.output_size):
+            raise ValueError(f"crops must be {self.config.output_size} px squares; got {tuple(x.shape[-2:])}")
+        flip = _chance(self.config.flip_p, x.shape[0], generator).to(x.device).view(-1, 1, 1, 1)
+        return self._photometric(torch.where(flip, x.flip(-1), x), generator)
+
+    def crop_box(self, height: int, width: int, generator: torch.Generator | None = None) -> tuple[float, ...]:
+        """One RandomResizedCrop box (x0, y0, w, h) in pixels of a ``height`` × ``width`` image."""
+        return tuple(self._crop_boxes(1, height, width, generator)[0].tolist())
+
+    def _photometric(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         config = self.config
-        x = _as_float_batch(images)
-        x = self._crop_and_flip(x, generator)
         x = self._jitter(x, generator)
         if config.grayscale_p > 0 and x.shape[1] == 3:
             gray = _chance(config.grayscale_p, x.shape[0], generator).to(x.device).view(-1, 1, 1, 1)

@@ -15,11 +15,8 @@ train → export → embed → index instead.
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,11 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 import mocoplus
 from mocoplus import MoCoConfig, MoCoPlus
+from pipeline.artifacts import prepare_out_dir, progress_bar, write_json_atomic
 from pipeline.augment import AugmentConfig, TwoViewAugment, eval_transform, small_grayscale_preset
 from pipeline.fashion_mnist import CLASS_NAMES, FashionMNISTSplit, find_fashion_mnist, load_split
 from pipeline.knn import extract_features, knn_top1
@@ -190,47 +187,6 @@ def learning_rate(base_lr: float, step: int, total_steps: int, warmup_steps: int
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def prepare_out_dir(out_dir: Path) -> Path:
-    """Create ``out_dir`` up front, so a bad ``--out`` fails before minutes of training."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"output path {out_dir} exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise PermissionError(f"output folder {out_dir} is not writable")
-    return out_dir
-
-
-def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temp file beside ``path`` and rename it: readers never see half a file."""
-    path = Path(path)
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would make the result private to this user
-        with os.fdopen(descriptor, "w") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("{task.description:<22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )
-
-
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed torch's global RNG for the block only (MoCo's batch shuffle and weight init use it)."""
@@ -338,7 +294,7 @@ def run_demo(config: DemoConfig, out_dir: Path, progress: bool = True) -> DemoRe
             f"asked for {config.train_size} and {config.test_size}"
         )
     precision = resolve_precision(config.precision)
-    with _progress(progress) as bar, _seeded(config.seed):
+    with progress_bar(progress) as bar, _seeded(config.seed):
         model = MoCoPlus(config.moco)
         knn = _Knn(config, train, test, precision, bar)
         random_top1 = knn.top1(model.key_encoder.backbone, "kNN, random init")
