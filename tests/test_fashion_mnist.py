@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import gzip
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
+from datasets import idx_bytes, write, write_split
 
 from pipeline.fashion_mnist import (
     CLASS_NAMES,
@@ -19,29 +19,6 @@ from pipeline.fashion_mnist import (
     read_idx_header,
     split_size,
 )
-
-
-def idx_bytes(array: np.ndarray, *, dims: tuple[int, ...] | None = None, magic: bytes | None = None) -> bytes:
-    """An unsigned-byte IDX file; ``dims``/``magic`` override the header to make broken ones."""
-    dims = array.shape if dims is None else dims
-    magic = bytes([0, 0, 0x08, len(dims)]) if magic is None else magic
-    return magic + struct.pack(f">{len(dims)}I", *dims) + array.astype(np.uint8).tobytes()
-
-
-def write(path: Path, data: bytes, *, gz: bool = True) -> Path:
-    path = path.with_name(path.name + ".gz") if gz else path
-    path.write_bytes(gzip.compress(data) if gz else data)
-    return path
-
-
-def write_split(
-    directory: Path, split: str, images: np.ndarray, labels: np.ndarray, *, gz: bool = True
-) -> tuple[Path, Path]:
-    prefix = "train" if split == "train" else "t10k"
-    return (
-        write(directory / f"{prefix}-images-idx3-ubyte", idx_bytes(images), gz=gz),
-        write(directory / f"{prefix}-labels-idx1-ubyte", idx_bytes(labels), gz=gz),
-    )
 
 
 def random_split(rng: np.random.Generator, count: int) -> tuple[np.ndarray, np.ndarray]:
