@@ -22,12 +22,15 @@ Nothing is lost and nothing half-done looks done:
 
 from __future__ import annotations
 
+import fcntl
 import json
 import multiprocessing
 import os
 import re
+import signal
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -38,7 +41,16 @@ from typing import Any, BinaryIO
 import numpy as np
 import webdataset as wds
 
-from pipeline.artifacts import commit_file, prepare_out_dir, progress_bar, sha256_file, temp_path_for, write_json_atomic
+from pipeline.artifacts import (
+    TEMP_PREFIX,
+    TEMP_SUFFIX,
+    commit_file,
+    prepare_out_dir,
+    progress_bar,
+    sha256_file,
+    temp_path_for,
+    write_json_atomic,
+)
 from pipeline.samples import SampleOptions, prepare_sample
 from pipeline.shards import MANIFEST_NAME, ShardRecord, ShardSetManifest, read_manifest
 from pipeline.sources import SkippedInput, Source, SourceItem, resolve_source
@@ -47,6 +59,7 @@ from serving.images import (
 )
 
 STATE_NAME = ".ingest-state.json"
+LOCK_NAME = ".ingest.lock"
 IMAGE_FORMATS = ("png", "jpg", "webp", "keep")
 _TAR_MTIME = 0  # fixed tar header fields: the same samples give the same bytes
 _TAR_OWNER = "mocoplus"
@@ -136,12 +149,19 @@ class ShardFile:
         return ShardRecord(self.path.name, self.count, self.path.stat().st_size, sha256_file(self.path))
 
     def discard(self) -> None:
+        with suppress(OSError, ValueError):
+            self._writer.close()  # else tarfile's finaliser writes into the closed file later
         self._handle.close()
         self.temp.unlink(missing_ok=True)
 
 
 def _payload_bytes(sample: dict[str, Any]) -> int:
     return sum(len(value) + 1024 for name, value in sample.items() if not name.startswith("__"))  # + tar headers
+
+
+def _ignore_interrupts() -> None:
+    """Ctrl-C reaches the whole process group; the parent alone handles it (and terminates the pool)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _run_workers(
@@ -158,7 +178,7 @@ def _run_workers(
         yield from map(work, tasks)
         return
     # spawn: a fresh interpreter per worker, safe whatever threads the parent runs (prefect, torch)
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) as pool:
         yield from pool.imap(work, tasks, chunksize=64)
 
 
@@ -173,37 +193,72 @@ def _package_version() -> str:
 
 
 def _identity(source: Source, config: IngestConfig) -> dict[str, Any]:
-    return {"source": source.describe(), "options": config.output_options()}
+    """What the output depends on, in its JSON form (as the manifest and the resume state store it)."""
+    return json.loads(json.dumps({"source": source.describe(), "options": config.output_options()}))
 
 
-def _own_files(out_dir: Path) -> list[Path]:
-    """Files an ingest writes here: shards, their temp files, the resume state and the manifest."""
-    shard = re.compile(r"[A-Za-z0-9_-]+-\d{6,}\.tar")
+def _own_files(out_dir: Path, names: set[str]) -> list[Path]:
+    """Files of an ingest here: shards of these ``names`` (prefixes), temp files, the resume state, the manifest.
+
+    Other files are never touched, so a folder shared with other data is safe.
+    """
+    shard = re.compile(rf"({'|'.join(map(re.escape, sorted(names)))})-\d{{6}}\.tar")
+    temps = tuple(f"{TEMP_PREFIX}{name}" for name in (MANIFEST_NAME, STATE_NAME, *(f"{n}-" for n in names)))
     return [
         path
         for path in out_dir.iterdir()
         if shard.fullmatch(path.name)
         or path.name in (MANIFEST_NAME, STATE_NAME)
-        or (path.name.startswith(".") and path.name.endswith(".tmp"))
+        or (path.name.startswith(temps) and path.name.endswith(TEMP_SUFFIX))
     ]
 
 
-def _load_state(out_dir: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
-    """The resume state of an interrupted run of this same ingest, if its finished shards are intact."""
-    path = out_dir / STATE_NAME
+@dataclass
+class _Progress:
+    """Where an ingest stands: finished shards, skipped inputs and the first input not yet in a shard."""
+
+    shards: list[ShardRecord] = field(default_factory=list)
+    skipped: list[SkippedInput] = field(default_factory=list)
+    next_input: int = 0
+
+
+def _load_state(out_dir: Path, identity: dict[str, Any]) -> _Progress | None:
+    """The progress of an interrupted run of this same ingest, if its finished shards are intact."""
     try:
-        state = json.loads(path.read_text())
-        if state.get("identity") != json.loads(json.dumps(identity)):
+        state = json.loads((out_dir / STATE_NAME).read_text())
+        if state.get("identity") != identity:
             return None
-        for shard in state["shards"]:
-            shard_path = out_dir / shard["name"]
-            if not shard_path.is_file() or shard_path.stat().st_size != shard["bytes"]:
+        shards = [ShardRecord(**shard) for shard in state["shards"]]
+        for shard in shards:
+            path = out_dir / shard.name
+            if not path.is_file() or path.stat().st_size != shard.bytes or sha256_file(path) != shard.sha256:
                 return None
-            if sha256_file(shard_path) != shard["sha256"]:
-                return None
-        return state
+        skipped = [SkippedInput(**item) for item in state["skipped"]]
+        return _Progress(shards, skipped, int(state["next_input"]))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+def _save_state(out_dir: Path, identity: dict[str, Any], progress: _Progress) -> None:
+    """Record the finished shards and the first input not in them: where a rerun resumes."""
+    state = {
+        "identity": identity,
+        "next_input": progress.next_input,
+        "shards": [asdict(shard) for shard in progress.shards],
+        "skipped": [asdict(item) for item in progress.skipped],
+    }
+    write_json_atomic(out_dir / STATE_NAME, state)
+
+
+@contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """One ingest per folder at a time: a second one fails at once instead of interleaving shards."""
+    with open(out_dir / LOCK_NAME, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FileExistsError(f"another ingest is writing to {out_dir}") from None
+        yield
 
 
 def ingest(spec: str, out_dir: Path, config: IngestConfig | None = None, *, progress: bool = True) -> IngestResult:
@@ -215,78 +270,79 @@ def ingest(spec: str, out_dir: Path, config: IngestConfig | None = None, *, prog
         raise ValueError(f"source {spec!r} holds no inputs")
     out_dir = prepare_out_dir(out_dir)
     identity = _identity(source, config)
-
-    if (out_dir / MANIFEST_NAME).exists():
+    with _exclusive(out_dir):
         existing = _existing_manifest(out_dir)
-        if existing is not None and {"source": existing.source, "options": existing.options} == json.loads(
-            json.dumps(identity)
-        ):
+        if existing is not None and {"source": existing.source, "options": existing.options} == identity:
             return IngestResult(existing, out_dir, True, existing.inputs, time.perf_counter() - started)
-        if not config.overwrite:
+        if (out_dir / MANIFEST_NAME).exists() and not config.overwrite:
             raise FileExistsError(
                 f"{out_dir} already holds a shard set made from other input or options; "
                 "pass --overwrite to replace it, or choose another --out"
             )
-    state = None if config.overwrite else _load_state(out_dir, identity)
-    if state is None:
-        for path in _own_files(out_dir):
-            path.unlink()
-    else:
-        finished = {shard["name"] for shard in state["shards"]} | {STATE_NAME}
-        for path in _own_files(out_dir):  # temp files of the interrupted run, and shards after its last record
-            if path.name not in finished:
+        resumed = None if config.overwrite else _load_state(out_dir, identity)
+        names = {config.name} | ({Path(s.name).stem.rsplit("-", 1)[0] for s in existing.shards} if existing else set())
+        keep = {shard.name for shard in resumed.shards} | {STATE_NAME} if resumed else set()
+        for path in _own_files(out_dir, names):  # a replaced set, or what an interrupted run left after its last shard
+            if path.name not in keep:
                 path.unlink()
+        state = resumed or _Progress()
+        start = state.next_input
+        _write_shards(source, out_dir, config, identity, state, progress)
+        manifest = ShardSetManifest(
+            shards=tuple(state.shards),
+            inputs=source.inputs,
+            written=sum(shard.count for shard in state.shards),
+            skipped=tuple(source.rejected) + tuple(state.skipped),
+            class_names=source.class_names,
+            labelled=any(item.label is not None for item in source.items),
+            source=identity["source"],
+            options=identity["options"],
+            mocoplus_version=_package_version(),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+        )  # refuses counts that do not reconcile, before anything is written
+        write_json_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
+        (out_dir / STATE_NAME).unlink(missing_ok=True)
+    return IngestResult(manifest, out_dir, False, start, time.perf_counter() - started)
 
-    shards = [ShardRecord(**shard) for shard in state["shards"]] if state else []
-    skipped = [SkippedInput(**item) for item in state["skipped"]] if state else []
-    start = int(state["next_input"]) if state else 0
+
+def _write_shards(
+    source: Source, out_dir: Path, config: IngestConfig, identity: dict[str, Any], state: _Progress, progress: bool
+) -> None:
+    """Prepare ``source.items[state.next_input:]`` in workers and write them into shards, updating ``state``."""
     options = SampleOptions(config.image_format, config.max_side, config.max_pixels, source.class_names)
+    current: ShardFile | None = None
+    position = state.next_input
+
+    def finish_shard(next_input: int) -> None:
+        nonlocal current
+        assert current is not None
+        state.shards.append(current.commit())
+        state.next_input, current = next_input, None
+        _save_state(out_dir, identity, state)
 
     with progress_bar(progress) as bar:
-        task = bar.add_task("ingest", total=len(source.items), completed=start, status="")
-        current: ShardFile | None = None
-        position = start
+        task = bar.add_task("ingest", total=len(source.items), completed=position, status="")
         try:
-            for result in _run_workers(source, start, options, config.workers):
+            for result in _run_workers(source, position, options, config.workers):
                 position += 1
                 if isinstance(result, SkippedInput):
-                    skipped.append(result)
+                    state.skipped.append(result)
                 else:
                     if current is not None and current.size + _payload_bytes(result) > config.shard_bytes:
-                        shards.append(current.commit())
-                        current = None
-                        _save_state(out_dir, identity, shards, skipped, position - 1)
+                        finish_shard(position - 1)
                     if current is None:
-                        current = ShardFile(out_dir / f"{config.name}-{len(shards):06d}.tar")
+                        current = ShardFile(out_dir / f"{config.name}-{len(state.shards):06d}.tar")
                     current.write(result)
                     if current.count == config.shard_size:
-                        shards.append(current.commit())
-                        current = None
-                        _save_state(out_dir, identity, shards, skipped, position)
-                written = sum(shard.count for shard in shards) + (current.count if current else 0)
-                bar.update(task, completed=position, status=f"{written:,} written · {len(skipped):,} skipped")
+                        finish_shard(position)
+                written = sum(shard.count for shard in state.shards) + (current.count if current else 0)
+                bar.update(task, completed=position, status=f"{written:,} written · {len(state.skipped):,} skipped")
             if current is not None:
-                shards.append(current.commit())
+                state.shards.append(current.commit())
                 current = None
         finally:
             if current is not None:
                 current.discard()
-
-    manifest = ShardSetManifest(
-        shards=tuple(shards),
-        inputs=source.inputs,
-        written=sum(shard.count for shard in shards),
-        skipped=tuple(source.rejected) + tuple(skipped),
-        class_names=source.class_names,
-        labelled=any(item.label is not None for item in source.items),
-        source=identity["source"],
-        options=identity["options"],
-        mocoplus_version=_package_version(),
-        created=datetime.now(UTC).isoformat(timespec="seconds"),
-    )
-    write_json_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
-    (out_dir / STATE_NAME).unlink(missing_ok=True)
-    return IngestResult(manifest, out_dir, False, start, time.perf_counter() - started)
 
 
 def _existing_manifest(out_dir: Path) -> ShardSetManifest | None:
@@ -294,16 +350,3 @@ def _existing_manifest(out_dir: Path) -> ShardSetManifest | None:
         return read_manifest(out_dir)
     except (OSError, ValueError):
         return None
-
-
-def _save_state(
-    out_dir: Path, identity: dict[str, Any], shards: list[ShardRecord], skipped: list[SkippedInput], next_input: int
-) -> None:
-    """Record the finished shards and the first input not in them: where a rerun resumes."""
-    state = {
-        "identity": identity,
-        "next_input": next_input,
-        "shards": [asdict(shard) for shard in shards],
-        "skipped": [asdict(item) for item in skipped],
-    }
-    write_json_atomic(out_dir / STATE_NAME, state)

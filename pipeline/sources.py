@@ -154,7 +154,7 @@ def folder_source(root: Path) -> Source:
             key = _make_key(relative[: -len(path.suffix)], used)
             items.append(SourceItem(key=key, label=label, origin=relative, path=str(path)))
     signatures.append(f"classes\t{class_names}")
-    return Source("folder", str(root), items, class_names, _fingerprint(signatures), rejected)
+    return Source("folder", str(root.resolve()), items, class_names, _fingerprint(signatures), rejected)
 
 
 def _walk_files(root: Path) -> list[Path]:
@@ -222,7 +222,7 @@ def list_source(list_path: Path) -> Source:
         relative = os.path.relpath(path, base) if not Path(name).is_absolute() else name
         key = _make_key(relative[: -len(path.suffix)] if path.suffix else relative, used)
         items.append(SourceItem(key=key, label=label_id, origin=origin, path=str(path)))
-    return Source("list", str(list_path), items, class_names, _fingerprint(signatures), rejected)
+    return Source("list", str(list_path.resolve()), items, class_names, _fingerprint(signatures), rejected)
 
 
 def fashion_mnist_source(spec: str, directory: Path | None = None) -> Source:

@@ -63,3 +63,27 @@ def shuffle_bn_step(rank: int, world: int, store: Path, out: Path) -> None:
         out / f"step-{rank}.pt",
     )
     dist.destroy_process_group()
+
+
+def streams_per_rank(rank: int, world: int, store: Path, out: Path) -> None:
+    """Each rank streams the shard set in ``out/shards`` with 2 loader workers, ranks from the process group."""
+    from pipeline.augment import small_grayscale_preset
+    from pipeline.data import EvalStream, StreamConfig, TrainStream
+
+    _init(rank, world, store)
+    config = StreamConfig(batch_size=32, workers=2, shuffle_buffer=50)
+    train = TrainStream(out / "shards", small_grayscale_preset(), config)
+    batches = list(train.epoch(0))
+    evaluation = EvalStream(out / "shards", size=28, mode="L", config=config)
+    keys = [key for batch in evaluation for key in batch.keys]
+    torch.save(
+        {
+            "rank": train.rank,
+            "batches": len(batches),
+            "batches_per_epoch": train.batches_per_epoch,
+            "first": batches[0].view1,
+            "keys": keys,
+        },
+        out / f"streams-{rank}.pt",
+    )
+    dist.destroy_process_group()

@@ -1,0 +1,130 @@
+"""Benchmark: does the data side keep up? Ingest speed, stream speed, and what training consumes.
+
+On Fashion-MNIST, in one run, it measures:
+
+1. ingest of ``fashion-mnist:train`` (60,000 images) with 1 and with all worker
+   processes (images/s; the ratio shows the cores are used);
+2. the training stream alone (decode + two augmented views, ``--workers``
+   loader workers, batches of 256, the demo's small-grayscale preset): images/s;
+3. a CPU training step alone on ready-made views (the demo's model: ResNet-18
+   at width 0.25, CIFAR stem, bf16 + channels_last where native): images/s;
+4. training fed live by the stream, both on the same cores.
+
+and prints JSON with the ratio stream / training (target: ≥ 3, the model never
+waits on data) and live / alone (how much the loader costs the trainer on a
+small machine, where loader workers and training share the cores).
+
+    python benchmarks/bench_data.py            # about 2 minutes on 2 cores
+    python benchmarks/bench_data.py --batches 20 --train-steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from mocoplus import MoCoPlus
+from pipeline.data import StreamConfig, TrainStream
+from pipeline.demo import DemoConfig
+from pipeline.ingest import IngestConfig, ingest
+from pipeline.precision import resolve_precision
+
+
+def measure_ingest(out: Path, workers: int) -> dict[str, float]:
+    result = ingest("fashion-mnist:train", out, IngestConfig(workers=workers), progress=False)
+    return {
+        "workers": workers,
+        "images": result.manifest.written,
+        "seconds": result.elapsed_s,
+        "images_per_s": result.images_per_s,
+    }
+
+
+def measure_stream(shards: Path, workers: int, batches: int, batch_size: int) -> float:
+    """Images/s of two-view batches, after the first two batches (worker start-up) are out."""
+    stream = TrainStream(shards, DemoConfig().augment, StreamConfig(batch_size=batch_size, workers=workers))
+    iterator = iter(stream.epoch(0))
+    for _ in range(2):
+        next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * batch_size / (time.perf_counter() - start)
+
+
+class TrainStep:
+    """The demo's model, optimiser and precision: one step on given views."""
+
+    def __init__(self) -> None:
+        config = DemoConfig()
+        self.precision = resolve_precision(config.precision)
+        self.model = MoCoPlus(config.moco).to(memory_format=self.precision.memory_format()).train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+
+    def __call__(self, view1: torch.Tensor, view2: torch.Tensor) -> None:
+        layout = self.precision.memory_format()
+        with self.precision.autocast():
+            out = self.model(view1.contiguous(memory_format=layout), view2.contiguous(memory_format=layout))
+        self.optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        self.optimizer.step()
+
+
+def measure_training(shards: Path, steps: int, batch_size: int, workers: int) -> tuple[float, float, str]:
+    """Training images/s on one fixed batch, and fed live by the stream; both after a warm-up step."""
+    step = TrainStep()
+    stream = TrainStream(shards, DemoConfig().augment, StreamConfig(batch_size=batch_size, workers=workers))
+    batches = iter(stream.epoch(0))
+    first = next(batches)
+    step(first.view1, first.view2)  # warm-up: oneDNN picks kernels on the first call
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(first.view1, first.view2)
+    alone = steps * batch_size / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(steps):
+        batch = next(batches)
+        step(batch.view1, batch.view2)
+    live = steps * batch_size / (time.perf_counter() - start)
+    return alone, live, step.precision.name
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, default=2, help="loader workers for the stream")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=40, help="stream batches timed")
+    parser.add_argument("--train-steps", type=int, default=8, help="training steps timed (alone and live)")
+    args = parser.parse_args(argv)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as temp:
+        ingest_runs = [measure_ingest(Path(temp) / f"shards-{w}", w) for w in sorted({1, cores})]
+        shards = Path(temp) / f"shards-{cores}"
+        stream = measure_stream(shards, args.workers, args.batches, args.batch_size)
+        alone, live, precision = measure_training(shards, args.train_steps, args.batch_size, args.workers)
+    report = {
+        "benchmark": "data",
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__},
+        "ingest_fashion_mnist_train": ingest_runs,
+        "ingest_speedup_all_cores": ingest_runs[-1]["images_per_s"] / ingest_runs[0]["images_per_s"],
+        "stream": {"workers": args.workers, "batch_size": args.batch_size, "images_per_s": stream},
+        "training": {"precision": precision, "alone_images_per_s": alone, "fed_by_stream_images_per_s": live},
+        "stream_over_training": stream / alone,
+        "live_over_alone": live / alone,
+        "target_stream_over_training": 3.0,
+    }
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
