@@ -9,6 +9,7 @@ and exit 1; a traceback means a bug.
 
 from __future__ import annotations
 
+import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
@@ -121,7 +122,9 @@ def _byte_size(text: str) -> int:
     try:
         value = float(number) * units[unit]
     except ValueError:
-        raise typer.BadParameter(f"{text!r} is not a size such as 512M or 1G") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise typer.BadParameter(f"{text!r} is not a size such as 512M or 1G")
     if value < 1:
         raise typer.BadParameter(f"{text!r} must be at least one byte")
     return int(value)

@@ -12,7 +12,6 @@ sample, and the command exits non-zero when there is any.
 from __future__ import annotations
 
 import tarfile
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +57,7 @@ def verify(folder: Path, *, quick: bool = False, progress: bool = True) -> Verif
         task = bar.add_task("verify", total=manifest.written, status="")
         for record in manifest.shards:
             report.shards += 1
-            for problem in _check_shard(folder, record, manifest, quick, seen_keys, report):
-                report.problems.append(problem)
+            report.problems.extend(_check_shard(folder, record, manifest, quick, seen_keys, report))
             bar.update(task, completed=report.samples, status=f"{len(report.problems)} problems")
     return report
 
@@ -87,7 +85,7 @@ def _check_shard(
         return [*problems, Problem(record.name, None, f"not a readable tar file ({error})")]
     if len(samples) != record.count:
         problems.append(Problem(record.name, None, f"holds {len(samples)} samples, the manifest says {record.count}"))
-    for key, fields in samples.items():
+    for key, fields in samples:
         report.samples += 1
         if key in seen_keys:
             problems.append(Problem(record.name, key, f"duplicate key (also in {seen_keys[key]})"))
@@ -96,9 +94,13 @@ def _check_shard(
     return problems
 
 
-def _read_samples(path: Path) -> dict[str, dict[str, bytes]]:
-    """Tar members grouped into samples by WebDataset's own key/extension split."""
-    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+def _read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """Tar members grouped into samples as WebDataset groups them: consecutive members sharing a key.
+
+    A key whose members are not adjacent therefore comes back as two samples
+    (and is reported as a duplicate key), which is what a training stream would see.
+    """
+    samples: list[tuple[str, dict[str, bytes]]] = []
     with tarfile.open(path, "r") as archive:
         for member in archive:
             if not member.isfile():
@@ -106,9 +108,10 @@ def _read_samples(path: Path) -> dict[str, dict[str, bytes]]:
             key, extension = base_plus_ext(member.name)
             handle = archive.extractfile(member)
             if key is None or handle is None:
-                samples[member.name]["?"] = b""
-                continue
-            samples[key][extension] = handle.read()
+                key, extension = member.name, "?"
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][extension] = handle.read() if handle is not None else b""
     return samples
 
 
