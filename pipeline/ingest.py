@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import re
 import signal
+import tarfile
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
@@ -129,17 +130,20 @@ class ShardFile:
         self.path = path
         self.temp = temp_path_for(path)
         self.count = 0
+        self._content_bytes = 0  # headers + padded data of the members written so far
         self._handle: BinaryIO = open(self.temp, "wb")  # noqa: SIM115 - closed in commit/discard
         self._writer = wds.TarWriter(
             self._handle, encoder=False, user=_TAR_OWNER, group=_TAR_OWNER, mode=_TAR_MODE, mtime=_TAR_MTIME
         )
 
-    @property
-    def size(self) -> int:
-        return self._handle.tell()
+    def size_with(self, sample: dict[str, Any]) -> int:
+        """The finished file's size if ``sample`` were added: members, the end-of-archive blocks, record padding."""
+        content = self._content_bytes + _tar_bytes(sample) + 2 * tarfile.BLOCKSIZE
+        return -(-content // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
     def write(self, sample: dict[str, Any]) -> None:
         self._writer.write(sample)
+        self._content_bytes += _tar_bytes(sample)
         self.count += 1
 
     def commit(self) -> ShardRecord:
@@ -155,8 +159,15 @@ class ShardFile:
         self.temp.unlink(missing_ok=True)
 
 
-def _payload_bytes(sample: dict[str, Any]) -> int:
-    return sum(len(value) + 1024 for name, value in sample.items() if not name.startswith("__"))  # + tar headers
+def _tar_bytes(sample: dict[str, Any]) -> int:
+    """What a sample's members take in a tar: a header block each (three with a PAX long-name header), padded data."""
+    total = 0
+    for name, value in sample.items():
+        if name.startswith("__"):
+            continue
+        long_name = len(f"{sample['__key__']}.{name}".encode()) > 100
+        total += (3 if long_name else 1) * tarfile.BLOCKSIZE + -(-len(value) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return total
 
 
 def _ignore_interrupts() -> None:
@@ -328,7 +339,7 @@ def _write_shards(
                 if isinstance(result, SkippedInput):
                     state.skipped.append(result)
                 else:
-                    if current is not None and current.size + _payload_bytes(result) > config.shard_bytes:
+                    if current is not None and current.size_with(result) > config.shard_bytes:
                         finish_shard(position - 1)
                     if current is None:
                         current = ShardFile(out_dir / f"{config.name}-{len(state.shards):06d}.tar")

@@ -145,7 +145,11 @@ def folder_source(root: Path) -> Source:
         relative = path.relative_to(root).as_posix()
         signatures.append(f"{relative}\t{_file_signature(path)}")
         top = relative.split("/", 1)[0]
-        if class_names is not None and top not in class_index:
+        if not path.exists():
+            rejected.append(SkippedInput(relative, "unreadable: a broken link, or the file vanished"))
+        elif not path.is_file():  # a FIFO or device would block or stream forever when read
+            rejected.append(SkippedInput(relative, "not a regular file"))
+        elif class_names is not None and top not in class_index:
             rejected.append(SkippedInput(relative, "outside any class folder (the source has class subfolders)"))
         elif path.suffix.lower() not in IMAGE_SUFFIXES:
             rejected.append(SkippedInput(relative, f"not an image file name (suffix {path.suffix or 'none'!r})"))

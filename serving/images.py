@@ -33,6 +33,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 × 8000: above any camera's output, far below a bomb's canvas
+_EXIF_ORIENTATION = 0x0112
 FORMAT_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}  # what shards store
 
 
@@ -93,10 +94,9 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decode
 
 def _normalise_mode(image: Image.Image, image_format: str, original_mode: str) -> DecodedImage:
     steps: list[str] = []
-    oriented = ImageOps.exif_transpose(image)
-    if oriented is not image:
+    if image.getexif().get(_EXIF_ORIENTATION, 1) not in (0, 1):  # exif_transpose copies even when upright
+        image = ImageOps.exif_transpose(image)
         steps.append("EXIF orientation applied")
-        image = oriented
     mode = image.mode
     if mode in ("L", "RGB"):
         converted = image
