@@ -23,6 +23,7 @@ Nothing is lost and nothing half-done looks done:
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import multiprocessing
 import os
@@ -30,8 +31,8 @@ import re
 import signal
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -40,7 +41,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
-import webdataset as wds
 
 from pipeline.artifacts import (
     TEMP_PREFIX,
@@ -52,7 +52,7 @@ from pipeline.artifacts import (
     temp_path_for,
     write_json_atomic,
 )
-from pipeline.samples import SampleOptions, prepare_sample
+from pipeline.samples import PreparedSample, SampleOptions, prepare_chunk
 from pipeline.shards import MANIFEST_NAME, ShardRecord, ShardSetManifest, read_manifest
 from pipeline.sources import SkippedInput, Source, SourceItem, resolve_source
 from serving.images import (
@@ -62,9 +62,6 @@ from serving.images import (
 STATE_NAME = ".ingest-state.json"
 LOCK_NAME = ".ingest.lock"
 IMAGE_FORMATS = ("png", "jpg", "webp", "keep")
-_TAR_MTIME = 0  # fixed tar header fields: the same samples give the same bytes
-_TAR_OWNER = "mocoplus"
-_TAR_MODE = 0o444
 
 
 def _default_workers() -> int:
@@ -124,50 +121,44 @@ class IngestResult:
 
 
 class ShardFile:
-    """One shard being written under a temp name; `commit` renames it into place and describes it."""
+    """One shard being written under a temp name; `commit` ends the archive, renames it into place, describes it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.temp = temp_path_for(path)
         self.count = 0
-        self._content_bytes = 0  # headers + padded data of the members written so far
         self._handle: BinaryIO = open(self.temp, "wb")  # noqa: SIM115 - closed in commit/discard
-        self._writer = wds.TarWriter(
-            self._handle, encoder=False, user=_TAR_OWNER, group=_TAR_OWNER, mode=_TAR_MODE, mtime=_TAR_MTIME
-        )
+        self._digest = hashlib.sha256()
 
-    def size_with(self, sample: dict[str, Any]) -> int:
-        """The finished file's size if ``sample`` were added: members, the end-of-archive blocks, record padding."""
-        content = self._content_bytes + _tar_bytes(sample) + 2 * tarfile.BLOCKSIZE
-        return -(-content // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
+    def size_with(self, sample: PreparedSample) -> int:
+        """The finished file's size if ``sample`` were added (with the end-of-archive blocks and record padding)."""
+        return _padded(self._handle.tell() + len(sample.members) + _END_OF_ARCHIVE)
 
-    def write(self, sample: dict[str, Any]) -> None:
-        self._writer.write(sample)
-        self._content_bytes += _tar_bytes(sample)
+    def write(self, sample: PreparedSample) -> None:
+        self._append(sample.members)
         self.count += 1
 
     def commit(self) -> ShardRecord:
-        self._writer.close()
+        """End the archive as tarfile does (two zero blocks, zeros up to a whole record) and rename it into place."""
+        self._append(bytes(_padded(self._handle.tell() + _END_OF_ARCHIVE) - self._handle.tell()))
         self._handle.close()
         commit_file(self.temp, self.path)
-        return ShardRecord(self.path.name, self.count, self.path.stat().st_size, sha256_file(self.path))
+        return ShardRecord(self.path.name, self.count, self.path.stat().st_size, self._digest.hexdigest())
 
     def discard(self) -> None:
-        with suppress(OSError, ValueError):
-            self._writer.close()  # else tarfile's finaliser writes into the closed file later
         self._handle.close()
         self.temp.unlink(missing_ok=True)
 
+    def _append(self, data: bytes) -> None:
+        self._handle.write(data)
+        self._digest.update(data)
 
-def _tar_bytes(sample: dict[str, Any]) -> int:
-    """What a sample's members take in a tar: a header block each (three with a PAX long-name header), padded data."""
-    total = 0
-    for name, value in sample.items():
-        if name.startswith("__"):
-            continue
-        long_name = len(f"{sample['__key__']}.{name}".encode()) > 100
-        total += (3 if long_name else 1) * tarfile.BLOCKSIZE + -(-len(value) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
-    return total
+
+_END_OF_ARCHIVE = 2 * tarfile.BLOCKSIZE
+
+
+def _padded(size: int) -> int:
+    return -(-size // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
 
 
 def _ignore_interrupts() -> None:
@@ -175,22 +166,37 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _chunks(source: Source, start: int) -> Iterator[tuple[list[SourceItem], np.ndarray | None]]:
+    """Consecutive items with their pixel rows: many tiny array images per task, a few files per task.
+
+    Passing work to a process costs a pickle round trip; for 28 px images that
+    costs as much as the work itself unless many travel together, while a
+    chunk of large photos must stay small enough to hold in memory.
+    """
+    size = _ARRAY_CHUNK if source.pixels is not None else _FILE_CHUNK
+    for first in range(start, len(source.items), size):
+        items = source.items[first : first + size]
+        rows = None if source.pixels is None else source.pixels[[item.index for item in items]]
+        yield items, rows
+
+
+_ARRAY_CHUNK, _FILE_CHUNK = 512, 8
+
+
 def _run_workers(
     source: Source, start: int, options: SampleOptions, workers: int
-) -> Iterator[dict[str, Any] | SkippedInput]:
+) -> Iterator[PreparedSample | SkippedInput]:
     """Prepared samples of ``source.items[start:]`` in input order, from ``workers`` processes."""
-    pixels = source.pixels
-    tasks: Iterable[tuple[SourceItem, np.ndarray | None]] = (
-        (item, pixels[item.index] if pixels is not None and item.index is not None else None)
-        for item in source.items[start:]
-    )
-    work = partial(prepare_sample, options=options)
+    work = partial(prepare_chunk, options=options)
     if workers == 1:
-        yield from map(work, tasks)
+        results = map(work, _chunks(source, start))
+        for chunk in results:
+            yield from chunk
         return
     # spawn: a fresh interpreter per worker, safe whatever threads the parent runs (prefect, torch)
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_interrupts) as pool:
-        yield from pool.imap(work, tasks, chunksize=64)
+        for chunk in pool.imap(work, _chunks(source, start)):
+            yield from chunk
 
 
 # --- the stage ----------------------------------------------------------------------------------
