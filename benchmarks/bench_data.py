@@ -2,8 +2,10 @@
 
 On Fashion-MNIST, in one run, it measures:
 
-1. ingest of ``fashion-mnist:train`` (60,000 images) with 1 and with all worker
-   processes (images/s; the ratio shows the cores are used);
+1. ingest of ``fashion-mnist:train`` (60,000 images) and of a generated folder
+   of photo-sized JPEGs (``--photos``, 640×480, stored as JPEG at most 256 px)
+   with 1 and with all worker processes (images/s; the ratio shows the cores
+   are used);
 2. the training stream alone (decode + two augmented views, ``--workers``
    loader workers, batches of 256, the demo's small-grayscale preset): images/s;
 3. a CPU training step alone on ready-made views (the demo's model: ResNet-18
@@ -28,18 +30,34 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+import numpy as np
+from PIL import Image
 
-from mocoplus import MoCoPlus
-from pipeline.data import StreamConfig, TrainStream
-from pipeline.demo import DemoConfig
 from pipeline.ingest import IngestConfig, ingest
-from pipeline.precision import resolve_precision
+
+if TYPE_CHECKING:
+    from torch import Tensor
+
+# torch and the model load inside the functions that need them: ingest's worker processes are
+# spawned, and a spawned worker re-imports this script (as any `__main__`) before it starts working.
 
 
-def measure_ingest(out: Path, workers: int) -> dict[str, float]:
-    result = ingest("fashion-mnist:train", out, IngestConfig(workers=workers), progress=False)
+def write_photos(folder: Path, count: int) -> Path:
+    """``count`` 640×480 JPEGs in 4 class folders: smooth gradients plus noise, a photo's cost to decode."""
+    generator = np.random.default_rng(0)
+    ramp = np.linspace(0, 255, 640, dtype=np.float32)[None, :, None] * np.ones((480, 1, 3), np.float32)
+    for index in range(count):
+        pixels = np.clip(ramp * generator.uniform(0.3, 1.0, 3) + generator.normal(0, 12, (480, 640, 3)), 0, 255)
+        path = folder / f"class{index % 4}" / f"photo{index:05d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels.astype(np.uint8)).save(path, quality=90)
+    return folder
+
+
+def measure_ingest(source: str, out: Path, workers: int, **options: object) -> dict[str, float]:
+    result = ingest(source, out, IngestConfig(workers=workers, **options), progress=False)  # type: ignore[arg-type]
     return {
         "workers": workers,
         "images": result.manifest.written,
@@ -50,6 +68,9 @@ def measure_ingest(out: Path, workers: int) -> dict[str, float]:
 
 def measure_stream(shards: Path, workers: int, batches: int, batch_size: int) -> float:
     """Images/s of two-view batches, after the first two batches (worker start-up) are out."""
+    from pipeline.data import StreamConfig, TrainStream
+    from pipeline.demo import DemoConfig
+
     stream = TrainStream(shards, DemoConfig().augment, StreamConfig(batch_size=batch_size, workers=workers))
     iterator = iter(stream.epoch(0))
     for _ in range(2):
@@ -64,12 +85,18 @@ class TrainStep:
     """The demo's model, optimiser and precision: one step on given views."""
 
     def __init__(self) -> None:
+        import torch
+
+        from mocoplus import MoCoPlus
+        from pipeline.demo import DemoConfig
+        from pipeline.precision import resolve_precision
+
         config = DemoConfig()
         self.precision = resolve_precision(config.precision)
         self.model = MoCoPlus(config.moco).to(memory_format=self.precision.memory_format()).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
 
-    def __call__(self, view1: torch.Tensor, view2: torch.Tensor) -> None:
+    def __call__(self, view1: Tensor, view2: Tensor) -> None:
         layout = self.precision.memory_format()
         with self.precision.autocast():
             out = self.model(view1.contiguous(memory_format=layout), view2.contiguous(memory_format=layout))
@@ -80,6 +107,9 @@ class TrainStep:
 
 def measure_training(shards: Path, steps: int, batch_size: int, workers: int) -> tuple[float, float, str]:
     """Training images/s on one fixed batch, and fed live by the stream; both after a warm-up step."""
+    from pipeline.data import StreamConfig, TrainStream
+    from pipeline.demo import DemoConfig
+
     step = TrainStep()
     stream = TrainStream(shards, DemoConfig().augment, StreamConfig(batch_size=batch_size, workers=workers))
     batches = iter(stream.epoch(0))
@@ -103,18 +133,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=40, help="stream batches timed")
     parser.add_argument("--train-steps", type=int, default=8, help="training steps timed (alone and live)")
+    parser.add_argument("--photos", type=int, default=800, help="generated 640×480 JPEGs for the folder ingest")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="bench-data-") as temp:
-        ingest_runs = [measure_ingest(Path(temp) / f"shards-{w}", w) for w in sorted({1, cores})]
+        worker_counts = sorted({1, cores})
+        fashion = [measure_ingest("fashion-mnist:train", Path(temp) / f"shards-{w}", w) for w in worker_counts]
+        photos_dir = str(write_photos(Path(temp) / "photos", args.photos))
+        photo_options = {"image_format": "jpg", "max_side": 256}
+        photos = [measure_ingest(photos_dir, Path(temp) / f"p-{w}", w, **photo_options) for w in worker_counts]
         shards = Path(temp) / f"shards-{cores}"
         stream = measure_stream(shards, args.workers, args.batches, args.batch_size)
         alone, live, precision = measure_training(shards, args.train_steps, args.batch_size, args.workers)
     report = {
         "benchmark": "data",
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": cores, "torch": torch.__version__},
-        "ingest_fashion_mnist_train": ingest_runs,
-        "ingest_speedup_all_cores": ingest_runs[-1]["images_per_s"] / ingest_runs[0]["images_per_s"],
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": cores,
+            "python": platform.python_version(),
+        },
+        "ingest_fashion_mnist_train": fashion,
+        "ingest_fashion_mnist_speedup_all_cores": fashion[-1]["images_per_s"] / fashion[0]["images_per_s"],
+        "ingest_photo_folder": photos,
+        "ingest_photo_speedup_all_cores": photos[-1]["images_per_s"] / photos[0]["images_per_s"],
         "stream": {"workers": args.workers, "batch_size": args.batch_size, "images_per_s": stream},
         "training": {"precision": precision, "alone_images_per_s": alone, "fed_by_stream_images_per_s": live},
         "stream_over_training": stream / alone,

@@ -170,3 +170,12 @@ def test_two_gloo_ranks_with_two_workers_each(fashion_shards, tmp_path):
     assert not torch.equal(rank0["first"], rank1["first"])
     assert not set(rank0["keys"]) & set(rank1["keys"])
     assert sorted(rank0["keys"] + rank1["keys"]) == [f"train_{i:05d}" for i in range(600)]
+
+
+def test_pipe_urls_stream_like_local_paths(fashion_shards):
+    """``pipe:`` URLs (how object stores are read: ``pipe:aws s3 cp s3://... -``) give the same samples."""
+    pattern = f"pipe:cat {fashion_shards}/shard-{{000000..000002}}.tar"
+    config = StreamConfig(batch_size=100, workers=0)
+    local = [key for batch in EvalStream(fashion_shards, size=28, mode="L", config=config) for key in batch.keys]
+    piped = [key for batch in EvalStream(pattern, size=28, mode="L", config=config) for key in batch.keys]
+    assert piped == local and len(piped) == 600
