@@ -29,6 +29,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -67,6 +68,19 @@ class WorkerSlot:
     @property
     def count(self) -> int:
         return self.world_size * self.workers
+
+
+def _placement(rank: int, world_size: int) -> tuple[int, int]:
+    """(rank, world_size) as given, or the initialised process group's when not given (negative)."""
+    if rank < 0 or world_size < 1:
+        rank, world_size = distributed.rank(), distributed.world_size()
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not within world size {world_size}")
+    return rank, world_size
+
+
+def _as_shard_list(shards: ShardList | str | Path) -> ShardList:
+    return shards if isinstance(shards, ShardList) else resolve_shards(shards)
 
 
 def _worker_slot(rank: int, world_size: int) -> WorkerSlot:
@@ -189,7 +203,7 @@ class _TrainEpoch(IterableDataset):
         augment = RandomAugment(stream.augment)
         generator = torch.Generator().manual_seed(seed)
         pipeline = wds.DataPipeline(
-            _resampled_urls(stream.shards.urls, random.Random(seed)),
+            _resampled_urls(stream.urls, random.Random(seed)),
             wds.tarfile_to_samples(handler=failures.handler),
             wds.shuffle(config.shuffle_buffer, initial=min(config.shuffle_buffer, 100), rng=random.Random(seed + 1)),
             partial_stage(_crop_views, augment=augment, generator=generator, failures=failures, config=config),
@@ -261,7 +275,7 @@ class TrainStream:
     ``rank``/``world_size`` default to the initialised process group's.
     """
 
-    shards: ShardList
+    shards: ShardList | str | Path
     augment: AugmentConfig
     config: StreamConfig = field(default_factory=StreamConfig)
     samples_per_epoch: int | None = None
@@ -269,15 +283,15 @@ class TrainStream:
     world_size: int = -1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.shards, ShardList):
-            self.shards = resolve_shards(self.shards)
+        self.shards = _as_shard_list(self.shards)
+        self.rank, self.world_size = _placement(self.rank, self.world_size)
         self.samples_per_epoch = self.samples_per_epoch or self.shards.samples
         if not self.samples_per_epoch:
             raise ValueError("samples per epoch unknown: give a shard set folder (with manifest.json) or an epoch size")
-        if self.rank < 0 or self.world_size < 1:
-            self.rank, self.world_size = distributed.rank(), distributed.world_size()
-        if not 0 <= self.rank < self.world_size:
-            raise ValueError(f"rank {self.rank} is not within world size {self.world_size}")
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return _as_shard_list(self.shards).urls
 
     @property
     def batches_per_epoch(self) -> int:
@@ -298,7 +312,7 @@ class _EvalPass(IterableDataset):
     def __iter__(self) -> Iterator[EvalBatch]:
         stream, config = self.stream, self.stream.config
         slot = _worker_slot(stream.rank, stream.world_size)
-        urls = stream.shards.urls[slot.index :: slot.count]
+        urls = stream.urls[slot.index :: slot.count]
         if not urls:
             return
         failures = DecodeFailures()
@@ -343,20 +357,22 @@ class EvalStream:
     centre crop.
     """
 
-    shards: ShardList
+    shards: ShardList | str | Path
     size: int
     mode: str = "RGB"
-    config: StreamConfig = field(default_factory=lambda: StreamConfig(workers=2))
+    config: StreamConfig = field(default_factory=StreamConfig)
     rank: int = -1
     world_size: int = -1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.shards, ShardList):
-            self.shards = resolve_shards(self.shards)
+        self.shards = _as_shard_list(self.shards)
+        self.rank, self.world_size = _placement(self.rank, self.world_size)
         if self.mode not in ("L", "RGB") or self.size < 1:
             raise ValueError(f"mode must be 'L' or 'RGB' and size >= 1; got {self.mode!r}, {self.size}")
-        if self.rank < 0 or self.world_size < 1:
-            self.rank, self.world_size = distributed.rank(), distributed.world_size()
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        return _as_shard_list(self.shards).urls
 
     def __iter__(self) -> Iterator[EvalBatch]:
         return iter(_loader(_EvalPass(self), self.config.workers, self.config.prefetch_batches))

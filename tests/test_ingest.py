@@ -615,12 +615,17 @@ def test_interrupted_ingest_resumes_to_the_same_bytes(labelled_folder, tmp_path,
     assert not (out / STATE_NAME).exists()
 
 
-def test_interrupted_ingest_with_other_options_starts_over(labelled_folder, tmp_path, monkeypatch):
-    out = tmp_path / "out"
+def interrupted_run(folder, out, monkeypatch):
+    """An ingest (3 samples a shard) stopped by Ctrl-C while finishing its second shard."""
     interrupt_on_commit(monkeypatch, 2, after=False)
     with pytest.raises(KeyboardInterrupt):
-        run(labelled_folder, out, shard_size=3)
+        run(folder, out, shard_size=3)
     monkeypatch.undo()
+    return out
+
+
+def test_interrupted_ingest_with_other_options_starts_over(labelled_folder, tmp_path, monkeypatch):
+    out = interrupted_run(labelled_folder, tmp_path / "out", monkeypatch)
 
     restarted = run(labelled_folder, out, shard_size=4)
     run(labelled_folder, tmp_path / "clean", shard_size=4)
@@ -630,11 +635,7 @@ def test_interrupted_ingest_with_other_options_starts_over(labelled_folder, tmp_
 
 
 def test_damaged_finished_shard_is_not_trusted_on_resume(labelled_folder, tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    interrupt_on_commit(monkeypatch, 2, after=False)
-    with pytest.raises(KeyboardInterrupt):
-        run(labelled_folder, out, shard_size=3)
-    monkeypatch.undo()
+    out = interrupted_run(labelled_folder, tmp_path / "out", monkeypatch)
     shard = out / "shard-000000.tar"
     data = bytearray(shard.read_bytes())
     data[600] ^= 0xFF
