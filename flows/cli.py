@@ -231,6 +231,60 @@ def verify(
     Console(highlight=False).print(f"ok: {summary}")
 
 
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mocoplus train --data shards/fmnist-train --eval shards/fmnist-test --out runs/fmnist "
+        "--config fashion-mnist-cpu\n\n"
+        "  mocoplus train --data shards/fmnist-train --out runs/quick --config fashion-mnist-cpu "
+        "--set train.epochs=1 --set model.negatives=topk\n\n"
+        "  mocoplus train --out runs/fmnist --resume      # continue from the newest checkpoint\n\n"
+        "  torchrun --nproc_per_node=2 --no-python mocoplus train --data SHARDS --out RUN --config cifar-resnet18"
+    )
+)
+def train(
+    out: Annotated[Path, typer.Option("--out", help="Run folder: config.json, checkpoints/, metrics.jsonl.")],
+    data: Annotated[
+        str | None, typer.Option(help="Training shards (a shard set folder, brace pattern, pipe: URL).")
+    ] = None,
+    eval_shards: Annotated[
+        str | None, typer.Option("--eval", help="Held-out labelled shards for the kNN monitor at each epoch's end.")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(help="A preset (fashion-mnist-cpu, cifar-resnet18, imagenet-resnet50) or a TOML/JSON file."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (rank 0).")] = True,
+) -> None:
+    """Pretrain MoCoPlus on shards: one CPU/GPU, or every process of a torchrun launch."""
+    from pipeline.run_config import load_config, with_data
+    from pipeline.train import CONFIG_NAME
+    from pipeline.train import train as run_train
+
+    try:
+        spec = config if config or not resume else str(out / CONFIG_NAME)
+        run_config = load_config(spec, overrides or [])
+        changes = {"train": data} if data else {}
+        if eval_shards:
+            changes["eval_queries"] = eval_shards
+        run_config = with_data(run_config, **changes)
+        result = run_train(run_config, out, resume=resume, progress=progress)
+    except EXPECTED_ERRORS as error:
+        raise _fail(str(error) or type(error).__name__) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted; the newest checkpoint is in --out (continue with --resume)", code=130) from None
+    knn = f" · kNN top-1 {result.knn_top1:.2%}" if result.knn_top1 is not None else ""
+    stopped = f" · stopped by {result.stopped_by} (checkpoint written; --resume continues)" if result.stopped_by else ""
+    Console(soft_wrap=True, highlight=False).print(
+        f"step {result.steps} · epoch {result.epoch} · loss {result.final_loss:.3f} · "
+        f"{result.images_per_s:,.0f} img/s{knn}{stopped} · {result.run_dir}"
+    )
+
+
 def main() -> None:
     """Console-script entry point (``mocoplus = "flows.cli:main"``)."""
     app()

@@ -104,7 +104,12 @@ def colour_224_preset() -> AugmentConfig:
     return AugmentConfig()
 
 
-PRESETS = {"small-grayscale": small_grayscale_preset, "colour-224": colour_224_preset}
+def colour_32_preset() -> AugmentConfig:
+    """The MoCo CIFAR demo's recipe: 32 px RGB crops of 20-100%, flip, jitter (p 0.8), 20% gray, no blur."""
+    return AugmentConfig(output_size=32, blur_p=0.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
+
+
+PRESETS = {"small-grayscale": small_grayscale_preset, "colour-32": colour_32_preset, "colour-224": colour_224_preset}
 
 
 def _as_float_batch(images: Tensor) -> Tensor:

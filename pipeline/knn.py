@@ -8,7 +8,7 @@ their labels with weight exp(sim / τ). Queries are processed in chunks so the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -20,7 +20,7 @@ from pipeline.precision import Precision, resolve_precision
 @torch.no_grad()
 def extract_features(
     backbone: nn.Module,
-    images: Tensor,
+    images: Tensor | Iterable[Tensor],
     batch_size: int = 512,
     *,
     transform: Callable[[Tensor], Tensor] | None = None,
@@ -29,6 +29,8 @@ def extract_features(
 ) -> Tensor:
     """Features ``[N, D]`` (float32, on the CPU, not normalised) of ``images`` in eval mode.
 
+    ``images`` is one tensor (cut into ``batch_size`` slices) or an iterable of
+    batches (a stream).
     ``transform`` maps a raw batch (e.g. uint8) to the model's input; eval mode
     makes batch norm use its running statistics, so a feature does not depend
     on which other images share its batch. The module's train/eval mode is
@@ -42,9 +44,14 @@ def extract_features(
     backbone.eval()
     precision = precision or resolve_precision("fp32", device)
     features = []
+    batches = (
+        (images[start : start + batch_size] for start in range(0, len(images), batch_size))
+        if isinstance(images, Tensor)
+        else images
+    )
     try:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device)
+        for batch in batches:
+            batch = batch.to(device)
             if transform is not None:
                 batch = transform(batch)
             batch = batch.contiguous(memory_format=precision.memory_format())
