@@ -186,6 +186,9 @@ def _loader(dataset: IterableDataset, workers: int, prefetch: int) -> DataLoader
         num_workers=workers,
         prefetch_factor=prefetch if workers else None,
         persistent_workers=False,
+        # its own generator: creating a loader iterator would otherwise draw from torch's global RNG, which the
+        # trainer checkpoints and restores, so a resumed run would diverge from an uninterrupted one
+        generator=torch.Generator().manual_seed(0),
     )
 
 

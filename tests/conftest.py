@@ -9,6 +9,7 @@ import torch
 from datasets import write_fashion_mnist_slice
 
 from pipeline.fashion_mnist import DEFAULT_DIR, ENV_VAR, find_fashion_mnist
+from pipeline.ingest import IngestConfig, ingest
 
 
 @pytest.fixture
@@ -31,3 +32,22 @@ def fashion_mnist_env(fashion_mnist_slice: Path, monkeypatch: pytest.MonkeyPatch
     """``fashion-mnist`` sources read the slice (``$MOCOPLUS_FASHION_MNIST_DIR`` points at it)."""
     monkeypatch.setenv(ENV_VAR, str(fashion_mnist_slice))
     return fashion_mnist_slice
+
+
+def _ingest_slice(spec: str, slice_dir: Path, out: Path, shard_size: int) -> Path:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(ENV_VAR, str(slice_dir))
+        ingest(spec, out, IngestConfig(shard_size=shard_size, workers=1), progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def fashion_shards(fashion_mnist_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 600-image real train slice as 3 shards (250, 250, 100): fewer shards than 2 ranks × 2 workers."""
+    return _ingest_slice("fashion-mnist:train", fashion_mnist_slice, tmp_path_factory.mktemp("fashion-train"), 250)
+
+
+@pytest.fixture(scope="session")
+def fashion_test_shards(fashion_mnist_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 200-image real test slice as one shard: held-out queries for kNN."""
+    return _ingest_slice("fashion-mnist:test", fashion_mnist_slice, tmp_path_factory.mktemp("fashion-test"), 250)

@@ -15,17 +15,6 @@ from datasets import noise_image
 from pipeline.augment import AugmentConfig, small_grayscale_preset
 from pipeline.data import EvalStream, StreamConfig, TrainStream, stream_seed
 from pipeline.fashion_mnist import load_split
-from pipeline.ingest import IngestConfig, ingest
-
-
-@pytest.fixture(scope="module")
-def fashion_shards(fashion_mnist_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 600-image real train slice as 3 shards (250, 250, 100): fewer shards than 2 ranks × 2 workers."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MOCOPLUS_FASHION_MNIST_DIR", str(fashion_mnist_slice))
-        out = tmp_path_factory.mktemp("fashion-shards")
-        ingest("fashion-mnist:train", out, IngestConfig(shard_size=250, workers=1), progress=False)
-    return out
 
 
 def _png(image) -> bytes:
