@@ -9,6 +9,7 @@ and exit 1; a traceback means a bug.
 
 from __future__ import annotations
 
+import json
 import math
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -283,6 +284,43 @@ def train(
         f"step {result.steps} · epoch {result.epoch} · loss {result.final_loss:.3f} · "
         f"{result.images_per_s:,.0f} img/s{knn}{stopped} · {result.run_dir}"
     )
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test\n\n"
+        "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test --checkpoint last --json"
+    )
+)
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="A run folder (from mocoplus train).")],
+    data: Annotated[str, typer.Option(help="Labelled training shards: the kNN memory and the linear probe's data.")],
+    eval_shards: Annotated[str, typer.Option("--eval", help="Labelled held-out shards to score.")],
+    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path (default: best if any).")] = "auto",
+    workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """kNN top-1 and linear-probe top-1 of a run's query and key encoders."""
+    from pipeline.evaluate import evaluate as run_evaluate
+
+    try:
+        result = run_evaluate(run, data, eval_shards, checkpoint=checkpoint, workers=workers)
+    except EXPECTED_ERRORS as error:
+        raise _fail(str(error) or type(error).__name__) from None
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    table = Table(
+        title=f"{result.checkpoint} (step {result.step}): {result.train_samples:,} train, "
+        f"{result.eval_samples:,} held-out images"
+    )
+    table.add_column("encoder")
+    table.add_column("kNN top-1 (k=200, τ=0.1)", justify="right")
+    table.add_column("linear probe top-1", justify="right")
+    for name, scores in result.encoders.items():
+        table.add_row(name, f"{scores.knn_top1:.2%}", f"{scores.linear_top1:.2%}")
+    Console().print(table)
 
 
 def main() -> None:
