@@ -95,7 +95,7 @@ class MoCoConfig:
         _require_choice("dual_view", self.dual_view, DUAL_VIEWS)
         _require_choice("key_bn", self.key_bn, KEY_BATCH_NORMS)
         _require_choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
-        if self.width <= 0:
+        if not self.width > 0:  # `not >` also refuses NaN
             raise ValueError(f"width must be > 0; got {self.width}")
         if self.embedding_dim < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
             raise ValueError("embedding_dim and hidden_dim must be positive")
@@ -105,9 +105,9 @@ class MoCoConfig:
             raise ValueError(f"momentum must lie in [0, 1]; got {self.momentum}")
         if self.bn_splits < 1:
             raise ValueError(f"bn_splits must be >= 1; got {self.bn_splits}")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0; got {self.temperature}")
-        if self.key_anchor_weight < 0:
+        if not self.key_anchor_weight >= 0:
             raise ValueError(f"key_anchor_weight must be >= 0; got {self.key_anchor_weight}")
         if self.warmup_epochs < 0:
             raise ValueError(f"warmup_epochs must be >= 0; got {self.warmup_epochs}")

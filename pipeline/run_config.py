@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -167,7 +168,9 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
         if value is not None:
             raise ValueError(f"{path} must be empty")
         return None
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"{path} must be a finite number; got {value!r}")
         return float(value)
     if (hint is int and isinstance(value, bool)) or not isinstance(value, hint):
         raise ValueError(f"{path} must be {getattr(hint, '__name__', hint)}; got {value!r} ({type(value).__name__})")
