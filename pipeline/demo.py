@@ -34,6 +34,7 @@ from pipeline.artifacts import prepare_out_dir, progress_bar, write_json_atomic
 from pipeline.augment import AugmentConfig, TwoViewAugment, eval_transform, small_grayscale_preset
 from pipeline.fashion_mnist import CLASS_NAMES, FashionMNISTSplit, find_fashion_mnist, load_split
 from pipeline.knn import extract_features, knn_top1
+from pipeline.optim import lr_multiplier
 from pipeline.precision import PRECISIONS, Precision, PrecisionName, resolve_precision
 
 
@@ -174,19 +175,6 @@ class DemoResult:
         }
 
 
-def learning_rate(base_lr: float, step: int, total_steps: int, warmup_steps: int) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to 0 (MoCo v2's schedule), per step.
-
-    The warm-up matters for short runs: full-size first updates of a random
-    network pull every embedding into one narrow cone, and a few hundred steps
-    are not enough to recover from it.
-    """
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
     """Seed torch's global RNG for the block only (MoCo's batch shuffle and weight init use it)."""
@@ -258,7 +246,7 @@ def _train(
         views = augment(images[order[index * batch : (index + 1) * batch]], generator)
         view1, view2 = (view.contiguous(memory_format=precision.memory_format()) for view in views)
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(config.lr, step, total, config.lr_warmup_steps)
+            group["lr"] = config.lr * lr_multiplier(step, total, config.lr_warmup_steps, "cosine")
         with precision.autocast():
             out = model(view1, view2, epoch=epoch, progress=step / total)
         optimizer.zero_grad(set_to_none=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import subprocess
 import sys
@@ -12,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from flows.cli import app
-from pipeline.demo import DemoConfig, learning_rate
+from pipeline.demo import DemoConfig
 from pipeline.fashion_mnist import DEFAULT_DIR, ENV_VAR, find_fashion_mnist
 
 TINY = ["--train-size", "512", "--test-size", "128", "--batch-size", "64", "--steps", "3", "--no-progress"]
@@ -81,15 +80,6 @@ def test_missing_dataset_says_how_to_install(runner, tmp_path, monkeypatch):
 def test_bad_value_is_one_line_error(runner, tmp_path):
     result = runner.invoke(app, ["demo", "--out", str(tmp_path), "--batch-size", "12", "--steps", "1"])
     assert_one_line_error(result, "multiple of 8")
-
-
-def test_learning_rate_warms_up_then_decays_to_zero():
-    rates = [learning_rate(0.1, step, total_steps=100, warmup_steps=10) for step in range(100)]
-    assert rates[0] == pytest.approx(0.01)
-    assert rates[9] == pytest.approx(0.1)  # the peak, reached at the end of the warm-up
-    assert all(a >= b for a, b in itertools.pairwise(rates[9:]))
-    assert rates[-1] < 1e-3
-    assert learning_rate(0.1, 0, total_steps=5, warmup_steps=0) == pytest.approx(0.1)
 
 
 def test_config_rejects_bad_values_before_any_work():
