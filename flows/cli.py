@@ -268,6 +268,8 @@ def train(
 
     try:
         spec = config if config or not resume else str(out / CONFIG_NAME)
+        if resume and not config and not (out / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{out} holds no run to resume (no {CONFIG_NAME}, no checkpoints)")
         run_config = load_config(spec, overrides or [])
         changes = {"train": data} if data else {}
         if eval_shards:

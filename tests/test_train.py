@@ -186,3 +186,34 @@ def test_state_fingerprint_sees_weights_and_queue_but_not_bn_statistics(fashion_
     assert state_fingerprint(model) == before
     model.queue.keys.add_(1.0)
     assert state_fingerprint(model) != before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "train.epoch=3"], "unknown config field train.epoch (did you mean train.epochs?)"),
+        (["--set", "optim.lr=fast"], "optim.lr must be float"),
+        (["--config", "no-such-preset"], "neither a preset"),
+        (["--resume"], "no checkpoints"),
+    ],
+)
+def test_train_cli_errors_are_one_line(fashion_shards, tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    (tmp_path / "run").mkdir()
+    base = ["train", "--data", str(fashion_shards), "--out", str(tmp_path / "run"), "--no-progress"]
+    config = [] if "--config" in args or "--resume" in args else ["--config", "fashion-mnist-cpu"]
+    result = CliRunner().invoke(app, [*base, *config, *args])
+    assert result.exit_code == 1, result.output
+    assert result.stderr.count("error:") == 1 and message in result.stderr, result.stderr
+
+
+def test_train_cli_needs_training_shards(tmp_path):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "--config", "fashion-mnist-cpu"])
+    assert result.exit_code == 1 and "no training shards" in result.stderr
