@@ -327,9 +327,9 @@ class Trainer:
                         every = config.train.checkpoint_every
                         if every and self.step % every == 0 and not end_of_epoch:
                             self._save(epoch)
-                    if stopped_by is None or self.step % self.steps_per_epoch == 0:
+                    if stopped_by is None:
                         self._end_of_epoch(epoch, bar)
-                    else:
+                    else:  # a stop only checkpoints: no kNN pass between SIGTERM and the kill that follows it
                         self._save(epoch)
         finally:
             if metrics is not None:
