@@ -36,7 +36,13 @@ VARIANTS = {
 
 
 def run_variant(name: str, seed: int, args: argparse.Namespace, folder: Path) -> dict[str, object]:
-    overrides = [*VARIANTS[name], f"train.seed={seed}", f"train.global_batch={args.batch}", "train.checkpoint_every=0"]
+    overrides = [
+        *VARIANTS[name],
+        *args.overrides,
+        f"train.seed={seed}",
+        f"train.global_batch={args.batch}",
+        "train.checkpoint_every=0",
+    ]
     config = load_config("fashion-mnist-cpu", overrides)
     views_per_step = 2 if config.model.dual_view == "symmetric" else 1
     steps = args.views // (args.batch * views_per_step)
@@ -89,6 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp folder)")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        help="extra config override for every variant, e.g. model.warmup_epochs=0 (the preset's one-epoch "
+        "hard-negative warm-up would cover a whole symmetric run at the default budget)",
+    )
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ablation-") as temp:
         folder = args.out or Path(temp)
@@ -98,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "ablation",
         "command": "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "views_per_run": args.views,
+        "overrides": args.overrides,
         "batch": args.batch,
         "runs": runs,
         "mean_std_percent": table,
