@@ -4,8 +4,9 @@ Times one training step (forward, backward, SGD update, key-encoder EMA, queue
 update) on fixed, ready-made views of the preset's batch, round-robin over
 three variants in one process, so machine load hits all alike:
 
-- ``enhanced``: the preset as it trains (symmetric dual-view loss, band hard
-  negatives, bf16 autocast + channels_last where the CPU has native bf16);
+- ``enhanced``: the full enhanced objective on the preset's network
+  (symmetric dual-view loss, band hard negatives, bf16 autocast +
+  channels_last where the CPU has native bf16);
 - ``moco_v2``: the same backbone, batch and views with MoCo v2's objective
   (``dual_view=none``, ``negatives=all``);
 - ``enhanced_fp32``: the preset in fp32, contiguous layout.
@@ -42,7 +43,7 @@ from pipeline.run_config import load_config
 def make_step(variant: str, batch: int):
     """A closure running one training step of ``variant`` on fixed views; and its query views per step."""
     config = load_config("fashion-mnist-cpu", [f"train.global_batch={batch}"])
-    model_config = config.model
+    model_config = replace(config.model, dual_view="symmetric", negatives="band")
     if variant == "moco_v2":
         model_config = replace(model_config, dual_view="none", negatives="all", num_negatives=None, skip_negatives=0)
     precision = resolve_precision("fp32" if variant == "enhanced_fp32" else "auto")
