@@ -26,7 +26,7 @@ from mocoplus import MoCoPlus
 from pipeline.augment import eval_transform
 from pipeline.checkpoints import checkpoint_dir, load_checkpoint, resolve_checkpoint
 from pipeline.data import EvalStream, StreamConfig
-from pipeline.knn import extract_features, knn_top1
+from pipeline.knn import knn_top1, labelled_features
 from pipeline.precision import resolve_precision
 from pipeline.run_config import config_from_dict
 from pipeline.train import augment_config
@@ -82,19 +82,11 @@ def _features(
     network: nn.Module, shards: str, *, size: int, mode: str, transform, batch_size: int, workers: int, device
 ) -> tuple[Tensor, Tensor]:
     stream = EvalStream(shards, size, mode, StreamConfig(batch_size=batch_size, workers=workers), rank=0, world_size=1)
-    labels: list[Tensor] = []
-
-    def images():
-        for batch in stream:
-            labels.append(batch.labels)
-            yield batch.images
-
     precision = resolve_precision("auto", device)
-    features = extract_features(network, images(), transform=transform, device=device, precision=precision)
-    label_tensor = torch.cat(labels)
-    if int(label_tensor.min()) < 0:
-        raise ValueError(f"{shards}: evaluation needs labelled shards (samples with a cls field)")
-    return features, label_tensor
+    try:
+        return labelled_features(network, stream, transform=transform, device=device, precision=precision)
+    except ValueError as error:
+        raise ValueError(f"{shards}: {error}") from None
 
 
 def linear_probe(

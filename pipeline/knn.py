@@ -64,6 +64,35 @@ def extract_features(
     return torch.cat(features)
 
 
+def labelled_features(
+    backbone: nn.Module,
+    batches: Iterable,
+    *,
+    transform: Callable[[Tensor], Tensor],
+    device: torch.device | str = "cpu",
+    precision: Precision | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Features and labels of an evaluation stream's batches (``.images``, ``.labels``), labels checked present.
+
+    ``on_batch`` receives each batch's size (progress bars).
+    """
+    labels: list[Tensor] = []
+
+    def images():
+        for batch in batches:
+            labels.append(batch.labels)
+            if on_batch is not None:
+                on_batch(len(batch.labels))
+            yield batch.images
+
+    features = extract_features(backbone, images(), transform=transform, device=device, precision=precision)
+    label_tensor = torch.cat(labels)
+    if int(label_tensor.min()) < 0:
+        raise ValueError("evaluation needs labelled shards (samples with a cls field)")
+    return features, label_tensor
+
+
 @torch.no_grad()
 def knn_predict(
     bank_features: Tensor,

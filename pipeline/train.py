@@ -44,7 +44,7 @@ from pipeline.augment import PRESETS as AUGMENT_PRESETS
 from pipeline.augment import AugmentConfig, eval_transform
 from pipeline.checkpoints import load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
 from pipeline.data import EvalStream, StreamConfig, TrainStream
-from pipeline.knn import extract_features, knn_top1
+from pipeline.knn import knn_top1, labelled_features
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.precision import Precision, resolve_precision
 from pipeline.run_config import RunConfig, config_from_dict
@@ -411,27 +411,17 @@ class Trainer:
         memory = EvalStream(memory_shards, size, mode, stream_config, rank=0, world_size=1)
         queries = EvalStream(config.data.eval_queries, size, mode, stream_config, rank=0, world_size=1)
         task = bar.add_task("kNN monitor", total=None, status="")
-        banks = []
-        for stream in (memory, queries):
-            labels: list[torch.Tensor] = []
-
-            def images(stream=stream, labels=labels):
-                for batch in stream:
-                    labels.append(batch.labels)
-                    bar.advance(task, len(batch.keys))
-                    yield batch.images
-
-            features = extract_features(
+        (bank, bank_labels), (query, query_labels) = (
+            labelled_features(
                 self.model.key_encoder.backbone,
-                images(),
+                stream,
                 transform=lambda x: eval_transform(x, self.augment),
                 device=self.device,
                 precision=self.precision,
+                on_batch=lambda count: bar.advance(task, count),
             )
-            banks.append((features, torch.cat(labels)))
-        (bank, bank_labels), (query, query_labels) = banks
-        if int(bank_labels.min()) < 0 or int(query_labels.min()) < 0:
-            raise ValueError("the kNN monitor needs labelled shards (samples with a cls field) for memory and queries")
+            for stream in (memory, queries)
+        )
         classes = int(max(bank_labels.max(), query_labels.max())) + 1
         accuracy = knn_top1(
             bank,
