@@ -29,7 +29,6 @@ from pipeline.data import EvalStream, StreamConfig
 from pipeline.knn import knn_top1, labelled_features
 from pipeline.precision import resolve_precision
 from pipeline.run_config import config_from_dict
-from pipeline.train import augment_config
 
 ENCODERS = ("query", "key")
 
@@ -139,7 +138,7 @@ def evaluate(
     target = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
-    augment = augment_config(config)
+    augment = config.augmentation
     network = _BothBackbones(model).to(target)
     options = {
         "size": config.data.image_size,

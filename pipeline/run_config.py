@@ -2,8 +2,11 @@
 
 A run is described by five sections, each a frozen dataclass that validates
 itself: ``model`` (`mocoplus.MoCoConfig`: the method), ``data`` (shards,
-augmentation, loading), ``optim`` (optimizer and schedule), ``train`` (length,
-batch, precision, checkpoints) and ``eval`` (the kNN monitor). ``--config``
+augmentation preset, loading), ``optim`` (optimizer and schedule), ``train``
+(length, batch, precision, checkpoints) and ``eval`` (the kNN monitor); and a
+sixth, ``augment``, of overrides of the augmentation preset's fields
+(`pipeline.augment.AugmentConfig`, e.g. ``augment.scale=[0.4, 1.0]``), so a
+recipe can tune its crops and jitter without a new preset. ``--config``
 names a preset shipped in ``pipeline/presets/NAME.toml`` or a TOML/JSON file;
 ``--set section.field=value`` overrides any field (the value in TOML syntax:
 ``3``, ``0.1``, ``true``, ``"band"``; a bare word is taken as a string). A
@@ -32,6 +35,7 @@ import tomllib
 
 from mocoplus import MoCoConfig
 from pipeline.augment import PRESETS as AUGMENT_PRESETS
+from pipeline.augment import AugmentConfig
 from pipeline.precision import PRECISIONS
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -124,13 +128,24 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    augment: dict[str, Any] = field(default_factory=dict)  # fields of data.augment's preset to override
 
     def __post_init__(self) -> None:
+        _ = self.augmentation  # builds (and so validates) the augmentation with its overrides
         if self.train.global_batch % self.model.bn_splits and self.model.key_bn in ("split", "auto"):
             raise ValueError(
                 f"train.global_batch ({self.train.global_batch}) must be a multiple of model.bn_splits "
                 f"({self.model.bn_splits}) for split batch norm"
             )
+
+    @property
+    def augmentation(self) -> AugmentConfig:
+        """``data.augment``'s preset at ``data.image_size``, with the ``augment`` section's overrides applied."""
+        try:
+            preset = replace(AUGMENT_PRESETS[self.data.augment](), output_size=self.data.image_size)
+            return replace(preset, **self.augment)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"augment: {error}") from None
 
     @property
     def lr(self) -> float:
@@ -141,7 +156,11 @@ class RunConfig:
         return asdict(self)
 
 
-SECTIONS: dict[str, type] = {item.name: typing.get_type_hints(RunConfig)[item.name] for item in fields(RunConfig)}
+SECTIONS: dict[str, type] = {
+    item.name: typing.get_type_hints(RunConfig)[item.name] for item in fields(RunConfig) if item.name != "augment"
+}
+# Overridable augmentation fields; the output size is data.image_size, so that there is one place to set it.
+AUGMENT_FIELDS = {item.name for item in fields(AugmentConfig)} - {"output_size"}
 
 
 def _check_type(path: str, value: Any, hint: Any) -> Any:
@@ -177,15 +196,19 @@ def _check_type(path: str, value: Any, hint: Any) -> Any:
     return value
 
 
-def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+def _checked_fields(name: str, cls: type, values: dict[str, Any], known: set[str]) -> dict[str, Any]:
+    """``values`` type-checked against ``cls``'s fields; a key outside ``known`` is refused, naming a close one."""
     hints = typing.get_type_hints(cls)
-    known = {item.name for item in fields(cls)}
     for key in values:
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f" (did you mean {name}.{close[0]}?)" if close else ""
             raise ValueError(f"unknown config field {name}.{key}{hint}")
-    checked = {key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
+    return {key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
+
+
+def _build_section(name: str, cls: type, values: dict[str, Any]) -> Any:
+    checked = _checked_fields(name, cls, values, {item.name for item in fields(cls)})
     try:
         return cls(**checked)
     except ValueError as error:
@@ -196,16 +219,22 @@ def config_from_dict(data: dict[str, Any]) -> RunConfig:
     """A validated `RunConfig` from nested dicts (a TOML document, or a saved ``config.json``)."""
     if not isinstance(data, dict):
         raise ValueError(f"a config is a table of sections; got {type(data).__name__}")
+    names = [*SECTIONS, "augment"]
     for name in data:
-        if name not in SECTIONS:
-            close = difflib.get_close_matches(name, SECTIONS, n=1)
+        if name not in names:
+            close = difflib.get_close_matches(name, names, n=1)
             raise ValueError(f"unknown config section {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-    sections = {}
-    for name, cls in SECTIONS.items():
+    sections: dict[str, Any] = {}
+    for name in names:
         values = data.get(name, {})
         if not isinstance(values, dict):
             raise ValueError(f"config section {name!r} must be a table; got {values!r}")
-        sections[name] = _build_section(name, cls, values)
+        if name == "augment":
+            if "output_size" in values:
+                raise ValueError("augment.output_size is set by data.image_size")
+            sections[name] = _checked_fields(name, AugmentConfig, values, AUGMENT_FIELDS)
+        else:
+            sections[name] = _build_section(name, SECTIONS[name], values)
     return RunConfig(**sections)
 
 

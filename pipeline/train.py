@@ -28,7 +28,7 @@ import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -40,8 +40,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mocoplus import MoCoPlus
 from pipeline.artifacts import prepare_out_dir, progress_bar, write_json_atomic
-from pipeline.augment import PRESETS as AUGMENT_PRESETS
-from pipeline.augment import AugmentConfig, eval_transform
+from pipeline.augment import eval_transform
 from pipeline.checkpoints import load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
 from pipeline.data import EvalStream, StreamConfig, TrainStream
 from pipeline.knn import knn_top1, labelled_features
@@ -182,10 +181,6 @@ class TrainResult:
     replicas_identical: bool | None
 
 
-def augment_config(config: RunConfig) -> AugmentConfig:
-    return replace(AUGMENT_PRESETS[config.data.augment](), output_size=config.data.image_size)
-
-
 class Trainer:
     """Builds model, optimizer and streams for ``config`` and runs (or resumes) the loop in ``run_dir``."""
 
@@ -199,7 +194,7 @@ class Trainer:
         self.config, self.run_dir, self.placement, self.progress = config, Path(run_dir), placement, progress
         self.device = placement.device
         self.precision = resolve_training_precision(config.train.precision, self.device)
-        self.augment = augment_config(config)
+        self.augment = config.augmentation
         batch = config.train.global_batch // placement.world_size
         stream_config = StreamConfig(
             batch_size=batch,

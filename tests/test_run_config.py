@@ -9,6 +9,7 @@ import math
 import os
 import pickle
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from mocoplus.config import MoCoConfig
+from pipeline.augment import PRESETS as AUGMENT_PRESETS
 from pipeline.checkpoints import (
     checkpoint_dir,
     load_checkpoint,
@@ -105,6 +107,21 @@ def test_imagenet_preset_is_the_moco_v2_recipe():
     assert config.lr == pytest.approx(0.03)
 
 
+def test_augment_overrides_apply_on_top_of_the_preset_at_the_data_image_size():
+    config = load_config("fashion-mnist-cpu", ["augment.scale=[0.4, 1]", "augment.blur_p=0", "data.image_size=28"])
+    preset = AUGMENT_PRESETS[config.data.augment]()
+    assert config.augmentation == replace(preset, output_size=28, scale=(0.4, 1.0), blur_p=0.0)
+    assert load_config("fashion-mnist-cpu").augmentation == replace(preset, output_size=32)
+
+
+def test_augment_output_size_is_refused_pointing_at_data_image_size():
+    assert "data.image_size" in error_of(["augment.output_size=28"])
+
+
+def test_unknown_augment_field_suggests_the_close_one():
+    assert "augment.scale" in error_of(["augment.sclae=[0.5, 1.0]"])
+
+
 def test_no_spec_gives_the_defaults():
     assert load_config() == RunConfig()
     assert load_config(None, ["train.epochs=3"]) == RunConfig(train=TrainConfig(epochs=3))
@@ -117,6 +134,7 @@ OVERRIDDEN = [
     pytest.param(["train.epochs=3", "optim.lr=0.1", "train.compile=true"], id="train-optim"),
     pytest.param(["model.negatives=topk", "model.num_negatives=64", "model.hidden_dim=512"], id="topk-hidden"),
     pytest.param(["model.negatives=threshold", "model.negative_threshold=0.5"], id="threshold"),
+    pytest.param(["augment.scale=[0.4, 1.0]", "augment.blur_p=0", "augment.mean=[0.5, 0.5, 0.5]"], id="augment"),
     pytest.param(["optim.optimizer=lars", "optim.warmup_epochs=0.5", "data.train=shards/x y"], id="lars-path"),
 ]
 
@@ -303,6 +321,9 @@ def test_wrong_type_names_the_field(override, field):
         pytest.param("model.temperature=0", "model", "temperature", id="zero-temperature"),
         pytest.param("model.momentum=1.5", "model", "momentum", id="key-momentum"),
         pytest.param("data.augment=fancy", "data", "augment", id="augment"),
+        pytest.param("augment.scale=[0.9, 0.2]", "augment", "scale", id="augment-scale"),
+        pytest.param("augment.flip_p=2", "augment", "probabilities", id="augment-probability"),
+        pytest.param("augment.mean=[0.5]", "augment", "mean", id="augment-channels"),
         pytest.param("data.image_size=4", "data", "image_size", id="image-size"),
         pytest.param("eval.knn_k=0", "eval", "knn_k", id="knn-k"),
     ],
