@@ -64,7 +64,9 @@ def test_every_preset_loads_and_validates(name):
     # every key the file sets is what the config holds (nothing silently dropped or renamed)
     for section, values in read_config_file(name).items():
         for key, value in values.items():
-            assert getattr(getattr(config, section), key) == value, f"{name}: {section}.{key}"
+            held = config.augmentation if section == "augment" else getattr(config, section)
+            expected = tuple(value) if isinstance(value, list) else value
+            assert getattr(held, key) == expected, f"{name}: {section}.{key}"
     # a preset named by its path loads the same
     assert load_config(PRESET_DIR / f"{name}.toml") == config
     assert load_config(str(PRESET_DIR / f"{name}.toml")) == config
@@ -108,10 +110,13 @@ def test_imagenet_preset_is_the_moco_v2_recipe():
 
 
 def test_augment_overrides_apply_on_top_of_the_preset_at_the_data_image_size():
-    config = load_config("fashion-mnist-cpu", ["augment.scale=[0.4, 1]", "augment.blur_p=0", "data.image_size=28"])
+    overrides = ["augment.scale=[0.6, 1]", "augment.brightness=0.2", "data.image_size=32"]
+    config = load_config("fashion-mnist-cpu", overrides)
     preset = AUGMENT_PRESETS[config.data.augment]()
-    assert config.augmentation == replace(preset, output_size=28, scale=(0.4, 1.0), blur_p=0.0)
-    assert load_config("fashion-mnist-cpu").augmentation == replace(preset, output_size=32)
+    assert config.augmentation == replace(preset, output_size=32, scale=(0.6, 1.0), brightness=0.2, blur_p=0.0)
+    shipped = load_config("fashion-mnist-cpu").augmentation
+    assert shipped == replace(preset, output_size=28, scale=(0.4, 1.0), blur_p=0.0)
+    assert load_config("cifar-resnet18").augmentation == replace(AUGMENT_PRESETS["colour-32"](), output_size=32)
 
 
 def test_augment_output_size_is_refused_pointing_at_data_image_size():
