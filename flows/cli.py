@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from pipeline.artifacts import package_version
 
 EXPECTED_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError)
 
@@ -37,17 +38,9 @@ def _fail(message: str, code: int = 1) -> typer.Exit:
     return typer.Exit(code=code)
 
 
-def _package_version() -> str:
-    """From the installed metadata, not ``mocoplus.__version__``: importing mocoplus imports torch."""
-    try:
-        return version("mocoplus")
-    except PackageNotFoundError:
-        return "unknown (not installed)"
-
-
 def _print_version(value: bool) -> None:
     if value:
-        typer.echo(f"mocoplus {_package_version()}")
+        typer.echo(f"mocoplus {package_version()}")
         raise typer.Exit()
 
 
@@ -323,6 +316,51 @@ def evaluate(
     for name, scores in result.encoders.items():
         table.add_row(name, f"{scores.knn_top1:.2%}", f"{scores.linear_top1:.2%}")
     Console().print(table)
+
+
+@app.command(
+    help=(
+        "Export a run's encoder as a model bundle: encoder.onnx, encoder.pt (TorchScript) and model.json.\n\n"
+        "The models take uint8 RGB images [N, H, W, 3] at the trained size and return L2-normalised float32\n"
+        "embeddings [N, D]; preprocessing is inside the graph. Torch, TorchScript and ONNX Runtime are checked\n"
+        "against each other on real images before the bundle appears.\n\n"
+        "Examples:\n\n"
+        "  mocoplus export runs/fmnist --out models/fmnist\n\n"
+        "  mocoplus export runs/fmnist --out models/fmnist-last --checkpoint last --encoder query"
+    )
+)
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder (from mocoplus train).")],
+    out: Annotated[Path, typer.Option(help="The bundle folder to create (must not exist, or be empty).")],
+    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path (default: best if any).")] = "auto",
+    encoder: Annotated[str, typer.Option(help="key (the momentum encoder) or query.")] = "key",
+    head: Annotated[str, typer.Option(help="none (backbone features) or projection (the MoCo head).")] = "none",
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    calibration: Annotated[
+        str, typer.Option(help="Shards for the parity check (default: the run's held-out, else training shards).")
+    ] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print model.json instead of a summary.")] = False,
+) -> None:
+    """Export a run's encoder to TorchScript and ONNX with its model.json."""
+    from pipeline.export import ExportConfig, ExportError
+    from pipeline.export import export as run_export
+
+    try:
+        config = ExportConfig(checkpoint=checkpoint, encoder=encoder, head=head, opset=opset, calibration=calibration)
+        result = run_export(run, out, config)
+    except (*EXPECTED_ERRORS, ExportError) as error:
+        raise _fail(str(error) or type(error).__name__) from None
+    info = result.model_json
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    parity = info["parity"]
+    typer.echo(
+        f"{result.bundle}: {info['encoder']} encoder, uint8 {info['input']['shape']} → float32 "
+        f"[N, {info['output']['dim']}]"
+        f", bundle {info['bundle_hash'][:12]}; parity on {parity['images']} images: TorchScript "
+        f"{parity['torchscript_max_abs_diff']:.1e}, ONNX Runtime {parity['onnxruntime_max_abs_diff']:.1e}"
+    )
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 TEMP_PREFIX = "."  # temp files are hidden dot-files: `ls`, globs and shard patterns skip them
 TEMP_SUFFIX = ".tmp"
+
+
+def package_version() -> str:
+    """mocoplus's installed version, recorded in every manifest (from metadata: no torch import)."""
+    try:
+        return version("mocoplus")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def prepare_out_dir(out_dir: Path) -> Path:

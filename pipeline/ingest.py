@@ -36,7 +36,6 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -46,6 +45,7 @@ from pipeline.artifacts import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
     commit_file,
+    package_version,
     prepare_out_dir,
     progress_bar,
     sha256_file,
@@ -202,13 +202,6 @@ def _run_workers(
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def _package_version() -> str:
-    try:
-        return version("mocoplus")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def _identity(source: Source, config: IngestConfig) -> dict[str, Any]:
     """What the output depends on, in its JSON form (as the manifest and the resume state store it)."""
     return json.loads(json.dumps({"source": source.describe(), "options": config.output_options()}))
@@ -314,7 +307,7 @@ def ingest(spec: str, out_dir: Path, config: IngestConfig | None = None, *, prog
             labelled=any(item.label is not None for item in source.items),
             source=identity["source"],
             options=identity["options"],
-            mocoplus_version=_package_version(),
+            mocoplus_version=package_version(),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
         )  # refuses counts that do not reconcile, before anything is written
         write_json_atomic(out_dir / MANIFEST_NAME, manifest.to_json())

@@ -1,0 +1,284 @@
+"""`mocoplus export`: a run's encoder as a self-describing model bundle (DESIGN §3).
+
+The bundle is what everything downstream of training loads — the embedding
+jobs, the index builder and the service — without PyTorch:
+
+- ``encoder.onnx``: one file (no external-data side file), opset ``--opset``;
+- ``encoder.pt``: the same function as TorchScript;
+- ``model.json``: the input and output contract, where the model came from,
+  the parity measured at export, and the bundle's content hash.
+
+Preprocessing lives inside the graph, so no client can get it wrong: the
+model takes ``images: uint8[N, H, W, 3]`` RGB at the trained resolution and
+does the float conversion, the luma conversion for models trained on gray
+images, and the training normalisation itself; it returns
+``embedding: float32[N, D]``, L2-normalised. Images of another size are
+resized by the policy `serving.images.fit_square` implements (shorter side to
+H, bilinear, centre crop), which `model.json` spells out.
+
+Before the bundle appears, torch eager, TorchScript and ONNX Runtime embed
+the same real images (the run's held-out shards, or ``--calibration``) at
+several batch sizes; a difference above the tolerance (1e-4) fails the export
+and leaves nothing behind. The bundle is written in a hidden temp folder and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from mocoplus.heads import Encoder
+from pipeline.artifacts import TEMP_PREFIX, package_version, prepare_out_dir, sha256_file
+from pipeline.augment import AugmentConfig
+from pipeline.data import EvalStream, StreamConfig
+from pipeline.evaluate import load_run
+from pipeline.run_config import config_from_dict
+from serving.bundle import (
+    BUNDLE_FORMAT,
+    INPUT_NAME,
+    MODEL_JSON,
+    ONNX_FILE,
+    OUTPUT_NAME,
+    TORCHSCRIPT_FILE,
+    ModelBundle,
+    bundle_hash,
+)
+
+# ITU-R 601 luma, the weights PIL's RGB → L conversion uses: what training saw for gray data.
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)
+PARITY_BATCH_SIZES = (1, 7, 64)
+
+
+class ExportError(RuntimeError):
+    """The export cannot produce a bundle that keeps its contract (e.g. parity above tolerance)."""
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how it is checked. ``calibration`` empty: the run's held-out (else training) shards."""
+
+    checkpoint: str = "auto"  # auto (best if any, else last), best, last or a path
+    encoder: Literal["key", "query"] = "key"
+    head: Literal["none", "projection"] = "none"
+    opset: int = 18
+    calibration: str = ""
+    parity_images: int = 256
+    tolerance: float = 1e-4
+    name: str = ""  # default: the run folder's name
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ("key", "query") or self.head not in ("none", "projection"):
+            raise ValueError(f"encoder must be key or query and head none or projection; got {self}")
+        if not 7 <= self.opset <= 23:
+            raise ValueError(f"opset must lie in 7..23; got {self.opset}")
+        if self.parity_images < max(PARITY_BATCH_SIZES) or not self.tolerance > 0:
+            raise ValueError(f"need parity_images >= {max(PARITY_BATCH_SIZES)} and tolerance > 0")
+
+
+class EmbeddingModel(nn.Module):
+    """uint8 RGB ``[N, H, W, 3]`` → L2-normalised float32 ``[N, D]``, preprocessing included.
+
+    ``augment`` says what training fed the network: for gray-trained models
+    the RGB input is reduced to luma (exact for gray images, whose three
+    channels are equal) and replicated to the network's channels; then the
+    training mean and std.
+    """
+
+    def __init__(self, encoder: Encoder, augment: AugmentConfig, *, projection: bool) -> None:
+        super().__init__()
+        self.backbone = encoder.backbone
+        self.head = encoder.head if projection else None
+        self.gray = augment.input_mode == "L"
+        self.channels = augment.channels
+        self.register_buffer("luma", torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1))
+        self.register_buffer("mean", torch.tensor(augment.mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(augment.std).view(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255.0
+        if self.gray:
+            x = (x * self.luma).sum(dim=1, keepdim=True).expand(-1, self.channels, -1, -1)
+        x = (x - self.mean) / self.std
+        features = self.backbone(x)
+        if self.head is not None:
+            features = self.head(features)
+        return F.normalize(features, dim=1)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    bundle: Path
+    model_json: dict[str, Any]
+
+
+def parity_images(shards: str, size: int, count: int) -> np.ndarray:
+    """Up to ``count`` real images from ``shards`` as uint8 RGB ``[N, size, size, 3]`` (the serving resize)."""
+    stream = EvalStream(shards, size, "RGB", StreamConfig(batch_size=min(count, 256), workers=0), rank=0, world_size=1)
+    batches, total = [], 0
+    for batch in stream:
+        batches.append(batch.images.permute(0, 2, 3, 1).numpy())
+        total += len(batches[-1])
+        if total >= count:
+            break
+    if not batches:
+        raise ValueError(f"{shards}: no images for the parity check")
+    return np.ascontiguousarray(np.concatenate(batches)[:count])
+
+
+def _in_batches(function, images: np.ndarray, batch_size: int) -> np.ndarray:
+    return np.concatenate([function(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
+
+
+def measure_parity(model: nn.Module, scripted, bundle: ModelBundle, images: np.ndarray) -> dict[str, Any]:
+    """Max abs difference of TorchScript and ONNX Runtime from eager fp32, over several batch sizes."""
+
+    def eager(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return model(torch.from_numpy(batch)).numpy()
+
+    def torchscript(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return scripted(torch.from_numpy(batch)).numpy()
+
+    reference = eager(images)
+    worst = {"torchscript": 0.0, "onnxruntime": 0.0}
+    for batch_size in PARITY_BATCH_SIZES:
+        for name, function in (("torchscript", torchscript), ("onnxruntime", bundle.embed)):
+            diff = float(np.abs(_in_batches(function, images, batch_size) - reference).max())
+            worst[name] = max(worst[name], diff)
+    return {
+        "images": len(images),
+        "batch_sizes": list(PARITY_BATCH_SIZES),
+        "torchscript_max_abs_diff": worst["torchscript"],
+        "onnxruntime_max_abs_diff": worst["onnxruntime"],
+    }
+
+
+def _export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    program = torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        dynamic_shapes=({0: batch},),
+        opset_version=opset,
+        verbose=False,
+    )
+    program.save(str(path), external_data=False)
+    _strip_stack_traces(path)
+
+
+def _strip_stack_traces(path: Path) -> None:
+    """Drop the exporter's per-node Python stack traces: they name source lines, so two exports of one
+    checkpoint from different checkouts would differ in bytes (and bundle hash) with the same graph."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for graph in [model.graph, *(function for function in model.functions)]:
+        for node in graph.node:
+            kept = [prop for prop in node.metadata_props if prop.key != "pkg.torch.onnx.stack_trace"]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+    onnx.save(model, str(path))
+
+
+def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) -> ExportResult:
+    """Export ``run_dir``'s encoder to a model bundle at ``out_dir``; see the module docstring."""
+    import onnx  # deferred: only export needs the onnx package's checker
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} exists and is not empty: choose a new --out")
+    moco, state, checkpoint = load_run(run_dir, config.checkpoint)
+    run_config = config_from_dict(state["config"])
+    augment = run_config.augmentation
+    encoder = moco.key_encoder if config.encoder == "key" else moco.query_encoder
+    model = EmbeddingModel(encoder, augment, projection=config.head == "projection").eval()
+    size = run_config.data.image_size
+    shards = config.calibration or run_config.data.eval_queries or run_config.data.train
+    images = parity_images(shards, size, config.parity_images)
+
+    parent = prepare_out_dir(out_dir.parent)
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{out_dir.name}."))
+    try:
+        work.chmod(0o755)  # mkdtemp's 0700 would make the bundle private to this user
+        example = torch.from_numpy(images[:2])
+        with warnings.catch_warnings():
+            # torch.jit is deprecated upstream; the bundle still ships TorchScript for C++ / libtorch users
+            warnings.simplefilter("ignore", FutureWarning)
+            scripted = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+            torch.jit.save(scripted, str(work / TORCHSCRIPT_FILE))
+        _export_onnx(model, example, work / ONNX_FILE, config.opset)
+        onnx.checker.check_model(str(work / ONNX_FILE), full_check=True)
+        with torch.no_grad():
+            dim = int(model(example).shape[1])
+        contract = {
+            "input": {
+                "name": INPUT_NAME,
+                "dtype": "uint8",
+                "layout": "NHWC",
+                "shape": ["N", size, size, 3],
+                "color": "RGB",
+                "resize": {
+                    "policy": "shorter-side-then-centre-crop",
+                    "size": size,
+                    "interpolation": "bilinear (PIL), antialiased when shrinking",
+                    "crop_origin": "floor((side - size) / 2)",
+                },
+                "in_graph": "x / 255; luma (ITU-R 601) replicated to the network's channels for gray-trained "
+                "models; (x - mean) / std",
+                "trained_mode": augment.input_mode,
+                "mean": list(augment.mean),
+                "std": list(augment.std),
+            },
+            "output": {"name": OUTPUT_NAME, "dtype": "float32", "dim": dim, "normalized": "l2"},
+            "encoder": config.encoder,
+            "head": config.head,
+            "opset": config.opset,
+        }
+        info: dict[str, Any] = {
+            "format": BUNDLE_FORMAT,
+            "name": config.name or run_dir.resolve().name,
+            "version": package_version(),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            **contract,
+            "source": {
+                "run": str(run_dir.resolve()),
+                "checkpoint": str(checkpoint),
+                "checkpoint_sha256": sha256_file(checkpoint),
+                "step": int(state["step"]),
+                "arch": run_config.model.arch,
+                "width": run_config.model.width,
+            },
+            "files": {name: sha256_file(work / name) for name in (ONNX_FILE, TORCHSCRIPT_FILE)},
+        }
+        info["bundle_hash"] = bundle_hash(info)
+        (work / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        bundle = ModelBundle(work)
+        parity = measure_parity(model, scripted, bundle, images)
+        worst = max(parity["torchscript_max_abs_diff"], parity["onnxruntime_max_abs_diff"])
+        if worst > config.tolerance:
+            raise ExportError(f"parity check failed: max abs difference {worst:.2e} > tolerance {config.tolerance:g}")
+        info["parity"] = {**parity, "tolerance": config.tolerance}
+        (work / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        work.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return ExportResult(out_dir, info)
