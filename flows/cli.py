@@ -326,7 +326,8 @@ def evaluate(
         "against each other on real images before the bundle appears.\n\n"
         "Examples:\n\n"
         "  mocoplus export runs/fmnist --out models/fmnist\n\n"
-        "  mocoplus export runs/fmnist --out models/fmnist-last --checkpoint last --encoder query"
+        "  mocoplus export runs/fmnist --out models/fmnist-last --checkpoint last --encoder query\n\n"
+        "  mocoplus export runs/fmnist --out models/fmnist-int8 --quantize int8"
     )
 )
 def export(
@@ -337,8 +338,13 @@ def export(
     head: Annotated[str, typer.Option(help="none (backbone features) or projection (the MoCo head).")] = "none",
     opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
     calibration: Annotated[
-        str, typer.Option(help="Shards for the parity check (default: the run's held-out, else training shards).")
+        str,
+        typer.Option(
+            help="Shards for the parity check and int8 calibration (default: the run's held-out shards for "
+            "parity, its training shards for calibration)."
+        ),
     ] = "",
+    quantize: Annotated[str, typer.Option(help="none, or int8 (static QDQ, calibrated on real images).")] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print model.json instead of a summary.")] = False,
 ) -> None:
     """Export a run's encoder to TorchScript and ONNX with its model.json."""
@@ -346,7 +352,14 @@ def export(
     from pipeline.export import export as run_export
 
     try:
-        config = ExportConfig(checkpoint=checkpoint, encoder=encoder, head=head, opset=opset, calibration=calibration)
+        config = ExportConfig(
+            checkpoint=checkpoint,
+            encoder=encoder,
+            head=head,
+            opset=opset,
+            calibration=calibration,
+            quantize=quantize,
+        )
         result = run_export(run, out, config)
     except (*EXPECTED_ERRORS, ExportError) as error:
         raise _fail(str(error) or type(error).__name__) from None
@@ -358,8 +371,9 @@ def export(
     typer.echo(
         f"{result.bundle}: {info['encoder']} encoder, uint8 {info['input']['shape']} → float32 "
         f"[N, {info['output']['dim']}]"
-        f", bundle {info['bundle_hash'][:12]}; parity on {parity['images']} images: TorchScript "
-        f"{parity['torchscript_max_abs_diff']:.1e}, ONNX Runtime {parity['onnxruntime_max_abs_diff']:.1e}"
+        f" ({info['precision']}), bundle {info['bundle_hash'][:12]}; parity on {parity['images']} images: "
+        f"TorchScript {parity['torchscript_max_abs_diff']:.1e}, ONNX Runtime {parity['onnxruntime_max_abs_diff']:.1e}"
+        f" (mean cosine {parity['onnxruntime_mean_cosine']:.5f})"
     )
 
 

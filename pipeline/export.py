@@ -44,6 +44,7 @@ from pipeline.artifacts import TEMP_PREFIX, package_version, prepare_out_dir, sh
 from pipeline.augment import AugmentConfig
 from pipeline.data import EvalStream, StreamConfig
 from pipeline.evaluate import load_run
+from pipeline.quantize import quantize_int8
 from pipeline.run_config import config_from_dict
 from serving.bundle import (
     BUNDLE_FORMAT,
@@ -75,7 +76,10 @@ class ExportConfig:
     opset: int = 18
     calibration: str = ""
     parity_images: int = 256
-    tolerance: float = 1e-4
+    tolerance: float = 1e-4  # max abs difference from eager fp32 (TorchScript, fp32 ONNX)
+    quantize: Literal["none", "int8"] = "none"
+    calibration_images: int = 512  # int8: images calibrating the activation ranges
+    min_cosine: float = 0.99  # int8: least mean cosine to eager fp32
     name: str = ""  # default: the run folder's name
 
     def __post_init__(self) -> None:
@@ -85,6 +89,12 @@ class ExportConfig:
             raise ValueError(f"opset must lie in 7..23; got {self.opset}")
         if self.parity_images < max(PARITY_BATCH_SIZES) or not self.tolerance > 0:
             raise ValueError(f"need parity_images >= {max(PARITY_BATCH_SIZES)} and tolerance > 0")
+        if self.quantize not in ("none", "int8") or self.calibration_images < 1 or not 0 < self.min_cosine <= 1:
+            raise ValueError(f"quantize must be none or int8, calibration_images >= 1, 0 < min_cosine <= 1; got {self}")
+
+    @property
+    def precision(self) -> str:
+        return "int8-static-qdq" if self.quantize == "int8" else "fp32"
 
 
 class EmbeddingModel(nn.Module):
@@ -154,16 +164,38 @@ def measure_parity(model: nn.Module, scripted, bundle: ModelBundle, images: np.n
 
     reference = eager(images)
     worst = {"torchscript": 0.0, "onnxruntime": 0.0}
+    cosines = []
     for batch_size in PARITY_BATCH_SIZES:
         for name, function in (("torchscript", torchscript), ("onnxruntime", bundle.embed)):
-            diff = float(np.abs(_in_batches(function, images, batch_size) - reference).max())
-            worst[name] = max(worst[name], diff)
+            output = _in_batches(function, images, batch_size)
+            worst[name] = max(worst[name], float(np.abs(output - reference).max()))
+            if name == "onnxruntime":  # the reference rows are unit-norm
+                cosines.append((output * reference).sum(axis=1) / np.linalg.norm(output, axis=1))
+    cosine = np.concatenate(cosines)
     return {
         "images": len(images),
         "batch_sizes": list(PARITY_BATCH_SIZES),
         "torchscript_max_abs_diff": worst["torchscript"],
         "onnxruntime_max_abs_diff": worst["onnxruntime"],
+        "onnxruntime_mean_cosine": float(cosine.mean()),
+        "onnxruntime_min_cosine": float(cosine.min()),
     }
+
+
+def check_parity(parity: dict[str, Any], config: ExportConfig) -> None:
+    """fp32: both runtimes within ``tolerance`` of eager; int8: TorchScript so, ONNX by mean cosine."""
+    failures = []
+    if parity["torchscript_max_abs_diff"] > config.tolerance:
+        failures.append(f"TorchScript max abs difference {parity['torchscript_max_abs_diff']:.2e}")
+    if config.quantize == "none" and parity["onnxruntime_max_abs_diff"] > config.tolerance:
+        failures.append(f"ONNX Runtime max abs difference {parity['onnxruntime_max_abs_diff']:.2e}")
+    if failures:
+        raise ExportError(f"parity check failed: {'; '.join(failures)} > tolerance {config.tolerance:g}")
+    if config.quantize == "int8" and parity["onnxruntime_mean_cosine"] < config.min_cosine:
+        raise ExportError(
+            f"int8 parity check failed: mean cosine to fp32 {parity['onnxruntime_mean_cosine']:.4f} "
+            f"< {config.min_cosine} (more or more typical --calibration images may help)"
+        )
 
 
 def _export_onnx(model: nn.Module, example: Tensor, path: Path, opset: int) -> None:
@@ -196,6 +228,35 @@ def _strip_stack_traces(path: Path) -> None:
     onnx.save(model, str(path))
 
 
+def _contract(augment: AugmentConfig, size: int, dim: int, config: ExportConfig) -> dict[str, Any]:
+    """The part of ``model.json`` that defines the embedding function (and so the bundle hash)."""
+    return {
+        "input": {
+            "name": INPUT_NAME,
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "shape": ["N", size, size, 3],
+            "color": "RGB",
+            "resize": {
+                "policy": "shorter-side-then-centre-crop",
+                "size": size,
+                "interpolation": "bilinear (PIL), antialiased when shrinking",
+                "crop_origin": "floor((side - size) / 2)",
+            },
+            "in_graph": "x / 255; luma (ITU-R 601) replicated to the network's channels for gray-trained "
+            "models; (x - mean) / std",
+            "trained_mode": augment.input_mode,
+            "mean": list(augment.mean),
+            "std": list(augment.std),
+        },
+        "output": {"name": OUTPUT_NAME, "dtype": "float32", "dim": dim, "normalized": "l2"},
+        "encoder": config.encoder,
+        "head": config.head,
+        "opset": config.opset,
+        "precision": config.precision,
+    }
+
+
 def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) -> ExportResult:
     """Export ``run_dir``'s encoder to a model bundle at ``out_dir``; see the module docstring."""
     import onnx  # deferred: only export needs the onnx package's checker
@@ -209,8 +270,11 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
     encoder = moco.key_encoder if config.encoder == "key" else moco.query_encoder
     model = EmbeddingModel(encoder, augment, projection=config.head == "projection").eval()
     size = run_config.data.image_size
-    shards = config.calibration or run_config.data.eval_queries or run_config.data.train
-    images = parity_images(shards, size, config.parity_images)
+    images = parity_images(
+        config.calibration or run_config.data.eval_queries or run_config.data.train, size, config.parity_images
+    )
+    if config.quantize == "int8":
+        calibration = parity_images(config.calibration or run_config.data.train, size, config.calibration_images)
 
     parent = prepare_out_dir(out_dir.parent)
     work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{out_dir.name}."))
@@ -222,34 +286,17 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
             warnings.simplefilter("ignore", FutureWarning)
             scripted = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
             torch.jit.save(scripted, str(work / TORCHSCRIPT_FILE))
-        _export_onnx(model, example, work / ONNX_FILE, config.opset)
+        if config.quantize == "int8":
+            fp32 = work / f"{TEMP_PREFIX}fp32.onnx"
+            _export_onnx(model, example, fp32, config.opset)
+            quantize_int8(fp32, work / ONNX_FILE, calibration)
+            fp32.unlink()
+        else:
+            _export_onnx(model, example, work / ONNX_FILE, config.opset)
         onnx.checker.check_model(str(work / ONNX_FILE), full_check=True)
         with torch.no_grad():
             dim = int(model(example).shape[1])
-        contract = {
-            "input": {
-                "name": INPUT_NAME,
-                "dtype": "uint8",
-                "layout": "NHWC",
-                "shape": ["N", size, size, 3],
-                "color": "RGB",
-                "resize": {
-                    "policy": "shorter-side-then-centre-crop",
-                    "size": size,
-                    "interpolation": "bilinear (PIL), antialiased when shrinking",
-                    "crop_origin": "floor((side - size) / 2)",
-                },
-                "in_graph": "x / 255; luma (ITU-R 601) replicated to the network's channels for gray-trained "
-                "models; (x - mean) / std",
-                "trained_mode": augment.input_mode,
-                "mean": list(augment.mean),
-                "std": list(augment.std),
-            },
-            "output": {"name": OUTPUT_NAME, "dtype": "float32", "dim": dim, "normalized": "l2"},
-            "encoder": config.encoder,
-            "head": config.head,
-            "opset": config.opset,
-        }
+        contract = _contract(augment, size, dim, config)
         info: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
             "name": config.name or run_dir.resolve().name,
@@ -270,10 +317,15 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
         (work / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
         bundle = ModelBundle(work)
         parity = measure_parity(model, scripted, bundle, images)
-        worst = max(parity["torchscript_max_abs_diff"], parity["onnxruntime_max_abs_diff"])
-        if worst > config.tolerance:
-            raise ExportError(f"parity check failed: max abs difference {worst:.2e} > tolerance {config.tolerance:g}")
+        check_parity(parity, config)
         info["parity"] = {**parity, "tolerance": config.tolerance}
+        if config.quantize == "int8":
+            info["parity"]["min_mean_cosine"] = config.min_cosine
+            info["quantization"] = {
+                "method": "ONNX Runtime static QDQ: per-channel int8 weights, uint8 activations, MinMax calibration",
+                "calibration_images": len(calibration),
+                "calibration_shards": config.calibration or run_config.data.train,
+            }
         (work / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above

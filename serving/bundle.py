@@ -28,7 +28,7 @@ MODEL_JSON, ONNX_FILE, TORCHSCRIPT_FILE = "model.json", "encoder.onnx", "encoder
 INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # What defines the embedding function: two bundles with the same hash embed alike.
-HASHED_FIELDS = ("format", "input", "output", "encoder", "head", "opset")
+HASHED_FIELDS = ("format", "input", "output", "encoder", "head", "opset", "precision")
 
 
 class BundleError(ValueError):

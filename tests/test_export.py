@@ -253,3 +253,29 @@ def test_cli_exports_and_reports_errors_in_one_line(trained_run, tmp_path):
     assert bad.output.strip().startswith("error:") and len(bad.output.strip().splitlines()) == 1
     wrong = runner.invoke(app, ["export", str(trained_run), "--out", str(tmp_path / "w"), "--encoder", "value"])
     assert wrong.exit_code == 1 and "encoder" in wrong.output
+
+
+# --- int8 --------------------------------------------------------------------------------------------------------
+
+
+def test_int8_export_is_a_quantized_graph_close_to_fp32(bundle, trained_run, tmp_path, images):
+    export(trained_run, tmp_path / "int8", ExportConfig(parity_images=64, quantize="int8", calibration_images=96))
+    info = read_info(tmp_path / "int8")
+    assert info["precision"] == "int8-static-qdq" and info["quantization"]["calibration_images"] == 96
+    assert info["parity"]["onnxruntime_mean_cosine"] >= 0.99
+    assert info["parity"]["torchscript_max_abs_diff"] <= 1e-4  # TorchScript stays fp32
+    ops = {node.op_type for node in onnx.load(str(tmp_path / "int8" / ONNX_FILE)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert info["bundle_hash"] != read_info(bundle)["bundle_hash"]
+    quantized, reference = ModelBundle(tmp_path / "int8").embed(images), ModelBundle(bundle).embed(images)
+    assert quantized.shape == reference.shape
+    assert float((quantized * reference).sum(axis=1).mean()) >= 0.99
+    files = sorted(path.name for path in (tmp_path / "int8").iterdir())
+    assert files == sorted([ONNX_FILE, TORCHSCRIPT_FILE, MODEL_JSON])
+
+
+def test_int8_below_the_cosine_floor_fails_and_leaves_nothing(trained_run, tmp_path):
+    config = ExportConfig(parity_images=64, quantize="int8", calibration_images=64, min_cosine=1.0)
+    with pytest.raises(ExportError, match="int8 parity check failed"):
+        export(trained_run, tmp_path / "int8", config)
+    assert not (tmp_path / "int8").exists() and leftovers(tmp_path) == []
