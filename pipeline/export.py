@@ -257,10 +257,30 @@ def _contract(augment: AugmentConfig, size: int, dim: int, config: ExportConfig)
     }
 
 
-def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) -> ExportResult:
-    """Export ``run_dir``'s encoder to a model bundle at ``out_dir``; see the module docstring."""
+def _write_models(
+    model: nn.Module, example: Tensor, folder: Path, config: ExportConfig, calibration: np.ndarray | None
+) -> torch.jit.ScriptModule:
+    """``encoder.pt`` (frozen trace) and ``encoder.onnx`` (fp32, or int8 from the fp32 graph) into ``folder``."""
     import onnx  # deferred: only export needs the onnx package's checker
 
+    with warnings.catch_warnings():
+        # torch.jit is deprecated upstream; the bundle still ships TorchScript for C++ / libtorch users
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
+        torch.jit.save(scripted, str(folder / TORCHSCRIPT_FILE))
+    if calibration is None:
+        _export_onnx(model, example, folder / ONNX_FILE, config.opset)
+    else:
+        fp32 = folder / f"{TEMP_PREFIX}fp32.onnx"
+        _export_onnx(model, example, fp32, config.opset)
+        quantize_int8(fp32, folder / ONNX_FILE, calibration)
+        fp32.unlink()
+    onnx.checker.check_model(str(folder / ONNX_FILE), full_check=True)
+    return scripted
+
+
+def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) -> ExportResult:
+    """Export ``run_dir``'s encoder to a model bundle at ``out_dir``; see the module docstring."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} exists and is not empty: choose a new --out")
@@ -273,6 +293,7 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
     images = parity_images(
         config.calibration or run_config.data.eval_queries or run_config.data.train, size, config.parity_images
     )
+    calibration = None
     if config.quantize == "int8":
         calibration = parity_images(config.calibration or run_config.data.train, size, config.calibration_images)
 
@@ -281,19 +302,7 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
     try:
         work.chmod(0o755)  # mkdtemp's 0700 would make the bundle private to this user
         example = torch.from_numpy(images[:2])
-        with warnings.catch_warnings():
-            # torch.jit is deprecated upstream; the bundle still ships TorchScript for C++ / libtorch users
-            warnings.simplefilter("ignore", FutureWarning)
-            scripted = torch.jit.freeze(torch.jit.trace(model, example, check_trace=False))
-            torch.jit.save(scripted, str(work / TORCHSCRIPT_FILE))
-        if config.quantize == "int8":
-            fp32 = work / f"{TEMP_PREFIX}fp32.onnx"
-            _export_onnx(model, example, fp32, config.opset)
-            quantize_int8(fp32, work / ONNX_FILE, calibration)
-            fp32.unlink()
-        else:
-            _export_onnx(model, example, work / ONNX_FILE, config.opset)
-        onnx.checker.check_model(str(work / ONNX_FILE), full_check=True)
+        scripted = _write_models(model, example, work, config, calibration)
         with torch.no_grad():
             dim = int(model(example).shape[1])
         contract = _contract(augment, size, dim, config)
@@ -323,7 +332,7 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
             info["parity"]["min_mean_cosine"] = config.min_cosine
             info["quantization"] = {
                 "method": "ONNX Runtime static QDQ: per-channel int8 weights, uint8 activations, MinMax calibration",
-                "calibration_images": len(calibration),
+                "calibration_images": len(calibration) if calibration is not None else 0,
                 "calibration_shards": config.calibration or run_config.data.train,
             }
         (work / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
