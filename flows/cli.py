@@ -377,6 +377,50 @@ def export(
     )
 
 
+@app.command(
+    help=(
+        "Embed every sample of a shard set with a model bundle: one part (.npy matrix + .json keys, labels,\n"
+        "skipped samples) per input shard, then manifest.json. Reruns skip finished parts.\n\n"
+        "Examples:\n\n"
+        "  mocoplus embed models/fmnist --data shards/fmnist-train --out emb/fmnist-train\n\n"
+        "  mocoplus embed models/fmnist --data shards/big --out /shared/emb --shard-index 0 --num-shards 4   # 1 of 4"
+    )
+)
+def embed(
+    model: Annotated[Path, typer.Argument(help="A model bundle (from mocoplus export).")],
+    data: Annotated[str, typer.Option(help="Shards to embed (folder, manifest, .tar, brace pattern, pipe:).")],
+    out: Annotated[Path, typer.Option(help="The embedding set folder.")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per ONNX Runtime call.")] = 256,
+    workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 2,
+    provider: Annotated[str, typer.Option(help="cpu or cuda (a hard error if CUDA is unavailable).")] = "cpu",
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store float16 vectors (half the disk).")] = False,
+    shard_index: Annotated[int, typer.Option(min=0, help="This process's share of the shards ...")] = 0,
+    num_shards: Annotated[int, typer.Option(min=1, help="... out of this many processes.")] = 1,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Embed a shard set with a model bundle."""
+    from pipeline.embed import EmbedConfig
+    from pipeline.embed import embed as run_embed
+
+    try:
+        config = EmbedConfig(
+            batch_size=batch_size,
+            workers=workers,
+            provider=provider,
+            fp16=fp16,
+            shard_index=shard_index,
+            num_shards=num_shards,
+        )
+        result = run_embed(model, data, out, config, progress=progress)
+    except EXPECTED_ERRORS as error:
+        raise _fail(str(error) or type(error).__name__) from None
+    state = "complete, manifest written" if result.complete else "other shares still to run"
+    typer.echo(
+        f"{result.out_dir}: {result.parts_written} parts written ({result.samples:,} samples, "
+        f"{result.skipped_samples} skipped), {result.parts_skipped} already done; {state}"
+    )
+
+
 def main() -> None:
     """Console-script entry point (``mocoplus = "flows.cli:main"``)."""
     app()

@@ -1,0 +1,120 @@
+"""Batch embedding: real Fashion-MNIST shards through an exported bundle into an embedding set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_data import _png, write_shard
+from test_export import bundle, trained_run  # noqa: F401  (module fixtures: a tiny trained run and its bundle)
+from typer.testing import CliRunner
+
+from flows.cli import app
+from pipeline.data import EvalStream, StreamConfig
+from pipeline.embed import MANIFEST, EmbedConfig, embed, part_name
+from serving.bundle import ModelBundle
+
+QUIET = {"progress": False}
+
+
+def reference(bundle_dir: Path, shard: str) -> tuple[np.ndarray, list[str], list[int]]:
+    """Naive path: the evaluation stream's decode + resize, one ModelBundle call per batch."""
+    model = ModelBundle(bundle_dir)
+    stream = EvalStream(shard, model.size, "RGB", StreamConfig(batch_size=64, workers=0), rank=0, world_size=1)
+    vectors, keys, labels = [], [], []
+    for batch in stream:
+        vectors.append(model.embed(batch.images.permute(0, 2, 3, 1).contiguous().numpy()))
+        keys += batch.keys
+        labels += batch.labels.tolist()
+    return np.concatenate(vectors), keys, labels
+
+
+def read_part(folder: Path, index: int) -> tuple[np.ndarray, dict]:
+    return np.load(folder / f"{part_name(index)}.npy"), json.loads((folder / f"{part_name(index)}.json").read_text())
+
+
+def test_every_sample_is_embedded_as_the_bundle_embeds_it(bundle, fashion_test_shards, tmp_path):  # noqa: F811
+    result = embed(bundle, str(fashion_test_shards), tmp_path / "emb", EmbedConfig(batch_size=48), **QUIET)
+    assert result.complete and result.parts_written == 1 and result.samples == 200
+    matrix, record = read_part(tmp_path / "emb", 0)
+    vectors, keys, labels = reference(bundle, str(fashion_test_shards))
+    assert record["keys"] == keys and record["labels"] == labels
+    assert matrix.dtype == np.float32 and matrix.shape == (200, record["dim"])
+    np.testing.assert_allclose(matrix, vectors, atol=1e-5, rtol=0)
+    manifest = json.loads((tmp_path / "emb" / MANIFEST).read_text())
+    assert manifest["bundle_hash"] == ModelBundle(bundle).hash
+    assert (manifest["samples"], manifest["skipped"], manifest["inputs"]) == (200, 0, 200)
+
+
+def test_rerun_skips_done_parts_and_redoes_missing_or_foreign_ones(bundle, fashion_shards, tmp_path):  # noqa: F811
+    out = tmp_path / "emb"
+    first = embed(bundle, str(fashion_shards), out, EmbedConfig(workers=2), **QUIET)
+    assert (first.parts_written, first.samples) == (3, 600)
+    before = read_part(out, 1)[0]
+    again = embed(bundle, str(fashion_shards), out, EmbedConfig(workers=2), **QUIET)
+    assert (again.parts_written, again.parts_skipped) == (0, 3)
+    (out / f"{part_name(0)}.json").unlink()  # as a run killed before its JSON landed leaves it
+    record_path = out / f"{part_name(2)}.json"
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "bundle_hash": "0" * 64}))  # made by another model
+    resumed = embed(bundle, str(fashion_shards), out, EmbedConfig(workers=2), **QUIET)
+    assert (resumed.parts_written, resumed.parts_skipped) == (2, 1) and resumed.complete
+    np.testing.assert_array_equal(read_part(out, 1)[0], before)
+
+
+def test_split_over_processes_builds_the_same_set(bundle, fashion_shards, tmp_path):  # noqa: F811
+    whole = embed(bundle, str(fashion_shards), tmp_path / "whole", EmbedConfig(), **QUIET)
+    share0 = embed(bundle, str(fashion_shards), tmp_path / "split", EmbedConfig(shard_index=0, num_shards=2), **QUIET)
+    assert not share0.complete and not (tmp_path / "split" / MANIFEST).exists()
+    share1 = embed(bundle, str(fashion_shards), tmp_path / "split", EmbedConfig(shard_index=1, num_shards=2), **QUIET)
+    assert share1.complete and share0.parts_written + share1.parts_written == whole.parts_written == 3
+    for index in range(3):
+        np.testing.assert_array_equal(read_part(tmp_path / "split", index)[0], read_part(tmp_path / "whole", index)[0])
+    manifest = json.loads((tmp_path / "split" / MANIFEST).read_text())
+    assert manifest["samples"] == 600
+
+
+def test_undecodable_samples_are_skipped_listed_and_counted(bundle, tmp_path):  # noqa: F811
+    good = _png(Image.new("L", (28, 28), 128))
+    shard = write_shard(
+        tmp_path / "mixed.tar",
+        [("a", good, 1), ("broken", good[:40], 2), ("b", good, 3), ("text", b"not an image at all", 4)],
+    )
+    result = embed(bundle, str(shard), tmp_path / "emb", EmbedConfig(workers=0), **QUIET)
+    matrix, record = read_part(tmp_path / "emb", 0)
+    assert record["keys"] == ["a", "b"] and record["labels"] == [1, 3] and matrix.shape[0] == 2
+    assert [item["key"] for item in record["skipped"]] == ["broken", "text"]
+    assert all(item["reason"] for item in record["skipped"])
+    manifest = json.loads((tmp_path / "emb" / MANIFEST).read_text())
+    assert (manifest["samples"], manifest["skipped"], manifest["inputs"]) == (2, 2, 4)
+    assert result.skipped_samples == 2
+
+
+def test_fp16_halves_the_matrix_and_stays_close(bundle, fashion_test_shards, tmp_path):  # noqa: F811
+    embed(bundle, str(fashion_test_shards), tmp_path / "f32", EmbedConfig(), **QUIET)
+    embed(bundle, str(fashion_test_shards), tmp_path / "f16", EmbedConfig(fp16=True), **QUIET)
+    full, half = read_part(tmp_path / "f32", 0)[0], read_part(tmp_path / "f16", 0)[0]
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(half.astype(np.float32), full, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [({"shard_index": 2, "num_shards": 2}, "shard_index"), ({"batch_size": 0}, "batch_size")],
+)
+def test_bad_split_or_batch_is_refused(config, message):
+    with pytest.raises(ValueError, match=message):
+        EmbedConfig(**config)
+
+
+def test_cli_embeds_and_reports_a_bad_bundle_in_one_line(bundle, fashion_test_shards, tmp_path):  # noqa: F811
+    runner = CliRunner()
+    args = ["embed", str(bundle), "--data", str(fashion_test_shards), "--out", str(tmp_path / "e"), "--no-progress"]
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    assert "1 parts written (200 samples, 0 skipped)" in ok.output and "manifest written" in ok.output
+    bad = runner.invoke(app, ["embed", str(tmp_path), "--data", str(fashion_test_shards), "--out", str(tmp_path / "x")])
+    assert bad.exit_code == 1 and bad.output.strip().startswith("error:") and "model.json" in bad.output
