@@ -17,6 +17,7 @@ Whichever process finds every part complete writes ``manifest.json``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from collections.abc import Iterator
@@ -221,11 +222,15 @@ def embed(
                     skipped_samples += len(done.skipped)
     complete = all(_is_done(out_dir, index, url, bundle, config) for index, url in enumerate(urls))
     if complete:
-        write_json_atomic(out_dir / MANIFEST, _manifest(out_dir, urls, bundle, config))
+        dtype = "float16" if config.fp16 else "float32"
+        source = (str(Path(bundle.path).resolve()), bundle.hash, bundle.info["output"]["normalized"])
+        write_json_atomic(out_dir / MANIFEST, _manifest(out_dir, urls, source, bundle.dim, dtype))
     return EmbedResult(out_dir, written, len(mine) - len(todo), samples, skipped_samples, complete)
 
 
-def _manifest(out_dir: Path, urls: list[str], bundle: ModelBundle, config: EmbedConfig) -> dict[str, Any]:
+def _manifest(out_dir: Path, urls: list[str], source: tuple[str, str, bool], dim: int, dtype: str) -> dict[str, Any]:
+    """The manifest over finished parts; ``source`` is (model path, bundle hash, normalized)."""
+    model, hash_, normalized = source
     parts = []
     for index, url in enumerate(urls):
         record = json.loads((out_dir / f"{part_name(index)}.json").read_text())
@@ -238,13 +243,35 @@ def _manifest(out_dir: Path, urls: list[str], bundle: ModelBundle, config: Embed
         "format": 1,
         "kind": "mocoplus.embeddings",
         "version": package_version(),
-        "model": str(Path(bundle.path).resolve()),
-        "bundle_hash": bundle.hash,
-        "dim": bundle.dim,
-        "dtype": "float16" if config.fp16 else "float32",
-        "normalized": bundle.info["output"]["normalized"],
+        "model": model,
+        "bundle_hash": hash_,
+        "dim": dim,
+        "dtype": dtype,
+        "normalized": normalized,
         "samples": samples,
         "skipped": skipped,
         "inputs": samples + skipped,
         "parts": parts,
     }
+
+
+def write_embedding_set(
+    out_dir: Path, vectors: np.ndarray, *, bundle_hash: str, parts: int = 1, labels: np.ndarray | None = None
+) -> Path:
+    """Vectors made elsewhere (synthetic benchmarks, tests) as an embedding set: keys ``v0``, ``v1``, ..."""
+    out_dir = prepare_out_dir(Path(out_dir))
+    vectors = np.asarray(vectors, dtype=np.float32)
+    labels = np.full(len(vectors), -1) if labels is None else np.asarray(labels)
+    bounds = np.linspace(0, len(vectors), parts + 1).round().astype(int)
+    names = [f"vectors-{index}" for index in range(parts)]
+    for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        part = _Part([vectors[start:stop]], [f"v{row}" for row in range(start, stop)], labels[start:stop].tolist())
+        record = {"source": names[index], "source_bytes": None, "bundle_hash": bundle_hash, "dtype": "float32",
+                  "dim": vectors.shape[1], "count": int(stop - start), "keys": part.keys, "labels": part.labels,
+                  "skipped": []}  # fmt: skip
+        _write_part(out_dir, index, part, record, fp16=False)
+    norms = np.linalg.norm(vectors, axis=1)
+    normalized = bool(len(vectors)) and bool(np.allclose(norms, 1, atol=1e-3))
+    manifest = _manifest(out_dir, names, ("", bundle_hash, normalized), vectors.shape[1], "float32")
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return out_dir

@@ -8,8 +8,12 @@ import pytest
 import torch
 from datasets import write_fashion_mnist_slice
 
+from pipeline.export import ExportConfig, export
 from pipeline.fashion_mnist import DEFAULT_DIR, ENV_VAR, find_fashion_mnist
 from pipeline.ingest import IngestConfig, ingest
+from pipeline.train import train
+
+SMALL_EXPORT = ExportConfig(parity_images=64)  # parity on 64 images: enough to catch a mismatch, quick
 
 
 @pytest.fixture
@@ -51,3 +55,21 @@ def fashion_shards(fashion_mnist_slice: Path, tmp_path_factory: pytest.TempPathF
 def fashion_test_shards(fashion_mnist_slice: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The 200-image real test slice as one shard: held-out queries for kNN."""
     return _ingest_slice("fashion-mnist:test", fashion_mnist_slice, tmp_path_factory.mktemp("fashion-test"), 250)
+
+
+@pytest.fixture(scope="session")
+def trained_run(fashion_shards: Path, fashion_test_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run of four real training steps on the train slice: a real checkpoint, not a useful model."""
+    from test_train import tiny_config
+
+    run = tmp_path_factory.mktemp("export") / "run"
+    train(tiny_config(fashion_shards, "train.max_steps=4", eval_shards=fashion_test_shards), run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="session")
+def bundle(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The run exported as a model bundle (tests that damage a bundle copy it first)."""
+    out = tmp_path_factory.mktemp("bundles") / "model"
+    export(trained_run, out, SMALL_EXPORT)
+    return out

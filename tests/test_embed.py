@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 from test_data import _png, write_shard
-from test_export import bundle, trained_run  # noqa: F401  (module fixtures: a tiny trained run and its bundle)
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -36,7 +38,7 @@ def read_part(folder: Path, index: int) -> tuple[np.ndarray, dict]:
     return np.load(folder / f"{part_name(index)}.npy"), json.loads((folder / f"{part_name(index)}.json").read_text())
 
 
-def test_every_sample_is_embedded_as_the_bundle_embeds_it(bundle, fashion_test_shards, tmp_path):  # noqa: F811
+def test_every_sample_is_embedded_as_the_bundle_embeds_it(bundle, fashion_test_shards, tmp_path):
     result = embed(bundle, str(fashion_test_shards), tmp_path / "emb", EmbedConfig(batch_size=48), **QUIET)
     assert result.complete and result.parts_written == 1 and result.samples == 200
     matrix, record = read_part(tmp_path / "emb", 0)
@@ -49,7 +51,7 @@ def test_every_sample_is_embedded_as_the_bundle_embeds_it(bundle, fashion_test_s
     assert (manifest["samples"], manifest["skipped"], manifest["inputs"]) == (200, 0, 200)
 
 
-def test_rerun_skips_done_parts_and_redoes_missing_or_foreign_ones(bundle, fashion_shards, tmp_path):  # noqa: F811
+def test_rerun_skips_done_parts_and_redoes_missing_or_foreign_ones(bundle, fashion_shards, tmp_path):
     out = tmp_path / "emb"
     first = embed(bundle, str(fashion_shards), out, EmbedConfig(workers=2), **QUIET)
     assert (first.parts_written, first.samples) == (3, 600)
@@ -65,7 +67,37 @@ def test_rerun_skips_done_parts_and_redoes_missing_or_foreign_ones(bundle, fashi
     np.testing.assert_array_equal(read_part(out, 1)[0], before)
 
 
-def test_split_over_processes_builds_the_same_set(bundle, fashion_shards, tmp_path):  # noqa: F811
+KILLED_AFTER_FIRST_PART = """
+import os, signal, sys
+import pipeline.embed as stage
+finished = []
+def write_and_maybe_die(path, data, real=stage.write_json_atomic):
+    real(path, data)
+    finished.append(path)
+    if len(finished) == 1:  # the first part is complete: die as a killed job does, with no clean-up
+        os.kill(os.getpid(), signal.SIGKILL)
+stage.write_json_atomic = write_and_maybe_die
+stage.embed(sys.argv[1], sys.argv[2], sys.argv[3], stage.EmbedConfig(workers=0), progress=False)
+"""
+
+
+def test_a_killed_run_resumes_where_it_stopped(bundle, fashion_shards, tmp_path):
+    out = tmp_path / "emb"
+    args = [sys.executable, "-c", KILLED_AFTER_FIRST_PART, str(bundle), str(fashion_shards), str(out)]
+    killed = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert (out / f"{part_name(0)}.json").exists() and not (out / MANIFEST).exists()
+    resumed = embed(bundle, str(fashion_shards), out, EmbedConfig(workers=0), **QUIET)
+    assert (resumed.parts_written, resumed.parts_skipped, resumed.complete) == (2, 1, True)
+    clean = embed(bundle, str(fashion_shards), tmp_path / "clean", EmbedConfig(workers=0), **QUIET)
+    assert clean.samples == 600 and json.loads((out / MANIFEST).read_text())["samples"] == 600
+    for index in range(3):
+        (matrix, record), (expected, expected_record) = read_part(out, index), read_part(tmp_path / "clean", index)
+        np.testing.assert_array_equal(matrix, expected)
+        assert record["keys"] == expected_record["keys"]
+
+
+def test_split_over_processes_builds_the_same_set(bundle, fashion_shards, tmp_path):
     whole = embed(bundle, str(fashion_shards), tmp_path / "whole", EmbedConfig(), **QUIET)
     share0 = embed(bundle, str(fashion_shards), tmp_path / "split", EmbedConfig(shard_index=0, num_shards=2), **QUIET)
     assert not share0.complete and not (tmp_path / "split" / MANIFEST).exists()
@@ -77,7 +109,7 @@ def test_split_over_processes_builds_the_same_set(bundle, fashion_shards, tmp_pa
     assert manifest["samples"] == 600
 
 
-def test_undecodable_samples_are_skipped_listed_and_counted(bundle, tmp_path):  # noqa: F811
+def test_undecodable_samples_are_skipped_listed_and_counted(bundle, tmp_path):
     good = _png(Image.new("L", (28, 28), 128))
     shard = write_shard(
         tmp_path / "mixed.tar",
@@ -93,7 +125,7 @@ def test_undecodable_samples_are_skipped_listed_and_counted(bundle, tmp_path):  
     assert result.skipped_samples == 2
 
 
-def test_fp16_halves_the_matrix_and_stays_close(bundle, fashion_test_shards, tmp_path):  # noqa: F811
+def test_fp16_halves_the_matrix_and_stays_close(bundle, fashion_test_shards, tmp_path):
     embed(bundle, str(fashion_test_shards), tmp_path / "f32", EmbedConfig(), **QUIET)
     embed(bundle, str(fashion_test_shards), tmp_path / "f16", EmbedConfig(fp16=True), **QUIET)
     full, half = read_part(tmp_path / "f32", 0)[0], read_part(tmp_path / "f16", 0)[0]
@@ -110,7 +142,7 @@ def test_bad_split_or_batch_is_refused(config, message):
         EmbedConfig(**config)
 
 
-def test_cli_embeds_and_reports_a_bad_bundle_in_one_line(bundle, fashion_test_shards, tmp_path):  # noqa: F811
+def test_cli_embeds_and_reports_a_bad_bundle_in_one_line(bundle, fashion_test_shards, tmp_path):
     runner = CliRunner()
     args = ["embed", str(bundle), "--data", str(fashion_test_shards), "--out", str(tmp_path / "e"), "--no-progress"]
     ok = runner.invoke(app, args)

@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import SMALL_EXPORT as SMALL
 from test_train import tiny_config
 from torch.nn import functional as F
 from typer.testing import CliRunner
@@ -22,24 +23,7 @@ from pipeline.augment import eval_transform
 from pipeline.data import EvalStream, StreamConfig
 from pipeline.evaluate import load_run
 from pipeline.export import EmbeddingModel, ExportConfig, ExportError, export, parity_images
-from pipeline.train import train
 from serving.bundle import MODEL_JSON, ONNX_FILE, TORCHSCRIPT_FILE, BundleError, ModelBundle, bundle_hash
-
-SMALL = ExportConfig(parity_images=64)
-
-
-@pytest.fixture(scope="module")
-def trained_run(fashion_shards, fashion_test_shards, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("export") / "run"
-    train(tiny_config(fashion_shards, "train.max_steps=4", eval_shards=fashion_test_shards), run, progress=False)
-    return run
-
-
-@pytest.fixture(scope="module")
-def bundle(trained_run, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("bundles") / "model"
-    export(trained_run, out, SMALL)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,246 @@
+"""`mocoplus index`: an embedding set → a tuned, searchable FAISS index bundle (DESIGN §3).
+
+The steps, each timed into ``index.json``:
+
+1. **plan**: the index kind and factory string (`pipeline.index_plan`: the
+   ``auto`` rule by corpus size and memory budget);
+2. **train** on a random sample of the corpus (IVF centroids, OPQ rotation,
+   PQ codebooks), read row by row from the memory-mapped parts;
+3. **add** the corpus in chunks of ``chunk_rows``: memory holds the index and
+   one chunk, never the corpus; with ``num_shards > 1`` the parts are split
+   into contiguous shards, each added to its own copy of the one trained
+   index (what n machines would build independently), then the shards are
+   merged — in memory when the index fits the budget, into an on-disk
+   ``index.ivfdata`` beside ``index.faiss`` otherwise;
+4. **tune** the search parameter to the smallest value whose recall@k against
+   exact search on held-out queries reaches the target (`pipeline.index_tune`),
+   and measure queries/s there and for exact search.
+
+The bundle is built in a hidden temp folder beside ``out_dir`` and renamed
+into place: a failed or killed build leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline.artifacts import TEMP_PREFIX, package_version, prepare_out_dir, progress_bar, sha256_file
+from pipeline.index_plan import KINDS, METRICS, IndexPlan, plan_index
+from pipeline.index_shards import build_sharded
+from pipeline.index_tune import drop_self, exact_neighbours, metric_type, queries_per_second, recall_at_k, tune
+from serving.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet
+from serving.index import INDEX_FILE, INDEX_FORMAT, INDEX_JSON, INDEX_KIND, KEYS_FILE, LABELS_FILE, gpu_index
+
+# Upper ends of the tuning search; GPU IVF caps nprobe at 2048.
+EF_SEARCH_LIMIT = 4096
+GPU_NPROBE_LIMIT = 2048
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    kind: str = "auto"
+    metric: str = "ip"
+    target_recall: float = 0.95
+    k: int = 10
+    memory_budget: int = 4 << 30
+    queries: int = 1000  # held-out queries for tuning and the recall/QPS report
+    chunk_rows: int = 65_536
+    num_shards: int = 1
+    gpu: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}; choose one of {', '.join(KINDS)}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; choose ip or l2")
+        if not 0 < self.target_recall <= 1:
+            raise ValueError(f"target recall must lie in (0, 1]; got {self.target_recall}")
+        if min(self.k, self.queries, self.chunk_rows, self.num_shards, self.memory_budget) < 1:
+            raise ValueError("k, queries, chunk_rows, num_shards and memory_budget must be >= 1")
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    out_dir: Path
+    info: dict[str, Any]
+
+
+def build_index(
+    embeddings_dir: Path, out_dir: Path, config: IndexConfig = IndexConfig(), *, progress: bool = True
+) -> IndexResult:
+    """Build, tune and write the index bundle for the embedding set at ``embeddings_dir``."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty folder: choose a new --out")
+    embeddings = EmbeddingSet(embeddings_dir)
+    if embeddings.count < 1:
+        raise ValueError(f"{embeddings_dir} holds no vectors to index")
+    plan = plan_index(embeddings.count, embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
+    if config.num_shards > 1 and plan.nlist is None:
+        raise ValueError(f"a sharded build needs an IVF index (--kind ivf or ivfpq), not {plan.kind}")
+    rng = np.random.default_rng(config.seed)
+    timings: dict[str, float] = {}
+
+    parent = prepare_out_dir(out_dir.parent)
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{out_dir.name}."))
+    try:
+        work.chmod(0o755)
+        started = time.perf_counter()
+        index = _trained_index(embeddings, plan, config, rng, timings)
+        with progress_bar(progress) as bar:
+            task = bar.add_task(f"indexing ({plan.factory})", total=embeddings.count)
+            clock = time.perf_counter()
+            if config.num_shards > 1:
+                index, merge = build_sharded(
+                    index, embeddings, config.num_shards, work, config.chunk_rows, config.memory_budget,
+                    lambda rows: bar.advance(task, rows),
+                )  # fmt: skip
+            else:
+                merge = None
+                for _, block in embeddings.chunks(config.chunk_rows):
+                    index.add(block)
+                    bar.advance(task, len(block))
+            timings["add_seconds"] = time.perf_counter() - clock
+        search, report = _tune_and_measure(index, embeddings, plan, config, rng, timings)
+        timings["total_seconds"] = time.perf_counter() - started
+
+        faiss.write_index(faiss.index_gpu_to_cpu(index) if config.gpu else index, str(work / INDEX_FILE))
+        keys, labels = embeddings.keys_and_labels()
+        (work / KEYS_FILE).write_text(json.dumps(keys))
+        np.save(work / LABELS_FILE, labels)
+        info = _describe(embeddings, plan, config, search, report, timings, merge, work)
+        (work / INDEX_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        work.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return IndexResult(out_dir, info)
+
+
+def _trained_index(
+    embeddings: EmbeddingSet, plan: IndexPlan, config: IndexConfig, rng: np.random.Generator, timings: dict[str, float]
+) -> faiss.Index:
+    index = faiss.index_factory(embeddings.dim, plan.factory, metric_type(config.metric))
+    if config.gpu:
+        index = gpu_index(index)
+    clock = time.perf_counter()
+    if plan.train_size:
+        sample = np.sort(rng.choice(embeddings.count, size=plan.train_size, replace=False))
+        index.train(embeddings.rows(sample))
+    timings["train_seconds"] = time.perf_counter() - clock
+    return index
+
+
+def _tune_and_measure(
+    index: faiss.Index,
+    embeddings: EmbeddingSet,
+    plan: IndexPlan,
+    config: IndexConfig,
+    rng: np.random.Generator,
+    timings: dict[str, float],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tune the search parameter on held-out queries; the tuned setting and the measured report."""
+    clock = time.perf_counter()
+    count = min(config.queries, embeddings.count)
+    query_ids = np.sort(rng.choice(embeddings.count, size=count, replace=False))
+    queries = embeddings.rows(query_ids)
+    k = min(config.k, embeddings.count - 1)
+    if k < 1:  # one vector: nothing to recall
+        timings["tune_seconds"] = time.perf_counter() - clock
+        return {"parameter": plan.search_parameter, "params": {}}, {"k": 0, "queries": 0, "recall": 1.0}
+    ngpu = faiss.get_num_gpus() if config.gpu else 0
+    _, exact_ids, exact_seconds = exact_neighbours(
+        queries, (block for _, block in embeddings.chunks(config.chunk_rows)), k + 1, config.metric, ngpu=ngpu
+    )
+    truth = drop_self(exact_ids, query_ids, k)
+
+    def recall_of(value: int) -> float:
+        if plan.search_parameter is not None:
+            faiss.ParameterSpace().set_index_parameter(index, plan.search_parameter, value)
+        _, found = index.search(queries, k + 1)
+        return recall_at_k(drop_self(found, query_ids, k), truth)
+
+    nlist = plan.nlist or 0
+    limit = (
+        (min(nlist, GPU_NPROBE_LIMIT) if config.gpu else nlist)
+        if plan.search_parameter == "nprobe"
+        else EF_SEARCH_LIMIT
+    )
+    start = 1 if plan.search_parameter == "nprobe" else max(16, k + 1)
+    tuning = tune(recall_of, plan.search_parameter, start=start, limit=limit, target=config.target_recall)
+    if plan.search_parameter is not None:
+        faiss.ParameterSpace().set_index_parameter(index, plan.search_parameter, tuning.value)
+    qps = queries_per_second(lambda batch: index.search(batch, k), queries)
+    timings["tune_seconds"] = time.perf_counter() - clock
+    search = {
+        "parameter": plan.search_parameter,
+        "params": {plan.search_parameter: tuning.value} if plan.search_parameter else {},
+    }
+    report = {
+        "k": k,
+        "queries": count,
+        "recall": tuning.recall,
+        "target": config.target_recall,
+        "target_met": tuning.reached,
+        "qps": qps,
+        "exact_qps": count / exact_seconds if exact_seconds > 0 else None,
+        "probes": [asdict(probe) for probe in tuning.probes],
+        "held_out": "corpus vectors, each query's own id removed from the exact and approximate lists",
+    }
+    return search, report
+
+
+def _describe(
+    embeddings: EmbeddingSet,
+    plan: IndexPlan,
+    config: IndexConfig,
+    search: dict[str, Any],
+    report: dict[str, Any],
+    timings: dict[str, float],
+    merge: str | None,
+    work: Path,
+) -> dict[str, Any]:
+    return {
+        "format": INDEX_FORMAT,
+        "kind": INDEX_KIND,
+        "version": package_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "index_kind": plan.kind,
+        "factory": plan.factory,
+        "reason": plan.reason,
+        "metric": config.metric,
+        "dim": embeddings.dim,
+        "count": embeddings.count,
+        "normalized": embeddings.normalized,
+        "bundle_hash": embeddings.bundle_hash,
+        "embeddings": {
+            "path": str(embeddings.path.resolve()),
+            "manifest_sha256": sha256_file(embeddings.path / EMBEDDINGS_MANIFEST),
+        },
+        "search": search,
+        "recall_at_k": report,
+        "build": {
+            **{name: round(value, 3) for name, value in timings.items()},
+            "train_size": plan.train_size,
+            "chunk_rows": config.chunk_rows,
+            "num_shards": config.num_shards,
+            "merge": merge,
+            "gpu": config.gpu,
+            "memory_budget": config.memory_budget,
+            "estimated_bytes": plan.estimated_bytes,
+        },
+        "bytes": sum(path.stat().st_size for path in work.iterdir() if path.suffix in {".faiss", ".ivfdata"}),
+    }

@@ -1,0 +1,111 @@
+"""Recall against exact search, and the smallest search effort that reaches a target.
+
+Held-out queries are corpus vectors searched with their own entry removed
+from both result lists, exact and approximate: a query that finds itself
+would make every index look better than it is. recall@k is the mean fraction
+of the exact top-k that the index also returns in its top-k (FAISS's
+"k-recall@k", the intersection measure).
+
+The search parameter (``nprobe`` for IVF, ``efSearch`` for HNSW) is doubled
+until the target is reached, then bisected between the last value that
+missed and the first that reached it: recall grows with effort, so this finds
+the smallest value in O(log) evaluations of the query set.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Probe:
+    value: int
+    recall: float
+
+
+@dataclass(frozen=True)
+class Tuning:
+    parameter: str | None
+    value: int | None
+    recall: float
+    target: float
+    reached: bool
+    probes: tuple[Probe, ...]
+
+
+def metric_type(metric: str) -> int:
+    return {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}[metric]
+
+
+def exact_neighbours(
+    queries: np.ndarray, corpus_chunks: Iterable[np.ndarray], k: int, metric: str, *, ngpu: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Exact top-k (scores, ids) over a corpus streamed in chunks, and the seconds it took."""
+    from faiss.contrib.exhaustive_search import knn_ground_truth
+
+    start = time.perf_counter()
+    scores, ids = knn_ground_truth(queries, corpus_chunks, k, metric_type=metric_type(metric), ngpu=ngpu)
+    return scores, ids, time.perf_counter() - start
+
+
+def drop_self(ids: np.ndarray, self_ids: np.ndarray, k: int) -> np.ndarray:
+    """Each row's first ``k`` ids other than the query's own (−1 padded)."""
+    out = np.full((len(ids), k), -1, dtype=np.int64)
+    for row, (found, own) in enumerate(zip(ids, self_ids, strict=True)):
+        kept = found[(found != own) & (found >= 0)][:k]
+        out[row, : len(kept)] = kept
+    return out
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
+    """Mean |found ∩ truth| / |truth| over queries (ids −1 are padding, never matches)."""
+    hits = [
+        len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) / max(1, int((t >= 0).sum()))
+        for f, t in zip(found, truth, strict=True)
+    ]
+    return float(np.mean(hits)) if hits else 1.0
+
+
+def set_search_parameter(index: faiss.Index, name: str, value: int) -> None:
+    """Set ``nprobe``/``efSearch`` through any wrapper (OPQ pre-transform, GPU clone)."""
+    faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+
+
+def tune(recall_of: Callable[[int], float], parameter: str | None, *, start: int, limit: int, target: float) -> Tuning:
+    """The smallest ``value`` in [start, limit] whose ``recall_of(value)`` ≥ ``target`` (or ``limit``'s)."""
+    if parameter is None:
+        recall = recall_of(0)
+        return Tuning(None, None, recall, target, recall >= target, (Probe(0, recall),))
+    probes: dict[int, float] = {}
+
+    def measure(value: int) -> float:
+        if value not in probes:
+            probes[value] = recall_of(value)
+        return probes[value]
+
+    low, value = None, max(1, start)
+    while measure(value) < target and value < limit:
+        low, value = value, min(limit, value * 2)
+    if measure(value) >= target and low is not None:
+        high = value
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (low, middle) if measure(middle) >= target else (middle, high)
+        value = high
+    ordered = tuple(Probe(v, r) for v, r in sorted(probes.items()))
+    return Tuning(parameter, value, probes[value], target, probes[value] >= target, ordered)
+
+
+def queries_per_second(search: Callable[[np.ndarray], object], queries: np.ndarray, repeats: int = 3) -> float:
+    """Batch-search throughput, best of ``repeats`` (the first run also warms caches)."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        search(queries)
+        best = min(best, time.perf_counter() - start)
+    return len(queries) / best if best > 0 else float("inf")

@@ -1,0 +1,203 @@
+"""Open an index bundle (DESIGN §3) and search it — no torch here.
+
+An index bundle is ``index.faiss`` (the FAISS index; ids are row ids of the
+embedding set), ``keys.json`` (id → sample key), ``labels.npy`` (id → label,
+−1 for none) and ``index.json`` (factory string, metric, tuned search
+parameter, measured recall@k and QPS, build times, the model bundle hash).
+The search CLI and the service open bundles through `IndexBundle`, so both
+refuse an index made with another model, read the index memory-mapped where
+FAISS can (flat codes and IVF lists are then paged in on demand, not loaded),
+and report scores the same way: similarities, higher is closer — the inner
+product for ``ip`` indexes, the negated squared distance for ``l2`` ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+INDEX_FORMAT = 1
+INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
+INDEX_KIND = "mocoplus.index"
+
+
+class IndexBundleError(ValueError):
+    """An index bundle that is missing, damaged, or does not belong to the model it is used with."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    id: int
+    key: str
+    label: int
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "key": self.key,
+            "label": None if self.label < 0 else self.label,
+            "score": self.score,
+        }
+
+
+def gpu_index(index: faiss.Index) -> faiss.Index:
+    """A copy of ``index`` on all visible GPUs; a clear error without faiss-gpu, a GPU, or GPU support for the kind."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise IndexBundleError("--gpu needs faiss-gpu (pip install 'mocoplus[gpu]'); this FAISS build is CPU-only")
+    if faiss.get_num_gpus() < 1:
+        raise IndexBundleError("--gpu: faiss-gpu sees no CUDA device")
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        raise IndexBundleError("--gpu: FAISS has no GPU HNSW index; drop --gpu or use --kind ivf")
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def read_index_json(path: Path) -> dict[str, Any]:
+    info_path = Path(path) / INDEX_JSON
+    if not info_path.is_file():
+        raise IndexBundleError(f"{path} is not an index bundle: no {INDEX_JSON}")
+    try:
+        info = json.loads(info_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise IndexBundleError(f"{info_path}: unreadable ({error})") from None
+    if not isinstance(info, dict) or info.get("kind") != INDEX_KIND or info.get("format") != INDEX_FORMAT:
+        raise IndexBundleError(f"{info_path} is not a format-{INDEX_FORMAT} mocoplus index description")
+    return info
+
+
+class IndexBundle:
+    """A loaded index bundle: the FAISS index, its id → key/label maps, and its description."""
+
+    def __init__(self, path: Path | str, *, gpu: bool = False, mmap: bool = True) -> None:
+        self.path = Path(path)
+        self.info = read_index_json(self.path)
+        self.index = _read_faiss(self.path / INDEX_FILE, mmap)
+        try:
+            self.keys: list[str] = json.loads((self.path / KEYS_FILE).read_text())
+            self.labels: np.ndarray = np.load(self.path / LABELS_FILE)
+        except (OSError, ValueError) as error:
+            raise IndexBundleError(f"{self.path}: id map unreadable ({error})") from None
+        if not (len(self.keys) == len(self.labels) == self.index.ntotal == self.info["count"]):
+            raise IndexBundleError(
+                f"{self.path}: {self.index.ntotal} vectors, {len(self.keys)} keys, {len(self.labels)} labels, "
+                f"index.json says {self.info['count']}: the bundle is damaged"
+            )
+        if self.index.d != self.info["dim"]:
+            raise IndexBundleError(f"{self.path}: index dimension {self.index.d}, index.json says {self.info['dim']}")
+        self._id_of: dict[str, int] | None = None
+        self._params = dict(self.info.get("search", {}).get("params", {}))
+        if gpu:
+            self.index = gpu_index(self.index)
+        for name, value in self._params.items():
+            faiss.ParameterSpace().set_index_parameter(self.index, name, int(value))
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    @property
+    def metric(self) -> str:
+        return str(self.info["metric"])
+
+    @property
+    def bundle_hash(self) -> str:
+        return str(self.info["bundle_hash"])
+
+    @property
+    def search_parameter(self) -> str | None:
+        return self.info.get("search", {}).get("parameter")
+
+    def check_model(self, model_hash: str, model_path: object = "the model") -> None:
+        """Refuse a model other than the one whose embeddings this index holds."""
+        if model_hash != self.bundle_hash:
+            raise IndexBundleError(
+                f"index {self.path} was built from embeddings of model bundle {self.bundle_hash[:12]}, "
+                f"but {model_path} is bundle {model_hash[:12]}: its vectors would not be comparable; "
+                "re-embed and re-index with this model, or search with the model the index was built with"
+            )
+
+    def set_search_parameter(self, value: int | None) -> None:
+        """Override the tuned ``nprobe``/``efSearch`` (None: keep the tuned value)."""
+        if value is None:
+            return
+        if self.search_parameter is None:
+            raise IndexBundleError(f"a {self.info['index_kind']} index is exact: it has no search parameter to set")
+        if value < 1:
+            raise IndexBundleError(f"{self.search_parameter} must be >= 1; got {value}")
+        faiss.ParameterSpace().set_index_parameter(self.index, self.search_parameter, int(value))
+
+    def id_of(self, key: str) -> int:
+        if self._id_of is None:
+            self._id_of = {key: position for position, key in enumerate(self.keys)}
+        if key not in self._id_of:
+            raise KeyError(f"no sample with key {key!r} in index {self.path}")
+        return self._id_of[key]
+
+    def vector_of(self, key: str) -> np.ndarray:
+        """The stored vector for a corpus ``key``: from the embedding set when it is still there, else the index."""
+        row = self.id_of(key)
+        from serving.embedding_set import EmbeddingSet, EmbeddingSetError
+
+        source = self.info.get("embeddings", {}).get("path")
+        if source:
+            try:
+                embeddings = EmbeddingSet(source)
+                if embeddings.bundle_hash == self.bundle_hash and embeddings.count == self.index.ntotal:
+                    return embeddings.rows(np.array([row]))[0]
+            except (EmbeddingSetError, OSError):
+                pass
+        return _reconstruct(self.index, row)
+
+    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
+        """Top-``k`` hits for each row of ``vectors`` (float32 ``[N, dim]``), best first."""
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"query vectors must be [N, {self.dim}]; got shape {list(vectors.shape)}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("query vectors contain NaN or infinity")
+        if k < 1:
+            raise ValueError(f"k must be >= 1; got {k}")
+        scores, ids = self.index.search(vectors, min(k, self.index.ntotal))
+        if self.metric == "l2":
+            scores = -scores
+        return [
+            [
+                Hit(rank, int(i), self.keys[i], int(self.labels[i]), float(score))
+                for rank, (i, score) in enumerate(
+                    ((i, s) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0), 1
+                )
+            ]
+            for row_ids, row_scores in zip(ids, scores, strict=True)
+        ]
+
+
+def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
+    if not path.is_file():
+        raise IndexBundleError(f"{path.parent} is not an index bundle: no {path.name}")
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR  # a merged on-disk index finds its .ivfdata beside it
+    if mmap:
+        flags |= faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError:
+        if not mmap:
+            raise IndexBundleError(f"{path}: not a readable FAISS index") from None
+    try:  # some index types cannot be memory-mapped: read them into memory
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except RuntimeError:
+        raise IndexBundleError(f"{path}: not a readable FAISS index") from None
+
+
+def _reconstruct(index: faiss.Index, row: int) -> np.ndarray:
+    try:
+        return index.reconstruct(row)
+    except RuntimeError:  # IVF indexes need their id → list map first
+        ivf = faiss.extract_index_ivf(index)
+        ivf.make_direct_map()
+        return index.reconstruct(row)
