@@ -188,7 +188,7 @@ def embed(
     model_dir: Path, shards: str, out_dir: Path, config: EmbedConfig = EmbedConfig(), *, progress: bool = True
 ) -> EmbedResult:
     """Embed every sample of ``shards`` with the bundle at ``model_dir`` into parts under ``out_dir``."""
-    bundle = ModelBundle(model_dir, provider=config.provider, threads=config.threads)
+    bundle = ModelBundle(model_dir, provider=config.provider, threads=config.threads, spin=config.workers == 0)
     shard_list = resolve_shards(shards)
     out_dir = prepare_out_dir(Path(out_dir))
     urls = list(shard_list.urls)

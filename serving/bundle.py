@@ -92,7 +92,9 @@ class InputContract:
 class ModelBundle:
     """An exported encoder, ready to embed: ``ModelBundle(path).embed(uint8 [N, H, W, 3]) → float32 [N, D]``."""
 
-    def __init__(self, path: Path | str, *, provider: str = "cpu", threads: int = 0) -> None:
+    def __init__(self, path: Path | str, *, provider: str = "cpu", threads: int = 0, spin: bool = True) -> None:
+        """``spin=False`` stops idle ONNX Runtime threads from busy-waiting: right when other
+        processes (decoding workers) share the cores, where spinning threads steal their time."""
         import onnxruntime as ort  # deferred: reading model.json alone needs no runtime
 
         self.path = Path(path)
@@ -110,6 +112,8 @@ class ModelBundle:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         onnx_path = self.path / ONNX_FILE
         if not onnx_path.is_file():
             raise BundleError(f"{self.path}: no {ONNX_FILE}")
