@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -394,8 +395,12 @@ def embed(
     workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 2,
     provider: Annotated[str, typer.Option(help="cpu or cuda (a hard error if CUDA is unavailable).")] = "cpu",
     fp16: Annotated[bool, typer.Option("--fp16", help="Store float16 vectors (half the disk).")] = False,
-    shard_index: Annotated[int, typer.Option(min=0, help="This process's share of the shards ...")] = 0,
-    num_shards: Annotated[int, typer.Option(min=1, help="... out of this many processes.")] = 1,
+    shard_index: Annotated[
+        int | None, typer.Option(min=0, help="This process's share of the shards (default: $RANK, else 0) ...")
+    ] = None,
+    num_shards: Annotated[
+        int | None, typer.Option(min=1, help="... out of this many processes (default: $WORLD_SIZE, else 1).")
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Embed a shard set with a model bundle."""
@@ -408,8 +413,8 @@ def embed(
             workers=workers,
             provider=provider,
             fp16=fp16,
-            shard_index=shard_index,
-            num_shards=num_shards,
+            shard_index=_from_env(shard_index, "RANK", 0),
+            num_shards=_from_env(num_shards, "WORLD_SIZE", 1),
         )
         result = run_embed(model, data, out, config, progress=progress)
     except EXPECTED_ERRORS as error:
@@ -425,7 +430,7 @@ def embed(
     name="index",
     help=(
         "Build a FAISS index bundle from an embedding set: index.faiss, keys.json, labels.npy, index.json.\n\n"
-        "--kind auto picks by size and memory budget: Flat (exact) up to 50k vectors, HNSW32 up to 250k,\n"
+        "--kind auto picks by size and memory budget: Flat (exact) up to 50k vectors, HNSW32 up to 2M,\n"
         "IVF-Flat while the raw vectors fit the budget, OPQ + IVF-PQ beyond. The search parameter (nprobe,\n"
         "efSearch) is tuned to the smallest value whose recall@k against exact search on held-out queries\n"
         "reaches --target-recall; index.json records it with the measured recall, QPS and build times.\n\n"
@@ -550,6 +555,18 @@ def _search_override(parameter: str | None, nprobe: int | None, ef: int | None) 
     if ef is not None and parameter != "efSearch":
         raise ValueError(f"--ef applies to HNSW indexes; this index's parameter is {parameter or 'none (exact)'}")
     return nprobe if nprobe is not None else ef
+
+
+def _from_env(value: int | None, variable: str, default: int) -> int:
+    """An option's value, else a torchrun-style environment variable, else ``default``."""
+    if value is not None:
+        return value
+    text = os.environ.get(variable, "")
+    if not text:
+        return default
+    if not text.strip().isdigit():
+        raise ValueError(f"${variable} must be a non-negative integer; got {text!r}")
+    return int(text)
 
 
 def main() -> None:

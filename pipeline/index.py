@@ -36,14 +36,15 @@ import numpy as np
 
 from pipeline.artifacts import TEMP_PREFIX, package_version, prepare_out_dir, progress_bar, sha256_file
 from pipeline.index_plan import KINDS, METRICS, IndexPlan, plan_index
-from pipeline.index_shards import build_sharded
-from pipeline.index_tune import drop_self, exact_neighbours, metric_type, queries_per_second, recall_at_k, tune
+from pipeline.index_shards import ShardedBuild, shard_bounds
+from pipeline.index_tune import exact_neighbours, metric_type, queries_per_second, recall_at_k, tune
 from serving.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet
-from serving.index import INDEX_FILE, INDEX_FORMAT, INDEX_JSON, INDEX_KIND, KEYS_FILE, LABELS_FILE, gpu_index
+from serving.index import INDEX_FILE, INDEX_FORMAT, INDEX_JSON, INDEX_KIND, KEYS_FILE, LABELS_FILE, ROWS_FILE, gpu_index
 
 # Upper ends of the tuning search; GPU IVF caps nprobe at 2048.
 EF_SEARCH_LIMIT = 4096
 GPU_NPROBE_LIMIT = 2048
+TUNING_IVFDATA = "tuning.ivfdata"  # a sharded on-disk build's index without the held-out rows
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,9 @@ def build_index(
     if config.num_shards > 1 and plan.nlist is None:
         raise ValueError(f"a sharded build needs an IVF index (--kind ivf or ivfpq), not {plan.kind}")
     rng = np.random.default_rng(config.seed)
+    held_out = _held_out_rows(embeddings.count, config.queries, rng)
+    order = _index_order(embeddings.count, held_out)
+    corpus = embeddings.count - len(held_out)  # index ids [0, corpus) while tuning
     timings: dict[str, float] = {}
 
     parent = prepare_out_dir(out_dir.parent)
@@ -101,24 +105,39 @@ def build_index(
         with progress_bar(progress) as bar:
             task = bar.add_task(f"indexing ({plan.factory})", total=embeddings.count)
             clock = time.perf_counter()
-            if config.num_shards > 1:
-                index, merge = build_sharded(
-                    index, embeddings, config.num_shards, work, config.chunk_rows, config.memory_budget,
-                    lambda rows: bar.advance(task, rows),
-                )  # fmt: skip
+            advance = lambda rows: bar.advance(task, rows)  # noqa: E731
+            sharded = ShardedBuild(index, work, config.memory_budget) if config.num_shards > 1 else None
+            merge = None
+            if sharded is not None:
+                for bounds in shard_bounds(corpus, config.num_shards):
+                    sharded.fill(embeddings, order, bounds, config.chunk_rows, advance)
+                sharded.fill(embeddings, order, (corpus, embeddings.count), config.chunk_rows, advance)
+                index = sharded.merge(config.num_shards, TUNING_IVFDATA)  # the corpus shards, without the held out
             else:
-                merge = None
-                for _, block in embeddings.chunks(config.chunk_rows):
+                for _, block in embeddings.ordered(order[:corpus], config.chunk_rows):
                     index.add(block)
-                    bar.advance(task, len(block))
+                    advance(len(block))
             timings["add_seconds"] = time.perf_counter() - clock
-        search, report = _tune_and_measure(index, embeddings, plan, config, rng, timings)
+            search, report = _tune_and_measure(index, embeddings, order, corpus, plan, config, timings)
+            clock = time.perf_counter()
+            if sharded is not None:  # the bundle's index: every shard, the held-out one last
+                del index
+                index, merge = sharded.merge(), sharded.mode
+                (work / TUNING_IVFDATA).unlink(missing_ok=True)
+                sharded.close()
+                for name, value in search["params"].items():
+                    faiss.ParameterSpace().set_index_parameter(index, name, value)
+            elif len(held_out):  # the tuning queries join the index last: ids corpus, ..., count - 1
+                index.add(embeddings.rows(held_out))
+                advance(len(held_out))
+            timings["add_seconds"] += time.perf_counter() - clock
         timings["total_seconds"] = time.perf_counter() - started
 
         faiss.write_index(faiss.index_gpu_to_cpu(index) if config.gpu else index, str(work / INDEX_FILE))
         keys, labels = embeddings.keys_and_labels()
-        (work / KEYS_FILE).write_text(json.dumps(keys))
-        np.save(work / LABELS_FILE, labels)
+        (work / KEYS_FILE).write_text(json.dumps([keys[row] for row in order]))
+        np.save(work / LABELS_FILE, labels[order])
+        np.save(work / ROWS_FILE, order)
         info = _describe(embeddings, plan, config, search, report, timings, merge, work)
         (work / INDEX_JSON).write_text(json.dumps(info, indent=2) + "\n")
         if out_dir.exists():
@@ -128,6 +147,19 @@ def build_index(
         shutil.rmtree(work, ignore_errors=True)
         raise
     return IndexResult(out_dir, info)
+
+
+def _held_out_rows(count: int, queries: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows kept out of the index while it is tuned: at most ``queries`` and a tenth of the set."""
+    size = min(queries, count // 10)
+    return np.sort(rng.choice(count, size=size, replace=False)) if size else np.zeros(0, dtype=np.int64)
+
+
+def _index_order(count: int, held_out: np.ndarray) -> np.ndarray:
+    """Index id → embedding-set row: every other row in order, then the held-out rows."""
+    keep = np.ones(count, dtype=bool)
+    keep[held_out] = False
+    return np.concatenate([np.flatnonzero(keep), held_out]).astype(np.int64)
 
 
 def _trained_index(
@@ -147,39 +179,34 @@ def _trained_index(
 def _tune_and_measure(
     index: faiss.Index,
     embeddings: EmbeddingSet,
+    order: np.ndarray,
+    corpus: int,
     plan: IndexPlan,
     config: IndexConfig,
-    rng: np.random.Generator,
     timings: dict[str, float],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Tune the search parameter on held-out queries; the tuned setting and the measured report."""
+    """Tune the search parameter on the held-out rows (not in the index yet); the setting and the report."""
     clock = time.perf_counter()
-    count = min(config.queries, embeddings.count)
-    query_ids = np.sort(rng.choice(embeddings.count, size=count, replace=False))
-    queries = embeddings.rows(query_ids)
-    k = min(config.k, embeddings.count - 1)
-    if k < 1:  # one vector: nothing to recall
+    queries = embeddings.rows(order[corpus:])
+    k = min(config.k, corpus)
+    if not len(queries) or k < 1:  # too few vectors to hold any out
         timings["tune_seconds"] = time.perf_counter() - clock
-        return {"parameter": plan.search_parameter, "params": {}}, {"k": 0, "queries": 0, "recall": 1.0}
+        return {"parameter": plan.search_parameter, "params": {}}, {"k": 0, "queries": 0, "recall": None}
     ngpu = faiss.get_num_gpus() if config.gpu else 0
-    _, exact_ids, exact_seconds = exact_neighbours(
-        queries, (block for _, block in embeddings.chunks(config.chunk_rows)), k + 1, config.metric, ngpu=ngpu
-    )
-    truth = drop_self(exact_ids, query_ids, k)
+    blocks = (block for _, block in embeddings.ordered(order[:corpus], config.chunk_rows))
+    _, truth, exact_seconds = exact_neighbours(queries, blocks, k, config.metric, ngpu=ngpu)
 
     def recall_of(value: int) -> float:
         if plan.search_parameter is not None:
             faiss.ParameterSpace().set_index_parameter(index, plan.search_parameter, value)
-        _, found = index.search(queries, k + 1)
-        return recall_at_k(drop_self(found, query_ids, k), truth)
+        return recall_at_k(index.search(queries, k)[1], truth)
 
     nlist = plan.nlist or 0
-    limit = (
-        (min(nlist, GPU_NPROBE_LIMIT) if config.gpu else nlist)
-        if plan.search_parameter == "nprobe"
-        else EF_SEARCH_LIMIT
-    )
-    start = 1 if plan.search_parameter == "nprobe" else max(16, k + 1)
+    if plan.search_parameter == "nprobe":
+        limit = min(nlist, GPU_NPROBE_LIMIT) if config.gpu else nlist
+    else:
+        limit = EF_SEARCH_LIMIT
+    start = 1 if plan.search_parameter == "nprobe" else max(16, k)
     tuning = tune(recall_of, plan.search_parameter, start=start, limit=limit, target=config.target_recall)
     if plan.search_parameter is not None:
         faiss.ParameterSpace().set_index_parameter(index, plan.search_parameter, tuning.value)
@@ -191,14 +218,14 @@ def _tune_and_measure(
     }
     report = {
         "k": k,
-        "queries": count,
+        "queries": len(queries),
         "recall": tuning.recall,
         "target": config.target_recall,
         "target_met": tuning.reached,
         "qps": qps,
-        "exact_qps": count / exact_seconds if exact_seconds > 0 else None,
+        "exact_qps": len(queries) / exact_seconds if exact_seconds > 0 else None,
         "probes": [asdict(probe) for probe in tuning.probes],
-        "held_out": "corpus vectors, each query's own id removed from the exact and approximate lists",
+        "held_out": f"{len(queries)} corpus vectors kept out of the index while tuning, added last",
     }
     return search, report
 

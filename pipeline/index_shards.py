@@ -36,13 +36,15 @@ def shard_bounds(count: int, num_shards: int) -> list[tuple[int, int]]:
 def fill_shard(
     trained_path: Path,
     embeddings: EmbeddingSet,
+    order: np.ndarray,
     bounds: tuple[int, int],
     chunk_rows: int,
     advance: Callable[[int], None] = lambda rows: None,
 ) -> faiss.Index:
-    """A copy of the trained index holding rows [start, stop) under their global ids."""
+    """A copy of the trained index holding index ids [start, stop) (embedding rows ``order[start:stop]``)."""
     shard = faiss.read_index(str(trained_path))
-    for first, block in embeddings.chunks(chunk_rows, *bounds):
+    start, stop = bounds
+    for first, block in embeddings.ordered(order[start:stop], chunk_rows, start):
         shard.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
         advance(len(block))
     return shard
@@ -67,29 +69,44 @@ def merge_on_disk(trained_path: Path, shard_paths: list[Path], ivfdata: Path) ->
     return merged
 
 
-def build_sharded(
-    trained: faiss.Index,
-    embeddings: EmbeddingSet,
-    num_shards: int,
-    work: Path,
-    chunk_rows: int,
-    memory_budget: int,
-    advance: Callable[[int], None] = lambda rows: None,
-) -> tuple[faiss.Index, str]:
-    """Fill ``num_shards`` shards of ``trained`` in ``work``, merge them; the index and ``"memory"|"disk"``."""
-    trained = faiss.index_gpu_to_cpu(trained) if hasattr(faiss, "index_gpu_to_cpu") else trained
-    trained_path = work / TRAINED_FILE
-    faiss.write_index(trained, str(trained_path))
-    shard_paths = []
-    for number, bounds in enumerate(shard_bounds(embeddings.count, num_shards)):
-        path = work / f"shard-{number:04d}.faiss"
-        faiss.write_index(fill_shard(trained_path, embeddings, bounds, chunk_rows, advance), str(path))
-        shard_paths.append(path)
-    estimated = sum(path.stat().st_size for path in shard_paths)
-    if estimated <= memory_budget:
-        merged, mode = merge_in_memory(trained_path, shard_paths), "memory"
-    else:
-        merged, mode = merge_on_disk(trained_path, shard_paths, work / IVFDATA_FILE), "disk"
-    for path in [trained_path, *shard_paths]:
-        path.unlink()
-    return merged, mode
+class ShardedBuild:
+    """Shard files filled from one trained index in ``work``; merged on request, removed by `close`.
+
+    The builder merges twice: the corpus shards alone, to tune on queries the
+    index does not hold, then every shard, held-out rows included, for the
+    bundle. Merging reads the shard files, so both are cheap next to filling.
+    """
+
+    def __init__(self, trained: faiss.Index, work: Path, memory_budget: int) -> None:
+        self.work, self.memory_budget = work, memory_budget
+        self.trained_path = work / TRAINED_FILE
+        faiss.write_index(trained, str(self.trained_path))
+        self.shards: list[Path] = []
+
+    def fill(
+        self,
+        embeddings: EmbeddingSet,
+        order: np.ndarray,
+        bounds: tuple[int, int],
+        chunk_rows: int,
+        advance: Callable[[int], None] = lambda rows: None,
+    ) -> None:
+        path = self.work / f"shard-{len(self.shards):04d}.faiss"
+        faiss.write_index(fill_shard(self.trained_path, embeddings, order, bounds, chunk_rows, advance), str(path))
+        self.shards.append(path)
+
+    @property
+    def mode(self) -> str:
+        """``memory`` when the shards fit the budget, else ``disk``."""
+        return "memory" if sum(path.stat().st_size for path in self.shards) <= self.memory_budget else "disk"
+
+    def merge(self, count: int | None = None, ivfdata: str = IVFDATA_FILE) -> faiss.Index:
+        """The first ``count`` shards (all by default) merged into one index."""
+        shards = self.shards[:count]
+        if self.mode == "memory":
+            return merge_in_memory(self.trained_path, shards)
+        return merge_on_disk(self.trained_path, shards, self.work / ivfdata)
+
+    def close(self) -> None:
+        for path in [self.trained_path, *self.shards]:
+            path.unlink(missing_ok=True)

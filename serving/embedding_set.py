@@ -102,17 +102,20 @@ class EmbeddingSet:
             raise EmbeddingSetError(f"{path} does not match {EMBEDDINGS_MANIFEST} (bundle hash or row count)")
         return record
 
-    def chunks(self, rows: int = 65536, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """(first global id, float32 rows) for ids [start, stop) in order, at most ``rows`` at a time."""
-        stop = self.count if stop is None else stop
+    def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """(first global id, float32 rows) in id order, at most ``rows`` at a time."""
         for part in self.parts:
-            low, high = max(start, part.start), min(stop, part.stop)
-            if low >= high:
-                continue
             matrix = self.matrix(part)
-            for offset in range(low, high, rows):
-                block = matrix[offset - part.start : min(high, offset + rows) - part.start]
-                yield offset, np.ascontiguousarray(block, dtype=np.float32)
+            for offset in range(0, part.count, rows):
+                yield part.start + offset, np.ascontiguousarray(matrix[offset : offset + rows], dtype=np.float32)
+
+    def ordered(self, order: np.ndarray, rows: int = 65536, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(position, float32 rows) for the row ids ``order`` in that order, at most ``rows`` at a time.
+
+        Positions count from ``start``: the ids an index gives the rows it adds.
+        """
+        for offset in range(0, len(order), rows):
+            yield start + offset, self.rows(order[offset : offset + rows])
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 rows for global ``ids`` (any order), reading only the parts they fall in."""

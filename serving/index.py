@@ -1,8 +1,8 @@
 """Open an index bundle (DESIGN §3) and search it — no torch here.
 
-An index bundle is ``index.faiss`` (the FAISS index; ids are row ids of the
-embedding set), ``keys.json`` (id → sample key), ``labels.npy`` (id → label,
-−1 for none) and ``index.json`` (factory string, metric, tuned search
+An index bundle is ``index.faiss`` (the FAISS index), ``keys.json`` (id →
+sample key), ``labels.npy`` (id → label, −1 for none), ``rows.npy`` (id → row
+of the embedding set) and ``index.json`` (factory string, metric, tuned search
 parameter, measured recall@k and QPS, build times, the model bundle hash).
 The search CLI and the service open bundles through `IndexBundle`, so both
 refuse an index made with another model, read the index memory-mapped where
@@ -23,6 +23,7 @@ import numpy as np
 
 INDEX_FORMAT = 1
 INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
+ROWS_FILE = "rows.npy"  # index id → row of the embedding set it came from
 INDEX_KIND = "mocoplus.index"
 
 
@@ -81,11 +82,13 @@ class IndexBundle:
         try:
             self.keys: list[str] = json.loads((self.path / KEYS_FILE).read_text())
             self.labels: np.ndarray = np.load(self.path / LABELS_FILE)
+            self.rows: np.ndarray = np.load(self.path / ROWS_FILE)
         except (OSError, ValueError) as error:
             raise IndexBundleError(f"{self.path}: id map unreadable ({error})") from None
-        if not (len(self.keys) == len(self.labels) == self.index.ntotal == self.info["count"]):
+        if not (len(self.keys) == len(self.labels) == len(self.rows) == self.index.ntotal == self.info["count"]):
             raise IndexBundleError(
                 f"{self.path}: {self.index.ntotal} vectors, {len(self.keys)} keys, {len(self.labels)} labels, "
+                f"{len(self.rows)} rows, "
                 f"index.json says {self.info['count']}: the bundle is damaged"
             )
         if self.index.d != self.info["dim"]:
@@ -149,7 +152,7 @@ class IndexBundle:
             try:
                 embeddings = EmbeddingSet(source)
                 if embeddings.bundle_hash == self.bundle_hash and embeddings.count == self.index.ntotal:
-                    return embeddings.rows(np.array([row]))[0]
+                    return embeddings.rows(self.rows[row : row + 1])[0]
             except (EmbeddingSetError, OSError):
                 pass
         return _reconstruct(self.index, row)

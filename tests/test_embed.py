@@ -150,3 +150,15 @@ def test_cli_embeds_and_reports_a_bad_bundle_in_one_line(bundle, fashion_test_sh
     assert "1 parts written (200 samples, 0 skipped)" in ok.output and "manifest written" in ok.output
     bad = runner.invoke(app, ["embed", str(tmp_path), "--data", str(fashion_test_shards), "--out", str(tmp_path / "x")])
     assert bad.exit_code == 1 and bad.output.strip().startswith("error:") and "model.json" in bad.output
+
+
+def test_cli_takes_its_share_from_torchrun_style_env(bundle, fashion_shards, tmp_path, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["embed", str(bundle), "--data", str(fashion_shards), "--out", str(tmp_path / "e"), "--no-progress"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert sorted(path.name for path in (tmp_path / "e").glob("*.json")) == [f"{part_name(1)}.json"]  # shard 1 of 3
+    monkeypatch.setenv("RANK", "one")
+    bad = CliRunner().invoke(app, [*args[:-2], str(tmp_path / "f")])
+    assert bad.exit_code == 1 and "$RANK must be a non-negative integer" in bad.stderr
