@@ -94,7 +94,8 @@ def measure_kind(
     info = build_index(corpus, out, config, progress=False).info
     wall = time.perf_counter() - started
     bundle = IndexBundle(out)
-    found = np.array([[hit.id for hit in row] + [-1] * (args.k - len(row)) for row in bundle.search(queries, args.k)])
+    hits = bundle.search(queries, args.k)
+    found = np.array([[bundle.rows[hit.id] for hit in row] + [-1] * (args.k - len(row)) for row in hits])
     qps = queries_per_second(lambda batch: bundle.index.search(batch, args.k), queries, args.repeats)
     return {
         "asked": kind,

@@ -548,6 +548,53 @@ def search(
         raise typer.Exit(code=1)
 
 
+@app.command(
+    help=(
+        "Serve the embedding and search API (FastAPI on uvicorn, ONNX Runtime, FAISS; no torch).\n\n"
+        "Requests from many clients are micro-batched into one ONNX Runtime call (up to --max-batch images or\n"
+        "--max-wait-ms); a full queue answers 503 with Retry-After. The model and index are loaded and\n"
+        "cross-checked before the server listens; /readyz turns 200 after a warm-up batch.\n\n"
+        "Examples:\n\n"
+        "  mocoplus serve --model models/fmnist --index indexes/fmnist\n\n"
+        "  mocoplus serve --model models/fmnist --host 0.0.0.0 --port 9000 --max-batch 128 --max-wait-ms 10\n\n"
+        "  curl -F images=@shirt.png http://127.0.0.1:8000/v1/embed"
+    )
+)
+def serve(
+    model: Annotated[Path, typer.Option(help="The model bundle (from mocoplus export).")],
+    index: Annotated[Path | None, typer.Option(help="An index bundle built with this model (enables search).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    provider: Annotated[str, typer.Option(help="cpu or cuda (a hard error if CUDA would fall back).")] = "cpu",
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: its default).")] = 0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images per ONNX Runtime call.")] = 64,
+    max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest a batch waits to fill.")] = 5.0,
+    max_queue: Annotated[int, typer.Option(min=1, help="Most images waiting; beyond, 503.")] = 1024,
+    max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 64,
+) -> None:
+    """Serve the embedding and search API."""
+    import uvicorn
+
+    from serving.batcher import BatcherConfig
+    from serving.payloads import Limits
+    from serving.service import Service, ServiceConfig, create_app
+
+    try:
+        config = ServiceConfig(
+            model=model,
+            index=index,
+            provider=provider,
+            threads=threads,
+            batcher=BatcherConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue),
+            limits=Limits(max_images=max_images),
+        )
+        service = Service(config)
+        service.load()
+    except EXPECTED_ERRORS as error:
+        raise _fail(str(error) or type(error).__name__) from None
+    uvicorn.run(create_app(config, service), host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
+
+
 def _search_override(parameter: str | None, nprobe: int | None, ef: int | None) -> int | None:
     """The one override that fits the index's search parameter; a clear error for the other."""
     if nprobe is not None and parameter != "nprobe":

@@ -157,8 +157,36 @@ class IndexBundle:
                 pass
         return _reconstruct(self.index, row)
 
-    def search(self, vectors: np.ndarray, k: int) -> list[list[Hit]]:
-        """Top-``k`` hits for each row of ``vectors`` (float32 ``[N, dim]``), best first."""
+    def search_parameters(self, value: int | None) -> tuple[faiss.SearchParameters | None, object]:
+        """Per-call parameters for ``nprobe``/``efSearch`` = ``value`` (None: the tuned setting).
+
+        Unlike `set_search_parameter`, these leave the index untouched, so concurrent
+        requests with different overrides do not race. The second item keeps the inner
+        parameters alive while FAISS holds a pointer to them.
+        """
+        if value is None:
+            return None, None
+        if self.search_parameter is None:
+            raise IndexBundleError(f"a {self.info['index_kind']} index is exact: it has no search parameter to set")
+        if value < 1:
+            raise IndexBundleError(f"{self.search_parameter} must be >= 1; got {value}")
+        if self.search_parameter == "nprobe":
+            inner = faiss.SearchParametersIVF()
+            inner.nprobe = int(value)
+        else:
+            inner = faiss.SearchParametersHNSW()
+            inner.efSearch = int(value)
+        if isinstance(self.index, faiss.IndexPreTransform):
+            outer = faiss.SearchParametersPreTransform()
+            outer.index_params = inner
+            return outer, inner
+        return inner, inner
+
+    def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list[list[Hit]]:
+        """Top-``k`` hits for each row of ``vectors`` (float32 ``[N, dim]``), best first.
+
+        ``effort`` overrides the tuned ``nprobe``/``efSearch`` for this call only.
+        """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors must be [N, {self.dim}]; got shape {list(vectors.shape)}")
@@ -166,7 +194,8 @@ class IndexBundle:
             raise ValueError("query vectors contain NaN or infinity")
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
-        scores, ids = self.index.search(vectors, min(k, self.index.ntotal))
+        params, _keep = self.search_parameters(effort)
+        scores, ids = self.index.search(vectors, min(k, self.index.ntotal), params=params)
         if self.metric == "l2":
             scores = -scores
         return [

@@ -1,0 +1,252 @@
+"""`mocoplus serve`: the ONNX Runtime embedding and FAISS search service (DESIGN §2, §5) — no torch.
+
+FastAPI on uvicorn. Images from concurrent requests are decoded off the event
+loop, then coalesced by the `MicroBatcher` into one ONNX Runtime call; search
+runs in a thread too. Readiness comes only after the model (and index) are
+loaded and a warm-up batch has run. Bad input is a 4xx with a one-line
+reason (`serving.payloads`), a full queue a 503 with ``Retry-After``; a 500
+means a bug. Startup refuses an index built with another model and a CUDA
+request that ONNX Runtime would silently serve on the CPU (`ModelBundle`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
+from serving.bundle import ModelBundle
+from serving.index import IndexBundle, IndexBundleError
+from serving.metrics import ServiceMetrics
+from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, read_payload
+
+RETRY_AFTER_SECONDS = 1
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    model: Path
+    index: Path | None = None
+    provider: str = "cpu"
+    threads: int = 0  # ONNX Runtime intra-op threads; 0: its default
+    batcher: BatcherConfig = field(default_factory=BatcherConfig)
+    limits: Limits = field(default_factory=Limits)
+    default_k: int = 10
+
+
+class Service:
+    """What the endpoints share: the loaded model and index, the batcher, the metrics, readiness."""
+
+    def __init__(self, config: ServiceConfig) -> None:
+        self.config = config
+        self.metrics = ServiceMetrics()
+        self.ready = False
+        self.model: ModelBundle | None = None
+        self.index: IndexBundle | None = None
+        self.batcher: MicroBatcher | None = None
+        self.failure: str | None = None  # why loading failed, for /readyz
+
+    def load(self) -> None:
+        """Load and cross-check the model and index (blocking: run it in a thread)."""
+        model = ModelBundle(self.config.model, provider=self.config.provider, threads=self.config.threads)
+        index = IndexBundle(self.config.index) if self.config.index else None
+        if index is not None:
+            index.check_model(model.hash, self.config.model)
+        self.model, self.index = model, index
+        self.metrics.provider.labels(provider=model.session.get_providers()[0]).set(1)
+
+    async def start(self) -> None:
+        """Load (unless `load` ran already), start the batcher, run a warm-up batch, then become ready."""
+        try:
+            if self.model is None:
+                await asyncio.to_thread(self.load)
+        except (ValueError, OSError) as error:
+            self.failure = str(error)
+            return
+        assert self.model is not None
+        self.batcher = MicroBatcher(self.model.embed, self.config.batcher, self._record_batch)
+        await self.batcher.start()
+        warmup = np.zeros((min(self.config.batcher.max_batch, 8), self.model.size, self.model.size, 3), np.uint8)
+        await self.batcher.embed(warmup)
+        self.ready = True
+
+    def require_ready(self) -> None:
+        if not self.ready:
+            raise RequestError(503, self.failure or "still loading: the model is not ready yet")
+
+    async def stop(self) -> None:
+        self.ready = False
+        if self.batcher is not None:
+            await self.batcher.stop()
+
+    def _record_batch(self, stats: BatchStats) -> None:
+        self.metrics.batch_size.observe(stats.size)
+        self.metrics.stage_seconds.labels(stage="inference").observe(stats.inference_seconds)
+        for wait in stats.queue_waits:
+            self.metrics.stage_seconds.labels(stage="queue_wait").observe(wait)
+
+    async def embed_images(self, blobs: list[bytes]) -> np.ndarray:
+        self.require_ready()
+        assert self.model is not None and self.batcher is not None
+        if not blobs:
+            raise RequestError(422, "no images: send one or more 'images'")
+        started = time.perf_counter()
+        pixels = await asyncio.to_thread(decode_images, blobs, self.model.size, self.config.limits)
+        self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
+        self.metrics.queue_depth.set(self.batcher.depth + len(pixels))
+        try:
+            return await self.batcher.embed(pixels)
+        except QueueFullError as error:
+            raise RequestError(503, f"overloaded: {error}; retry later") from None
+        finally:
+            self.metrics.queue_depth.set(self.batcher.depth)
+
+    async def query_vectors(self, payload: Payload) -> np.ndarray:
+        """The search queries as vectors: exactly one of images, a key, or vectors."""
+        assert self.index is not None
+        given = [name for name, present in (("images", payload.images), ("key", payload.key is not None),
+                                            ("vectors", payload.vectors is not None)) if present]  # fmt: skip
+        if len(given) != 1:
+            raise RequestError(422, f"send exactly one of images, key or vectors; got {given or 'none'}")
+        if payload.key is not None:
+            try:
+                return self.index.vector_of(payload.key)[None, :]
+            except KeyError as error:
+                raise RequestError(404, str(error.args[0])) from None
+        if payload.vectors is not None:
+            if payload.vectors.shape[1] != self.index.dim:
+                raise RequestError(
+                    422, f"vectors must have {self.index.dim} dimensions; got {payload.vectors.shape[1]}"
+                )
+            return payload.vectors
+        return await self.embed_images(payload.images)
+
+    async def search(self, payload: Payload) -> dict[str, Any]:
+        self.require_ready()
+        if self.index is None:
+            raise RequestError(404, "this service has no index (start it with --index)")
+        limits = self.config.limits
+        k = int_field(payload, "k", self.config.default_k, 1, limits.max_k)
+        effort_name = "nprobe" if self.index.search_parameter == "nprobe" else "ef"
+        for name in {"nprobe", "ef"} - {effort_name} if self.index.search_parameter else {"nprobe", "ef"}:
+            if name in payload.fields:
+                raise RequestError(422, f"{name!r} does not apply to this {self.index.info['index_kind']} index")
+        effort = int_field(payload, effort_name, None, 1, limits.max_effort)
+        vectors = await self.query_vectors(payload)
+        started = time.perf_counter()
+        hits = await asyncio.to_thread(self.index.search, vectors, k, effort)
+        self.metrics.stage_seconds.labels(stage="search").observe(time.perf_counter() - started)
+        return {
+            "index": self.index.info["factory"],
+            "model": self.index.bundle_hash,
+            "results": [
+                {"query": position, "hits": [hit.as_dict() for hit in row]} for position, row in enumerate(hits)
+            ],
+        }
+
+
+def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI:
+    """The FastAPI application for ``config``.
+
+    Loading and the warm-up run in the background from startup on, so
+    ``/healthz`` answers at once and ``/readyz`` says 503 until they are done;
+    pass a ``service`` whose `Service.load` already ran to fail fast on a bad
+    model or index before the server listens (the CLI does).
+    """
+    service = service or Service(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        starting = asyncio.create_task(service.start())
+        yield
+        await asyncio.gather(starting, return_exceptions=True)
+        await service.stop()
+
+    app = FastAPI(
+        title="mocoplus",
+        summary="Embed images with an exported MoCo encoder (ONNX Runtime) and search a FAISS index.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.service = service
+
+    @app.middleware("http")
+    async def measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # a bug: answered 500 below, counted here
+            service.metrics.responses.labels(endpoint=request.url.path, code="500").inc()
+            raise
+        endpoint = request.url.path
+        service.metrics.request_seconds.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+        service.metrics.responses.labels(endpoint=endpoint, code=str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, error: RequestError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status == 503 else None
+        return JSONResponse({"error": error.reason}, status_code=error.status, headers=headers)
+
+    @app.exception_handler(IndexBundleError)
+    async def bad_search_parameter(request: Request, error: IndexBundleError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=422)
+
+    @app.post(
+        "/v1/embed",
+        summary="Embed one or more images",
+        description='multipart/form-data with `images` file parts, or JSON `{"images": [base64, ...]}`. '
+        "Returns L2-normalised float32 vectors in request order.",
+    )
+    async def embed(request: Request) -> dict[str, Any]:
+        service.require_ready()
+        payload = await read_payload(request, config.limits)
+        vectors = await service.embed_images(payload.images)
+        assert service.model is not None
+        return {"model": service.model.hash, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
+
+    @app.post(
+        "/v1/search",
+        summary="Search the index with images, a corpus key, or vectors",
+        description='JSON `{"images": [...]}`, `{"key": "..."}` or `{"vectors": [[...]]}` (or multipart '
+        "`images` with form fields), `k` (default 10) and `nprobe`/`ef` overrides. Scores are similarities.",
+    )
+    async def search(request: Request) -> dict[str, Any]:
+        return await service.search(await read_payload(request, config.limits))
+
+    @app.get("/v1/model", summary="The model bundle's model.json and the index summary")
+    async def model() -> dict[str, Any]:
+        if service.model is None:
+            raise RequestError(503, "still loading")
+        index = service.index.info if service.index else None
+        summary = None
+        if index is not None:
+            fields = ("factory", "index_kind", "metric", "count", "dim", "search", "recall_at_k")
+            summary = {name: index.get(name) for name in fields}
+        return {"model": service.model.info, "index": summary}
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/readyz", summary="Readiness: model and index loaded, warm-up batch done")
+    async def readyz() -> JSONResponse:
+        body: dict[str, Any] = {"ready": service.ready}
+        if service.failure:
+            body["error"] = service.failure
+        return JSONResponse(body, status_code=200 if service.ready else 503)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    return app

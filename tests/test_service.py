@@ -1,0 +1,387 @@
+"""The embedding and search service: in process (TestClient) and as a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from pipeline.embed import EmbedConfig, embed
+from pipeline.index import IndexConfig, build_index
+from serving.batcher import BatcherConfig, MicroBatcher, QueueFullError
+from serving.index import INDEX_JSON
+from serving.payloads import Limits
+from serving.service import Service, ServiceConfig, create_app
+
+QUIET = {"progress": False}
+
+
+@pytest.fixture(scope="module")
+def corpus(bundle, fashion_test_shards, tmp_path_factory) -> dict:
+    """The 200 test images: their PNG bytes by key, their offline embeddings, and an index of them."""
+    root = tmp_path_factory.mktemp("service")
+    embed(bundle, str(fashion_test_shards), root / "emb", EmbedConfig(workers=0), **QUIET)
+    build_index(root / "emb", root / "index", IndexConfig(kind="ivf", queries=20), **QUIET)
+    record = json.loads((root / "emb" / "part-000000.json").read_text())
+    vectors = dict(zip(record["keys"], np.load(root / "emb" / "part-000000.npy"), strict=True))
+    images = {}
+    for shard in sorted(Path(fashion_test_shards).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".png"):
+                    images[member.name.removesuffix(".png")] = tar.extractfile(member).read()
+    return {"index": root / "index", "vectors": vectors, "images": images, "keys": record["keys"]}
+
+
+def make_client(bundle: Path, index: Path | None, **overrides) -> TestClient:
+    config = ServiceConfig(model=bundle, index=index, **overrides)
+    return TestClient(create_app(config))
+
+
+def wait_ready(client: TestClient | httpx.Client, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "service never became ready"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def client(bundle, corpus):
+    limits = Limits(max_images=8, max_image_bytes=200_000)
+    with make_client(bundle, corpus["index"], limits=limits) as test_client:
+        wait_ready(test_client)
+        yield test_client
+
+
+def png(size: tuple[int, int], noise: bool = False) -> bytes:
+    """A gray PNG: blank (compresses to almost nothing, even when huge) or noise (incompressible)."""
+    pixels = np.random.default_rng(0).integers(0, 256, size[::-1], dtype=np.uint8) if noise else None
+    image = Image.fromarray(pixels) if noise else Image.new("L", size)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# --- embeddings and search ---------------------------------------------------------------------------------------
+
+
+def test_embed_returns_the_offline_embeddings_multipart_and_json(client, corpus, bundle):
+    keys = corpus["keys"][:5]
+    files = [("images", (f"{key}.png", corpus["images"][key], "image/png")) for key in keys]
+    answer = client.post("/v1/embed", files=files)
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    expected = np.stack([corpus["vectors"][key] for key in keys])
+    assert (
+        body["dim"] == expected.shape[1]
+        and body["model"] == json.loads((bundle / "model.json").read_text())["bundle_hash"]
+    )
+    np.testing.assert_allclose(np.array(body["embeddings"]), expected, atol=1e-5)
+    encoded = [base64.b64encode(corpus["images"][key]).decode() for key in keys]
+    as_json = client.post("/v1/embed", json={"images": encoded})
+    np.testing.assert_allclose(np.array(as_json.json()["embeddings"]), expected, atol=1e-5)
+
+
+def test_search_by_image_key_and_vector_finds_the_item_itself_first(client, corpus):
+    key = corpus["keys"][7]
+    by_image = client.post(
+        "/v1/search", files=[("images", ("q.png", corpus["images"][key], "image/png"))], data={"k": "3"}
+    )
+    assert by_image.status_code == 200, by_image.text
+    hits = by_image.json()["results"][0]["hits"]
+    assert hits[0]["key"] == key and len(hits) == 3 and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    by_key = client.post("/v1/search", json={"key": key, "k": 2, "nprobe": 4})
+    assert by_key.json()["results"][0]["hits"][0]["key"] == key
+    vector = corpus["vectors"][key].tolist()
+    by_vector = client.post("/v1/search", json={"vectors": [vector, vector], "k": 1})
+    assert [result["hits"][0]["key"] for result in by_vector.json()["results"]] == [key, key]
+
+
+def test_model_health_and_openapi(client):
+    info = client.get("/v1/model").json()
+    assert info["model"]["format"] == 1 and info["index"]["index_kind"] == "ivf"
+    assert client.get("/healthz").json() == {"status": "alive"}
+    assert client.get("/readyz").json() == {"ready": True}
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/embed", "/v1/search", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(paths)
+
+
+def test_metrics_count_requests_batches_and_stages(client, corpus):
+    before = client.get("/metrics").text
+    client.post("/v1/embed", files=[("images", ("a.png", corpus["images"][corpus["keys"][0]], "image/png"))])
+    client.post("/v1/embed", json={"images": ["@@"]})
+    text = client.get("/metrics").text
+
+    def value(line_start: str, source: str) -> float:
+        return sum(float(line.split()[-1]) for line in source.splitlines() if line.startswith(line_start))
+
+    ok = 'mocoplus_responses_total{code="200",endpoint="/v1/embed"}'
+    bad = 'mocoplus_responses_total{code="422",endpoint="/v1/embed"}'
+    assert value(ok, text) == value(ok, before) + 1 and value(bad, text) == value(bad, before) + 1
+    assert value("mocoplus_batch_size_count", text) > value("mocoplus_batch_size_count", before)
+    for stage in ("decode", "queue_wait", "inference", "search"):
+        assert f'mocoplus_stage_seconds_count{{stage="{stage}"}}' in text
+    assert 'mocoplus_execution_provider{provider="CPUExecutionProvider"} 1.0' in text
+    assert "mocoplus_queue_depth" in text and 'mocoplus_request_seconds_bucket{endpoint="/v1/embed"' in text
+
+
+# --- bad input: 4xx with a reason, never a 500 ---------------------------------------------------------------
+
+
+def upload(*blobs: bytes) -> dict:
+    return {"files": [("images", (f"{number}.png", blob, "image/png")) for number, blob in enumerate(blobs)]}
+
+
+def raw(body: bytes, content_type: str) -> dict:
+    return {"content": body, "headers": {"content-type": content_type}}
+
+
+BAD_EMBED_REQUESTS = [
+    ("not-an-image", upload(b"hello, not an image"), 415, "not a recognised image"),
+    ("truncated", upload(png((64, 64), noise=True)[:2000]), 400, "corrupt or truncated"),
+    ("decompression-bomb", upload(png((8000, 6000))), 413, "too large"),
+    ("too-many-bytes", upload(b"\x89PNG" + bytes(300_000)), 413, "exceeds 200,000 bytes"),
+    ("too-many-images", upload(*[png((28, 28))] * 9), 413, "more than 8 images"),
+    ("too-many-json-images", {"json": {"images": ["aGk="] * 9}}, 413, "limit is 8"),
+    ("broken-json", raw(b'{"images": [', "application/json"), 422, "not valid JSON"),
+    ("wrong-json-shape", {"json": {"images": "abc"}}, 422, "list of base64"),
+    ("bad-base64", {"json": {"images": ["***"]}}, 422, "not valid base64"),
+    ("no-images", {"json": {"images": []}}, 422, "no images"),
+    ("wrong-content-type", raw(b"raw bytes", "image/png"), 415, "multipart/form-data or application/json"),
+]
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "status", "reason"),
+    [pytest.param(*case[1:], id=case[0]) for case in BAD_EMBED_REQUESTS],
+)
+def test_bad_embed_requests_are_4xx_with_a_reason(client, request_kwargs, status, reason):
+    answer = client.post("/v1/embed", **request_kwargs)
+    assert answer.status_code == status, answer.text
+    assert reason in answer.json()["error"] and "\n" not in answer.json()["error"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "reason"),
+    [
+        pytest.param({"key": "no-such-key"}, 404, "no sample with key", id="unknown-key"),
+        pytest.param({"vectors": [[0.1, 0.2]]}, 422, "dimensions", id="wrong-dim"),
+        pytest.param({"vectors": [[1, "a"]]}, 422, "lists of numbers", id="not-numbers"),
+        pytest.param({"vectors": [[float("nan")] * 3]}, 422, "NaN", id="nan"),
+        pytest.param({"key": "x", "vectors": [[0.0]]}, 422, "exactly one of", id="two-kinds"),
+        pytest.param({"key": "x", "k": 0}, 422, "'k' must lie in", id="k-zero"),
+        pytest.param({"key": "x", "k": "ten"}, 422, "'k' must be an integer", id="k-text"),
+        pytest.param({"key": "x", "ef": 8}, 422, "'ef' does not apply", id="wrong-parameter"),
+        pytest.param({"key": "x", "nprobe": 10**9}, 422, "'nprobe' must lie in", id="nprobe-too-big"),
+    ],
+)
+def test_bad_search_requests_are_4xx_with_a_reason(client, body, status, reason):
+    content = json.dumps(body, allow_nan=True).encode()
+    answer = client.post("/v1/search", content=content, headers={"content-type": "application/json"})
+    assert answer.status_code == status, answer.text
+    assert reason in answer.json()["error"]
+
+
+def test_a_request_larger_than_the_queue_is_refused_503_with_retry_after(bundle):
+    with make_client(bundle, None, batcher=BatcherConfig(max_batch=2, max_queue=3)) as small:
+        wait_ready(small)
+        files = [("images", (f"{i}.png", png((28, 28)), "image/png")) for i in range(4)]
+        answer = small.post("/v1/embed", files=files)
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert "overloaded" in answer.json()["error"]
+        assert small.post("/v1/embed", files=files[:3]).status_code == 200  # what fits is served
+        assert small.post("/v1/search", json={"key": "x"}).status_code == 404  # no index
+
+
+def test_readiness_waits_for_the_model_and_reports_a_load_failure(bundle, tmp_path, monkeypatch):
+    release = threading.Event()
+    real_load = Service.load
+
+    def slow_load(self):
+        release.wait(30)
+        real_load(self)
+
+    monkeypatch.setattr(Service, "load", slow_load)
+    with make_client(bundle, None) as loading:
+        assert loading.get("/healthz").status_code == 200
+        assert loading.get("/readyz").status_code == 503
+        assert loading.post("/v1/embed", json={"images": ["aGk="]}).status_code == 503
+        release.set()
+        wait_ready(loading)
+    monkeypatch.setattr(Service, "load", real_load)
+    with make_client(tmp_path, None) as broken:
+        deadline = time.monotonic() + 30
+        while "error" not in broken.get("/readyz").json() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        answer = broken.get("/readyz")
+        assert answer.status_code == 503 and "model.json" in answer.json()["error"]
+
+
+# --- the micro-batcher -----------------------------------------------------------------------------------------
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows():
+    calls: list[int] = []
+
+    def model(images: np.ndarray) -> np.ndarray:
+        calls.append(len(images))
+        time.sleep(0.01)
+        return images.reshape(len(images), -1)[:, :1].astype(np.float32)
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = MicroBatcher(model, BatcherConfig(max_batch=8, max_wait_ms=20, max_queue=100))
+        await batcher.start()
+        requests = [np.full((1 + i % 3, 2, 2, 3), i, np.uint8) for i in range(20)]
+        results = await asyncio.gather(*(batcher.embed(images) for images in requests))
+        await batcher.stop()
+        return [result[:, 0] for result in results], requests
+
+    results, requests = asyncio.run(scenario())
+    for result, images in zip(results, requests, strict=True):
+        assert result.tolist() == [float(images[0, 0, 0, 0])] * len(images)
+    assert sum(calls) == sum(len(images) for images in requests) and max(calls) <= 8
+    assert len(calls) < len(requests)  # coalesced
+
+
+def test_batcher_refuses_beyond_its_queue_and_reports_model_errors_to_each_request():
+    def broken(images: np.ndarray) -> np.ndarray:
+        raise RuntimeError("model exploded")
+
+    async def scenario() -> None:
+        batcher = MicroBatcher(broken, BatcherConfig(max_batch=4, max_queue=4))
+        await batcher.start()
+        with pytest.raises(QueueFullError):
+            await batcher.embed(np.zeros((5, 2, 2, 3), np.uint8))
+        outcomes = await asyncio.gather(
+            *(batcher.embed(np.zeros((1, 2, 2, 3), np.uint8)) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(outcome, RuntimeError) for outcome in outcomes)
+        await batcher.stop()
+
+    asyncio.run(scenario())
+
+
+# --- a real server ---------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "flows.cli", "serve", *args, "--port", str(port)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1]
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def wait_listening(process: subprocess.Popen, url: str, seconds: float = 90) -> httpx.Client:
+    client = httpx.Client(base_url=url, timeout=30)
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if client.get("/readyz").status_code == 200:
+                return client
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.1)
+
+
+def test_real_server_serves_concurrent_clients_and_isolates_a_bad_image(bundle, corpus):
+    process, url = start_server("--model", str(bundle), "--index", str(corpus["index"]), "--max-wait-ms", "20")
+    try:
+        client = wait_listening(process, url)
+        keys = corpus["keys"][:24]
+        outcomes: dict[str, int | list] = {}
+
+        def good(key: str) -> None:
+            answer = httpx.post(
+                f"{url}/v1/embed", files=[("images", ("q.png", corpus["images"][key], "image/png"))], timeout=30
+            )
+            outcomes[key] = answer.json()["embeddings"][0] if answer.status_code == 200 else answer.status_code
+
+        def bad(number: int) -> None:
+            answer = httpx.post(
+                f"{url}/v1/embed", files=[("images", ("q.png", b"junk" * number, "image/png"))], timeout=30
+            )
+            outcomes[f"bad{number}"] = answer.status_code
+
+        threads = [threading.Thread(target=good, args=(key,)) for key in keys]
+        threads += [threading.Thread(target=bad, args=(number,)) for number in range(1, 5)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for key in keys:
+            np.testing.assert_allclose(outcomes[key], corpus["vectors"][key], atol=1e-5)
+        assert [outcomes[f"bad{number}"] for number in range(1, 5)] == [415] * 4
+        hits = client.post("/v1/search", json={"key": keys[3], "k": 1}).json()["results"][0]["hits"]
+        assert hits[0]["key"] == keys[3]
+        assert "mocoplus_batch_size_bucket" in client.get("/metrics").text
+    finally:
+        stop(process)
+
+
+def test_sigterm_drains_a_request_in_flight(bundle, corpus):
+    process, url = start_server("--model", str(bundle), "--max-wait-ms", "1500", "--max-batch", "64")
+    try:
+        wait_listening(process, url)
+        answers: list[httpx.Response] = []
+        image = corpus["images"][corpus["keys"][0]]
+        sender = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/v1/embed", files=[("images", ("q.png", image, "image/png"))], timeout=30)
+            )
+        )
+        sender.start()
+        time.sleep(0.5)  # the request now waits in the batcher for its batch to fill (1.5 s)
+        process.send_signal(signal.SIGTERM)
+        sender.join(30)
+        assert answers and answers[0].status_code == 200
+        assert process.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
+    finally:
+        stop(process)
+
+
+def test_startup_refuses_an_index_of_another_model(bundle, corpus, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for path in corpus["index"].iterdir():
+        (foreign / path.name).write_bytes(path.read_bytes())
+    info = json.loads((foreign / INDEX_JSON).read_text())
+    (foreign / INDEX_JSON).write_text(json.dumps({**info, "bundle_hash": "0" * 64}))
+    process, _ = start_server("--model", str(bundle), "--index", str(foreign))
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1 and "error: index" in output and "would not be comparable" in output
+    assert "Traceback" not in output
