@@ -571,13 +571,14 @@ def serve(
     max_wait_ms: Annotated[float, typer.Option(min=0, help="Longest a batch waits to fill.")] = 5.0,
     max_queue: Annotated[int, typer.Option(min=1, help="Most images waiting; beyond, 503.")] = 1024,
     max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 64,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model and batcher.")] = 1,
 ) -> None:
     """Serve the embedding and search API."""
     import uvicorn
 
     from serving.batcher import BatcherConfig
     from serving.payloads import Limits
-    from serving.service import Service, ServiceConfig, create_app
+    from serving.service import CONFIG_ENV, Service, ServiceConfig, config_to_json, create_app
 
     try:
         config = ServiceConfig(
@@ -592,7 +593,12 @@ def serve(
         service.load()
     except EXPECTED_ERRORS as error:
         raise _fail(str(error) or type(error).__name__) from None
-    uvicorn.run(create_app(config, service), host=host, port=port, timeout_graceful_shutdown=30, log_level="info")
+    options = {"host": host, "port": port, "timeout_graceful_shutdown": 30, "log_level": "info"}
+    if workers == 1:
+        uvicorn.run(create_app(config, service), **options)
+        return
+    os.environ[CONFIG_ENV] = config_to_json(config)  # checked above; each worker process loads its own copy
+    uvicorn.run("serving.service:app_from_env", factory=True, workers=workers, **options)
 
 
 def _search_override(parameter: str | None, nprobe: int | None, ef: int | None) -> int | None:

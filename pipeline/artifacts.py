@@ -12,7 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -41,6 +44,35 @@ def prepare_out_dir(out_dir: Path) -> Path:
     if not os.access(out_dir, os.W_OK):
         raise PermissionError(f"output folder {out_dir} is not writable")
     return out_dir
+
+
+def require_new_dir(out_dir: Path) -> Path:
+    """``out_dir`` must not exist or be an empty folder: a bundle is never written over another."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FileExistsError(f"{out_dir} exists and is not an empty folder: choose a new --out")
+    return out_dir
+
+
+@contextmanager
+def building_dir(out_dir: Path) -> Iterator[Path]:
+    """A hidden temp folder beside ``out_dir``, renamed to it when the block succeeds, removed when it fails.
+
+    For bundles (several files that only make sense together): a reader sees the
+    whole folder or none of it.
+    """
+    out_dir = require_new_dir(out_dir)
+    parent = prepare_out_dir(out_dir.parent)
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{out_dir.name}."))
+    try:
+        work.chmod(0o755)  # mkdtemp's 0700 would make the bundle private to this user
+        yield work
+        if out_dir.exists():
+            out_dir.rmdir()  # empty, checked above
+        work.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
 
 
 def temp_path_for(path: Path) -> Path:

@@ -26,8 +26,6 @@ renamed into place.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,7 +38,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mocoplus.heads import Encoder
-from pipeline.artifacts import TEMP_PREFIX, package_version, prepare_out_dir, sha256_file
+from pipeline.artifacts import TEMP_PREFIX, building_dir, package_version, require_new_dir, sha256_file
 from pipeline.augment import AugmentConfig
 from pipeline.data import EvalStream, StreamConfig
 from pipeline.evaluate import load_run
@@ -282,8 +280,7 @@ def _write_models(
 def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) -> ExportResult:
     """Export ``run_dir``'s encoder to a model bundle at ``out_dir``; see the module docstring."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} exists and is not empty: choose a new --out")
+    require_new_dir(out_dir)
     moco, state, checkpoint = load_run(run_dir, config.checkpoint)
     run_config = config_from_dict(state["config"])
     augment = run_config.augmentation
@@ -297,10 +294,7 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
     if config.quantize == "int8":
         calibration = parity_images(config.calibration or run_config.data.train, size, config.calibration_images)
 
-    parent = prepare_out_dir(out_dir.parent)
-    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{out_dir.name}."))
-    try:
-        work.chmod(0o755)  # mkdtemp's 0700 would make the bundle private to this user
+    with building_dir(out_dir) as work:
         example = torch.from_numpy(images[:2])
         scripted = _write_models(model, example, work, config, calibration)
         with torch.no_grad():
@@ -336,10 +330,4 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
                 "calibration_shards": config.calibration or run_config.data.train,
             }
         (work / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return ExportResult(out_dir, info)

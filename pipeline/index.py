@@ -23,8 +23,6 @@ into place: a failed or killed build leaves nothing that looks finished.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -34,7 +32,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.artifacts import TEMP_PREFIX, package_version, prepare_out_dir, progress_bar, sha256_file
+from pipeline.artifacts import building_dir, package_version, progress_bar, require_new_dir, sha256_file
 from pipeline.index_plan import KINDS, METRICS, IndexPlan, plan_index
 from pipeline.index_shards import ShardedBuild, shard_bounds
 from pipeline.index_tune import exact_neighbours, metric_type, queries_per_second, recall_at_k, tune
@@ -81,9 +79,7 @@ def build_index(
     embeddings_dir: Path, out_dir: Path, config: IndexConfig = IndexConfig(), *, progress: bool = True
 ) -> IndexResult:
     """Build, tune and write the index bundle for the embedding set at ``embeddings_dir``."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(f"{out_dir} exists and is not an empty folder: choose a new --out")
+    out_dir = require_new_dir(out_dir)
     embeddings = EmbeddingSet(embeddings_dir)
     if embeddings.count < 1:
         raise ValueError(f"{embeddings_dir} holds no vectors to index")
@@ -96,10 +92,7 @@ def build_index(
     corpus = embeddings.count - len(held_out)  # index ids [0, corpus) while tuning
     timings: dict[str, float] = {}
 
-    parent = prepare_out_dir(out_dir.parent)
-    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{out_dir.name}."))
-    try:
-        work.chmod(0o755)
+    with building_dir(out_dir) as work:
         started = time.perf_counter()
         index = _trained_index(embeddings, plan, config, rng, timings)
         with progress_bar(progress) as bar:
@@ -140,12 +133,6 @@ def build_index(
         np.save(work / ROWS_FILE, order)
         info = _describe(embeddings, plan, config, search, report, timings, merge, work)
         (work / INDEX_JSON).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            out_dir.rmdir()  # empty, checked above
-        work.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return IndexResult(out_dir, info)
 
 

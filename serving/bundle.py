@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from serving.jsonfile import read_json
+
 BUNDLE_FORMAT = 1
 MODEL_JSON, ONNX_FILE, TORCHSCRIPT_FILE = "model.json", "encoder.onnx", "encoder.pt"
 INPUT_NAME, OUTPUT_NAME = "images", "embedding"
@@ -51,13 +53,8 @@ def bundle_hash(info: dict[str, Any]) -> str:
 
 def read_model_json(bundle_dir: Path) -> dict[str, Any]:
     path = Path(bundle_dir) / MODEL_JSON
-    if not path.is_file():
-        raise BundleError(f"{bundle_dir} is not a model bundle: no {MODEL_JSON}")
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise BundleError(f"{path}: unreadable ({error})") from None
-    if not isinstance(info, dict) or info.get("format") != BUNDLE_FORMAT:
+    info = read_json(path, BundleError, f"{bundle_dir} is not a model bundle: no {MODEL_JSON}")
+    if info.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: not a format-{BUNDLE_FORMAT} model.json")
     if info.get("bundle_hash") != bundle_hash(info):
         raise BundleError(f"{path}: bundle_hash does not match its contents (edited or corrupt)")

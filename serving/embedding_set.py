@@ -11,13 +11,14 @@ order, rows in part order — the ids the index stores.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from serving.jsonfile import read_json
 
 EMBEDDINGS_MANIFEST = "manifest.json"
 EMBEDDINGS_KIND = "mocoplus.embeddings"
@@ -44,15 +45,12 @@ class EmbeddingSet:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
         manifest_path = self.path / EMBEDDINGS_MANIFEST
-        if not manifest_path.is_file():
-            raise EmbeddingSetError(
-                f"{self.path} is not a complete embedding set: no {EMBEDDINGS_MANIFEST} "
-                "(run mocoplus embed; with --num-shards, every share must finish)"
-            )
-        try:
-            self.manifest: dict[str, Any] = json.loads(manifest_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise EmbeddingSetError(f"{manifest_path}: unreadable ({error})") from None
+        self.manifest: dict[str, Any] = read_json(
+            manifest_path,
+            EmbeddingSetError,
+            f"{self.path} is not a complete embedding set: no {EMBEDDINGS_MANIFEST} "
+            "(run mocoplus embed; with --num-shards, every share must finish)",
+        )
         if self.manifest.get("kind") != EMBEDDINGS_KIND:
             raise EmbeddingSetError(f"{manifest_path} is not an embedding-set manifest")
         self.parts: list[EmbeddingPart] = []
@@ -94,10 +92,7 @@ class EmbeddingSet:
 
     def record(self, part: EmbeddingPart) -> dict[str, Any]:
         path = self.path / f"{part.name}.json"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise EmbeddingSetError(f"{path}: unreadable ({error})") from None
+        record = read_json(path, EmbeddingSetError, f"{path}: missing (the embedding set is damaged)")
         if record.get("bundle_hash") != self.bundle_hash or len(record.get("keys", ())) != part.count:
             raise EmbeddingSetError(f"{path} does not match {EMBEDDINGS_MANIFEST} (bundle hash or row count)")
         return record

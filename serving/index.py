@@ -21,6 +21,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from serving.jsonfile import read_json
+
 INDEX_FORMAT = 1
 INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
 ROWS_FILE = "rows.npy"  # index id → row of the embedding set it came from
@@ -61,13 +63,8 @@ def gpu_index(index: faiss.Index) -> faiss.Index:
 
 def read_index_json(path: Path) -> dict[str, Any]:
     info_path = Path(path) / INDEX_JSON
-    if not info_path.is_file():
-        raise IndexBundleError(f"{path} is not an index bundle: no {INDEX_JSON}")
-    try:
-        info = json.loads(info_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise IndexBundleError(f"{info_path}: unreadable ({error})") from None
-    if not isinstance(info, dict) or info.get("kind") != INDEX_KIND or info.get("format") != INDEX_FORMAT:
+    info = read_json(info_path, IndexBundleError, f"{path} is not an index bundle: no {INDEX_JSON}")
+    if info.get("kind") != INDEX_KIND or info.get("format") != INDEX_FORMAT:
         raise IndexBundleError(f"{info_path} is not a format-{INDEX_FORMAT} mocoplus index description")
     return info
 

@@ -12,10 +12,12 @@ request that ONNX Runtime would silently serve on the CPU (`ModelBundle`).
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from serving.metrics import ServiceMetrics
 from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, read_payload
 
 RETRY_AFTER_SECONDS = 1
+CONFIG_ENV = "MOCOPLUS_SERVE_CONFIG"  # how `mocoplus serve --workers N` hands the config to each worker process
 
 
 @dataclass(frozen=True)
@@ -250,3 +253,24 @@ def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def config_to_json(config: ServiceConfig) -> str:
+    data = asdict(config)
+    data["model"], data["index"] = str(config.model), str(config.index) if config.index else None
+    return json.dumps(data)
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn's factory for worker processes: the config `config_to_json` put in ``$MOCOPLUS_SERVE_CONFIG``."""
+    data = json.loads(os.environ[CONFIG_ENV])
+    config = ServiceConfig(
+        **{
+            **data,
+            "model": Path(data["model"]),
+            "index": Path(data["index"]) if data["index"] else None,
+            "batcher": BatcherConfig(**data["batcher"]),
+            "limits": Limits(**data["limits"]),
+        }
+    )
+    return create_app(config)

@@ -213,7 +213,7 @@ def test_missing_run_corrupt_checkpoint_and_used_output_are_clear_errors(trained
     used = tmp_path / "used"
     used.mkdir()
     (used / "keep.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="not an empty folder"):
         export(trained_run, used, SMALL)
     assert (used / "keep.txt").read_text() == "mine"
     assert leftovers(tmp_path) == []

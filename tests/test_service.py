@@ -385,3 +385,15 @@ def test_startup_refuses_an_index_of_another_model(bundle, corpus, tmp_path):
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 1 and "error: index" in output and "would not be comparable" in output
     assert "Traceback" not in output
+
+
+def test_two_worker_processes_serve_the_same_embeddings(bundle, corpus):
+    process, url = start_server("--model", str(bundle), "--workers", "2")
+    try:
+        client = wait_listening(process, url)
+        key = corpus["keys"][2]
+        for _ in range(4):  # connections land on either worker
+            answer = client.post("/v1/embed", files=[("images", ("q.png", corpus["images"][key], "image/png"))])
+            np.testing.assert_allclose(answer.json()["embeddings"][0], corpus["vectors"][key], atol=1e-5)
+    finally:
+        stop(process)
