@@ -397,3 +397,12 @@ def test_two_worker_processes_serve_the_same_embeddings(bundle, corpus):
             np.testing.assert_allclose(answer.json()["embeddings"][0], corpus["vectors"][key], atol=1e-5)
     finally:
         stop(process)
+
+
+def test_serve_refuses_cuda_it_cannot_have_before_listening(bundle):
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--model", str(bundle), "--provider", "cuda", "--port", "1"])
+    assert result.exit_code == 1 and "provider 'cuda' asked for" in result.stderr

@@ -1,0 +1,91 @@
+"""The ``index-corpus`` Prefect flow: embed a shard set in parallel shares, index it, check recall.
+
+Orchestration only: the stages are `pipeline.embed.embed` and
+`pipeline.index.build_index`. Embedding is mapped over ``shares`` Prefect
+tasks, share i taking input shards i, i + n, ... (the same split as
+``mocoplus embed --shard-index i --num-shards n``), so with a distributed task
+runner each share runs on its own worker; the default is a thread pool.
+Tasks pass paths, not arrays, retry with back-off, and skip what is done:
+embedding resumes part by part, and an index whose ``index.json`` names the
+current embedding manifest is kept. A markdown artifact reports the result.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task, unmapped
+from prefect.artifacts import create_markdown_artifact
+
+EMBEDDINGS, INDEX = "embeddings", "index"
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], task_run_name="embed share {share} of {shares}")
+def embed_share(model: str, data: str, out: str, share: int, shares: int, batch_size: int = 256) -> dict[str, Any]:
+    """One share of the input shards through the model; finished parts are skipped (resume)."""
+    from pipeline.embed import EmbedConfig, embed
+
+    # workers=0: no forked loader processes from a task thread; the shares themselves run in parallel
+    config = EmbedConfig(batch_size=batch_size, workers=0, shard_index=share, num_shards=shares)
+    result = embed(Path(model), data, Path(out), config, progress=False)
+    get_run_logger().info(
+        "share %d/%d: %d parts written (%d samples), %d already done",
+        share, shares, result.parts_written, result.samples, result.parts_skipped,
+    )  # fmt: skip
+    return {"parts_written": result.parts_written, "parts_skipped": result.parts_skipped, "samples": result.samples}
+
+
+@task(retries=1, retry_delay_seconds=5)
+def index_embeddings(embeddings: str, out: str, kind: str, target_recall: float) -> dict[str, Any]:
+    """Build the index, unless ``out`` already indexes exactly this embedding manifest."""
+    from pipeline.artifacts import sha256_file
+    from pipeline.index import IndexConfig, build_index
+    from serving.embedding_set import EMBEDDINGS_MANIFEST
+    from serving.index import INDEX_JSON
+
+    manifest_sha = sha256_file(Path(embeddings) / EMBEDDINGS_MANIFEST)
+    info_path = Path(out) / INDEX_JSON
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if info.get("embeddings", {}).get("manifest_sha256") == manifest_sha:
+            get_run_logger().info("%s already indexes these embeddings: kept", out)
+            return {**info, "reused": True}
+        raise FileExistsError(f"{out} indexes other embeddings; remove it or choose another output folder")
+    info = build_index(Path(embeddings), Path(out), IndexConfig(kind=kind, target_recall=target_recall), progress=False)
+    return {**info.info, "reused": False}
+
+
+@task
+def check_recall(info: dict[str, Any]) -> dict[str, Any]:
+    """Fail the flow when the index cannot reach its target; publish the numbers either way."""
+    report = info["recall_at_k"]
+    params = ", ".join(f"{name}={value}" for name, value in info["search"]["params"].items()) or "exact"
+    rows = [
+        ("index", f"`{info['factory']}` ({params})"),
+        ("vectors", f"{info['count']:,}"),
+        (f"recall@{report['k']}", f"{report['recall']:.3f} (target {report.get('target')})"),
+        ("queries/s", f"{report.get('qps', 0):,.0f} (exact {report.get('exact_qps') or 0:,.0f})"),
+        ("build", f"{info['build']['total_seconds']:.1f} s" + (" (reused)" if info.get("reused") else "")),
+    ]
+    table = "| | |\n|---|---|\n" + "\n".join(f"| {name} | {value} |" for name, value in rows)
+    create_markdown_artifact(table, key="index-corpus", description="index-corpus: recall and speed")
+    if report.get("target_met") is False:
+        raise ValueError(f"recall@{report['k']} {report['recall']:.3f} is below the target {report['target']}")
+    return {"recall": report["recall"], "qps": report.get("qps"), "factory": info["factory"]}
+
+
+@flow(name="index-corpus", log_prints=True)
+def index_corpus(
+    model: str, data: str, out: str, shares: int = 2, kind: str = "auto", target_recall: float = 0.95
+) -> dict[str, Any]:
+    """Embed ``data`` with ``model`` in ``shares`` parallel tasks into ``out/embeddings``, index into ``out/index``."""
+    embeddings, index = str(Path(out) / EMBEDDINGS), str(Path(out) / INDEX)
+    shares_done = embed_share.map(
+        unmapped(model), unmapped(data), unmapped(embeddings), range(shares), unmapped(shares)
+    )
+    samples = sum(result["samples"] for result in shares_done.result())
+    info = index_embeddings(embeddings, index, kind, target_recall)
+    summary = check_recall(info)
+    return {"embeddings": embeddings, "index": index, "samples_embedded_now": samples, **summary}

@@ -1,0 +1,63 @@
+"""Prefect flows on tiny real data, against Prefect's test harness (a temporary local API)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.embed import EmbedConfig, embed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prefect_api(tmp_path_factory):
+    """A throwaway Prefect home and API for this module's flow runs."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    saved = {name: os.environ.get(name) for name in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
+    os.environ["PREFECT_HOME"] = str(home)
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+def test_index_corpus_embeds_in_shares_indexes_and_skips_what_is_done(bundle, fashion_shards, tmp_path):
+    from flows.index_corpus import index_corpus
+
+    first = index_corpus(str(bundle), str(fashion_shards), str(tmp_path / "out"), shares=2)
+    assert first["samples_embedded_now"] == 600 and first["recall"] >= 0.95
+    sequential = tmp_path / "sequential"
+    embed(bundle, str(fashion_shards), sequential, EmbedConfig(workers=0), progress=False)
+    for part in sorted(sequential.glob("part-*.npy")):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings" / part.name), np.load(part))
+    info_before = (tmp_path / "out" / "index" / "index.json").read_text()
+    again = index_corpus(str(bundle), str(fashion_shards), str(tmp_path / "out"), shares=2)
+    assert again["samples_embedded_now"] == 0  # every part was done
+    assert (tmp_path / "out" / "index" / "index.json").read_text() == info_before  # the index was kept
+    assert json.loads(info_before)["count"] == 600
+
+
+def test_a_task_that_fails_once_is_retried_and_the_flow_completes(bundle, fashion_test_shards, tmp_path, monkeypatch):
+    import pipeline.embed as stage
+    from flows import index_corpus as module
+
+    real, calls = stage.embed, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("transient: the shared folder went away")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stage, "embed", flaky)
+    monkeypatch.setattr(module, "embed_share", module.embed_share.with_options(retry_delay_seconds=0))
+    result = module.index_corpus(str(bundle), str(fashion_test_shards), str(tmp_path / "out"), shares=1)
+    assert len(calls) == 2 and result["samples_embedded_now"] == 200
