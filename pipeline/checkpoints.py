@@ -61,7 +61,10 @@ def mark_best(run_dir: Path, path: Path, metrics: dict[str, Any]) -> None:
 
 
 def resolve_checkpoint(run_dir: Path, which: str = "last") -> Path:
-    """``last``, ``best`` or a path → an existing checkpoint file, or a `FileNotFoundError` saying what is missing."""
+    """``last``, ``best``, ``auto`` (best if the run has one, else last) or a path → an existing checkpoint
+    file, or a `FileNotFoundError` saying what is missing."""
+    if which == "auto":
+        which = "best" if (checkpoint_dir(run_dir) / "best.pt").is_file() else "last"
     if which not in ("last", "best"):
         path = Path(which)
         if not path.is_file():

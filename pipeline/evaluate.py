@@ -24,7 +24,7 @@ from torch.nn import functional as F
 
 from mocoplus import MoCoPlus
 from pipeline.augment import eval_transform
-from pipeline.checkpoints import checkpoint_dir, load_checkpoint, resolve_checkpoint
+from pipeline.checkpoints import load_checkpoint, resolve_checkpoint
 from pipeline.data import EvalStream, StreamConfig
 from pipeline.knn import knn_top1, labelled_features
 from pipeline.precision import resolve_precision
@@ -67,8 +67,6 @@ def load_run(run_dir: Path, checkpoint: str = "auto") -> tuple[MoCoPlus, dict, P
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
-    if checkpoint == "auto":
-        checkpoint = "best" if (checkpoint_dir(run_dir) / "best.pt").is_file() else "last"
     path = resolve_checkpoint(run_dir, checkpoint)
     state = load_checkpoint(path)
     config = config_from_dict(state["config"])

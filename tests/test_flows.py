@@ -61,3 +61,42 @@ def test_a_task_that_fails_once_is_retried_and_the_flow_completes(bundle, fashio
     monkeypatch.setattr(module, "embed_share", module.embed_share.with_options(retry_delay_seconds=0))
     result = module.index_corpus(str(bundle), str(fashion_test_shards), str(tmp_path / "out"), shares=1)
     assert len(calls) == 2 and result["samples_embedded_now"] == 200
+
+
+def test_pretrain_ingests_trains_under_torchrun_evaluates_exports_then_skips(fashion_mnist_env, tmp_path):
+    from test_train import TINY
+
+    from flows.pretrain import pretrain
+
+    paths = {name: str(tmp_path / name) for name in ("train-shards", "test-shards", "run", "model")}
+    arguments = {
+        "source": "fashion-mnist:train",
+        "shards": paths["train-shards"],
+        "run_dir": paths["run"],
+        "model_dir": paths["model"],
+        "eval_source": "fashion-mnist:test",
+        "eval_shards": paths["test-shards"],
+        "overrides": [*TINY, "train.max_steps=3"],
+    }
+    first = pretrain(**arguments)
+    assert first["step"] == 3 and 0 <= first["knn_top1"] <= 1
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in metrics if "loss" in record] == [1, 2, 3]
+    bundle_info = json.loads((tmp_path / "model" / "model.json").read_text())
+    again = pretrain(**arguments)  # everything is done: nothing is redone
+    assert again["step"] == 3
+    assert json.loads((tmp_path / "model" / "model.json").read_text()) == bundle_info
+    metrics_again = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in metrics_again if "loss" in record] == [1, 2, 3]
+
+
+def test_end_to_end_chains_pretrain_index_and_a_search(fashion_mnist_env, tmp_path):
+    from test_train import TINY
+
+    from flows.end_to_end import end_to_end
+
+    result = end_to_end(str(tmp_path / "e2e"), overrides=[*TINY, "train.max_steps=2"], shares=2)
+    assert result["index"]["recall"] >= 0.95 and (tmp_path / "e2e" / "corpus" / "index" / "index.json").is_file()
+    neighbours = result["search"]["neighbours"]
+    assert len(neighbours) == 5 and neighbours[0]["score"] >= neighbours[-1]["score"]
+    assert all(hit["key"].startswith("train") for hit in neighbours)  # the corpus is the training set

@@ -1,0 +1,125 @@
+"""The ``pretrain`` Prefect flow: ingest if missing → train under torchrun → evaluate → export.
+
+Orchestration only. Training runs as a ``torchrun`` subprocess with
+``nproc`` processes (gloo on CPU, NCCL on GPUs), its log lines streamed into
+the Prefect logger; a retry, or a rerun of the flow, continues the run from
+its newest checkpoint (``--resume``), and a finished run resumes to nothing.
+Ingest is skipped when the shard set's manifest is there, export when the
+bundle already comes from the checkpoint it would export.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from pipeline.shards import MANIFEST_NAME
+
+
+@task(retries=1, retry_delay_seconds=10)
+def ingest_if_missing(source: str, shards: str) -> str:
+    if (Path(shards) / MANIFEST_NAME).is_file():
+        get_run_logger().info("%s has its manifest: ingest skipped", shards)
+        return shards
+    from pipeline.ingest import ingest
+
+    result = ingest(source, Path(shards), progress=False)
+    get_run_logger().info("ingested %s → %s: %s", source, shards, result)
+    return shards
+
+
+def train_command(
+    data: str, eval_shards: str | None, run_dir: str, config: str, overrides: list[str], nproc: int
+) -> list[str]:
+    """``torchrun --standalone --nproc_per_node N -m flows.cli train ...``; ``--resume`` once there are checkpoints."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    command += ["-m", "flows.cli", "train", "--data", data, "--out", run_dir, "--config", config, "--no-progress"]
+    command += [argument for override in overrides for argument in ("--set", override)]
+    if eval_shards:
+        command += ["--eval", eval_shards]
+    if any((Path(run_dir) / "checkpoints").glob("*.pt")):
+        command.append("--resume")
+    return command
+
+
+@task(retries=2, retry_delay_seconds=[10, 60])
+def train_run(data: str, eval_shards: str | None, run_dir: str, config: str, overrides: list[str], nproc: int) -> str:
+    logger = get_run_logger()
+    command = train_command(data, eval_shards, run_dir, config, overrides, nproc)
+    logger.info("launching: %s", " ".join(command))
+    tail: deque[str] = deque(maxlen=20)
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
+        assert process.stdout is not None
+        for line in process.stdout:
+            tail.append(line.rstrip())
+            logger.info(line.rstrip())
+    if process.returncode != 0:
+        raise RuntimeError(f"training exited with {process.returncode}: " + " | ".join(tail))
+    return run_dir
+
+
+@task
+def evaluate_run(run_dir: str, train_shards: str, eval_shards: str) -> dict[str, Any]:
+    from pipeline.evaluate import evaluate
+
+    result = evaluate(Path(run_dir), train_shards, eval_shards, workers=0).to_json()
+    key = result["encoders"]["key"]
+    create_markdown_artifact(
+        "| encoder | kNN top-1 | linear top-1 |\n|---|---|---|\n"
+        + "\n".join(
+            f"| {name} | {scores['knn_top1']:.2%} | {scores['linear_top1']:.2%} |"
+            for name, scores in result["encoders"].items()
+        ),
+        key="pretrain-evaluation",
+        description=f"pretrain: {run_dir} at step {result['step']}",
+    )
+    return {"step": result["step"], "knn_top1": key["knn_top1"], "linear_top1": key["linear_top1"]}
+
+
+@task(retries=1, retry_delay_seconds=10)
+def export_run(run_dir: str, model_dir: str) -> str:
+    """Export the run's best checkpoint, unless ``model_dir`` already holds exactly that export."""
+    from pipeline.artifacts import sha256_file
+    from pipeline.checkpoints import resolve_checkpoint
+    from pipeline.export import export
+    from serving.bundle import BundleError, read_model_json
+
+    checkpoint = resolve_checkpoint(Path(run_dir), "auto")
+    if (Path(model_dir) / "model.json").is_file():
+        try:
+            source = read_model_json(Path(model_dir))["source"]
+        except (BundleError, KeyError):
+            source = {}
+        if source.get("checkpoint_sha256") == sha256_file(checkpoint):
+            get_run_logger().info("%s already exports %s: kept", model_dir, checkpoint)
+            return model_dir
+        raise FileExistsError(f"{model_dir} holds another export; remove it or choose another model folder")
+    export(Path(run_dir), Path(model_dir))
+    return model_dir
+
+
+@flow(name="pretrain", log_prints=True)
+def pretrain(
+    source: str,
+    shards: str,
+    run_dir: str,
+    model_dir: str,
+    eval_source: str | None = None,
+    eval_shards: str | None = None,
+    config: str = "fashion-mnist-cpu",
+    overrides: list[str] | None = None,
+    nproc: int = 1,
+) -> dict[str, Any]:
+    """Shards from ``source`` (if missing) → a trained run → its evaluation (with held-out shards) → a bundle."""
+    data = ingest_if_missing(source, shards)
+    held_out = ingest_if_missing(eval_source, eval_shards) if eval_source and eval_shards else None
+    run = train_run(data, held_out, run_dir, config, list(overrides or []), nproc)
+    scores = evaluate_run(run, data, held_out) if held_out else {}
+    model = export_run(run, model_dir)
+    return {"shards": data, "eval_shards": held_out, "run": run, "model": model, **scores}
