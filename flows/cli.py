@@ -601,6 +601,38 @@ def serve(
     uvicorn.run("serving.service:app_from_env", factory=True, workers=workers, **options)
 
 
+flows_app = typer.Typer(
+    name="flows",
+    help="Prefect deployments: pretrain on a cron schedule, index-corpus and end-to-end on demand.",
+    no_args_is_help=True,
+)
+app.add_typer(flows_app)
+
+
+@flows_app.command(
+    "serve",
+    help=(
+        "Register the deployments with the Prefect API ($PREFECT_API_URL) and run their flow runs here.\n\n"
+        "Schedules fire only against a Prefect server (prefect server start); trigger on-demand runs with\n"
+        "prefect deployment run 'index-corpus/index-corpus'.\n\n"
+        "Examples:\n\n"
+        "  prefect server start &   # then: prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api\n\n"
+        "  mocoplus flows serve --out /data/mocoplus --cron '0 3 * * *'"
+    ),
+)
+def flows_serve(
+    out: Annotated[Path, typer.Option(help="Where shards/, run/, model/ and corpus/ live.")],
+    cron: Annotated[str, typer.Option(help="The pretrain schedule (cron, UTC).")] = "0 3 * * *",
+    config: Annotated[str, typer.Option(help="Training preset or TOML/JSON file.")] = "fashion-mnist-cpu",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Training overrides (repeatable).")] = None,
+    nproc: Annotated[int, typer.Option(min=1, help="Training processes (torchrun --nproc_per_node).")] = 1,
+) -> None:
+    """Serve the Prefect deployments."""
+    from flows.deploy import DeploymentConfig, serve_deployments
+
+    serve_deployments(DeploymentConfig(out=out, cron=cron, config=config, overrides=overrides or [], nproc=nproc))
+
+
 def _search_override(parameter: str | None, nprobe: int | None, ef: int | None) -> int | None:
     """The one override that fits the index's search parameter; a clear error for the other."""
     if nprobe is not None and parameter != "nprobe":
