@@ -5,6 +5,8 @@ Orchestration only: the stages are `pipeline.embed.embed` and
 tasks, share i taking input shards i, i + n, ... (the same split as
 ``mocoplus embed --shard-index i --num-shards n``), so with a distributed task
 runner each share runs on its own worker; the default is a thread pool.
+`with_dask` runs the same flow on a Dask cluster (prefect-dask): an existing
+one by address, or a local one of n worker processes — the scale-out path.
 Tasks pass paths, not arrays, retry with back-off, and skip what is done:
 embedding resumes part by part, and an index whose ``index.json`` names the
 current embedding manifest is kept. A markdown artifact reports the result.
@@ -89,3 +91,16 @@ def index_corpus(
     info = index_embeddings(embeddings, index, kind, target_recall)
     summary = check_recall(info)
     return {"embeddings": embeddings, "index": index, "samples_embedded_now": samples, **summary}
+
+
+def with_dask(address: str | None = None, workers: int = 0) -> Any:
+    """`index_corpus` with its tasks on Dask: the cluster at ``address``, or a local one of ``workers`` processes."""
+    from prefect_dask import DaskTaskRunner
+
+    if address:
+        runner = DaskTaskRunner(address=address)
+    elif workers > 0:
+        runner = DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True})
+    else:
+        raise ValueError("give a Dask scheduler address or a number of local workers")
+    return index_corpus.with_options(task_runner=runner)

@@ -100,3 +100,14 @@ def test_end_to_end_chains_pretrain_index_and_a_search(fashion_mnist_env, tmp_pa
     neighbours = result["search"]["neighbours"]
     assert len(neighbours) == 5 and neighbours[0]["score"] >= neighbours[-1]["score"]
     assert all(hit["key"].startswith("train") for hit in neighbours)  # the corpus is the training set
+
+
+def test_the_dask_path_with_two_local_workers_embeds_as_the_sequential_path(bundle, fashion_shards, tmp_path):
+    from flows.index_corpus import with_dask
+
+    result = with_dask(workers=2)(str(bundle), str(fashion_shards), str(tmp_path / "out"), shares=2)
+    assert result["samples_embedded_now"] == 600
+    sequential = tmp_path / "sequential"
+    embed(bundle, str(fashion_shards), sequential, EmbedConfig(workers=0), progress=False)
+    for part in sorted(sequential.glob("part-*.npy")):
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings" / part.name), np.load(part))
