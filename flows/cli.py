@@ -57,55 +57,44 @@ def _root(
 @app.command(
     epilog=(
         "Examples:\n\n"
-        "  mocoplus demo      # defaults: a few minutes on 2 CPU cores\n\n"
-        "  mocoplus demo --out /tmp/demo --epochs 5\n\n"
-        "  mocoplus demo --train-size 1024 --steps 10   # smoke run"
+        "  mocoplus demo                 # the whole chain in about 10 minutes on 2 CPU cores\n\n"
+        "  mocoplus demo --out /tmp/demo --minutes 20"
     )
 )
 def demo(
-    out: Annotated[Path, typer.Option("--out", help="Folder for demo.json (created if missing).")] = Path("demo-out"),
-    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs over the training slice.")] = None,
-    steps: Annotated[int | None, typer.Option(min=1, help="Exact training steps (overrides --epochs).")] = None,
-    train_size: Annotated[int | None, typer.Option(min=1, help="Training images (kNN bank).")] = None,
-    test_size: Annotated[int | None, typer.Option(min=1, help="Test images (kNN queries).")] = None,
-    batch_size: Annotated[int | None, typer.Option(min=8, help="Images per step (a multiple of 8).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="Fashion-MNIST IDX folder (default: $MOCOPLUS_FASHION_MNIST_DIR, else the Debian one)."),
-    ] = None,
-    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+    out: Annotated[Path, typer.Option("--out", help="Folder for shards, run, model, corpus and demo.json.")] = Path(
+        "demo-out"
+    ),
+    minutes: Annotated[float, typer.Option(min=1, help="Time budget; training gets what the rest leaves.")] = 10.0,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Training overrides (repeatable).")] = None,
 ) -> None:
-    """Pretrain MoCoPlus on a Fashion-MNIST slice on the CPU and compare kNN top-1 with random init."""
-    from pipeline.demo import DemoConfig, run_demo  # imported here: torch loads only when the command runs
+    """Ingest, pretrain, evaluate, export, embed, index and search Fashion-MNIST on the CPU (the end-to-end flow)."""
+    from flows.demo import DemoConfig, run_demo
+    from pipeline.fashion_mnist import CLASS_NAMES
 
-    overrides = {
-        "epochs": epochs,
-        "steps": steps,
-        "train_size": train_size,
-        "test_size": test_size,
-        "batch_size": batch_size,
-        "seed": seed,
-        "data_dir": str(data_dir) if data_dir is not None else None,
-    }
     try:
-        config = DemoConfig(**{name: value for name, value in overrides.items() if value is not None})
-        result = run_demo(config, out, progress=progress)
+        report = run_demo(out, DemoConfig(minutes=minutes, overrides=overrides or []))
     except EXPECTED_ERRORS as error:
         raise _fail(str(error) or type(error).__name__) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted", code=130) from None
+        raise _fail("interrupted; rerun to continue (finished stages are skipped)", code=130) from None
 
-    table = Table(title="mocoplus demo: Fashion-MNIST, weighted kNN top-1")
-    table.add_column("encoder")
-    table.add_column("kNN top-1", justify="right")
-    table.add_row("random init", f"{result.knn_top1_random_init:.2%}")
-    table.add_row(f"trained ({result.steps} steps)", f"{result.knn_top1_trained:.2%}")
+    def name(label: int | None) -> str:
+        return CLASS_NAMES[label] if label is not None and 0 <= label < len(CLASS_NAMES) else "?"
+
+    table = Table(title=f"mocoplus demo: Fashion-MNIST, {report['seconds'] / 60:.1f} min")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row(f"kNN top-1 (key encoder, {report['planned_steps']} steps)", f"{report['knn_top1']:.2%}")
+    table.add_row("linear probe top-1", f"{report['linear_top1']:.2%}")
+    table.add_row(f"recall@10 ({report['index']})", f"{report['recall_at_10']:.3f}")
     console = Console()
     console.print(table)
+    search = report["search"]
+    neighbours = ", ".join(name(hit["label"]) for hit in search["neighbours"])
+    console.print(f"search: {search['query']} ({name(search['label'])}) → {neighbours}")
     console.print(
-        f"final loss {result.final_loss:.3f} · precision {result.precision} · "
-        f"{result.train_images_per_s:,.0f} img/s · {result.elapsed_s:.0f} s · wrote {result.output}"
+        f"wrote {Path(out) / 'demo.json'}; model {report['paths']['model']}, index {report['paths']['index']}"
     )
 
 

@@ -19,16 +19,19 @@ from flows.pretrain import pretrain
 
 @task
 def search_smoke(model: str, index: str, query_shards: str, k: int = 5) -> dict[str, Any]:
-    """The first held-out image searched through the bundle and the index: its label and its neighbours'."""
-    from pipeline.export import parity_images
+    """The first held-out image searched through the bundle and the index: its key, label and neighbours."""
+    from pipeline.data import EvalStream, StreamConfig
     from serving.bundle import ModelBundle
     from serving.index import IndexBundle
 
     bundle, searcher = ModelBundle(Path(model)), IndexBundle(Path(index))
     searcher.check_model(bundle.hash, model)
-    image = parity_images(query_shards, bundle.size, 1)
-    hits = searcher.search(bundle.embed(image), k)[0]
-    return {"neighbours": [hit.as_dict() for hit in hits]}
+    stream = EvalStream(query_shards, bundle.size, "RGB", StreamConfig(batch_size=1, workers=0), rank=0, world_size=1)
+    query = next(iter(stream))
+    pixels = query.images.permute(0, 2, 3, 1).contiguous().numpy()
+    hits = searcher.search(bundle.embed(pixels), k)[0]
+    label = int(query.labels[0])
+    return {"query": query.keys[0], "label": label, "neighbours": [hit.as_dict() for hit in hits]}
 
 
 @flow(name="end-to-end", log_prints=True)

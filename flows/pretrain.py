@@ -22,15 +22,20 @@ from prefect.artifacts import create_markdown_artifact
 from pipeline.shards import MANIFEST_NAME
 
 
-@task(retries=1, retry_delay_seconds=10)
-def ingest_if_missing(source: str, shards: str) -> str:
+def ensure_shards(source: str, shards: str) -> bool:
+    """Ingest ``source`` into ``shards`` unless the shard set's manifest is there; True if it ingested."""
     if (Path(shards) / MANIFEST_NAME).is_file():
-        get_run_logger().info("%s has its manifest: ingest skipped", shards)
-        return shards
+        return False
     from pipeline.ingest import ingest
 
-    result = ingest(source, Path(shards), progress=False)
-    get_run_logger().info("ingested %s → %s: %s", source, shards, result)
+    ingest(source, Path(shards), progress=False)
+    return True
+
+
+@task(retries=1, retry_delay_seconds=10)
+def ingest_if_missing(source: str, shards: str) -> str:
+    ingested = ensure_shards(source, shards)
+    get_run_logger().info("%s %s", shards, f"ingested from {source}" if ingested else "has its manifest: skipped")
     return shards
 
 

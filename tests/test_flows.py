@@ -3,30 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
 
 from pipeline.embed import EmbedConfig, embed
 
-
-@pytest.fixture(scope="module", autouse=True)
-def prefect_api(tmp_path_factory):
-    """A throwaway Prefect home and API for this module's flow runs."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    saved = {name: os.environ.get(name) for name in ("PREFECT_HOME", "PREFECT_SERVER_ANALYTICS_ENABLED")}
-    os.environ["PREFECT_HOME"] = str(home)
-    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
 def test_index_corpus_embeds_in_shares_indexes_and_skips_what_is_done(bundle, fashion_shards, tmp_path):

@@ -7,7 +7,6 @@ import base64
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import tarfile
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
+from processes import free_port, stop
 
 from pipeline.embed import EmbedConfig, embed
 from pipeline.index import IndexConfig, build_index
@@ -279,12 +279,6 @@ def test_batcher_refuses_beyond_its_queue_and_reports_model_errors_to_each_reque
 # --- a real server ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(*args: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     command = [sys.executable, "-m", "flows.cli", "serve", *args, "--port", str(port)]
@@ -292,16 +286,6 @@ def start_server(*args: str) -> tuple[subprocess.Popen, str]:
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1]
     )
     return process, f"http://127.0.0.1:{port}"
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
 
 
 def wait_listening(process: subprocess.Popen, url: str, seconds: float = 90) -> httpx.Client:
