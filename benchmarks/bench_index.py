@@ -106,7 +106,7 @@ def measure_kind(
         "build_seconds": round(wall, 2),
         "build": {name: info["build"][name] for name in ("train_seconds", "add_seconds", "tune_seconds")},
         "bytes": info["bytes"],
-        "tuned_recall_on_corpus_queries": round(info["recall_at_k"]["recall"], 4),
+        "tuned_recall_on_held_out_rows": round(info["recall_at_k"]["recall"], 4),
         f"recall@{args.k}": round(recall_at_k(found, truth), 4),
         "qps": round(qps, 1),
     }

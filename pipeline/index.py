@@ -35,7 +35,14 @@ import numpy as np
 from pipeline.artifacts import building_dir, package_version, progress_bar, require_new_dir, sha256_file
 from pipeline.index_plan import KINDS, METRICS, IndexPlan, plan_index
 from pipeline.index_shards import ShardedBuild, shard_bounds
-from pipeline.index_tune import exact_neighbours, metric_type, queries_per_second, recall_at_k, tune
+from pipeline.index_tune import (
+    exact_neighbours,
+    metric_type,
+    queries_per_second,
+    recall_at_k,
+    set_search_parameter,
+    tune,
+)
 from serving.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet
 from serving.index import INDEX_FILE, INDEX_FORMAT, INDEX_JSON, INDEX_KIND, KEYS_FILE, LABELS_FILE, ROWS_FILE, gpu_index
 
@@ -99,7 +106,9 @@ def build_index(
             task = bar.add_task(f"indexing ({plan.factory})", total=embeddings.count)
             clock = time.perf_counter()
             advance = lambda rows: bar.advance(task, rows)  # noqa: E731
-            sharded = ShardedBuild(index, work, config.memory_budget) if config.num_shards > 1 else None
+            # shards are filled on the CPU from a file: a GPU-trained index is copied back first
+            trained = faiss.index_gpu_to_cpu(index) if config.gpu and config.num_shards > 1 else index
+            sharded = ShardedBuild(trained, work, config.memory_budget) if config.num_shards > 1 else None
             merge = None
             if sharded is not None:
                 for bounds in shard_bounds(corpus, config.num_shards):
@@ -119,7 +128,7 @@ def build_index(
                 (work / TUNING_IVFDATA).unlink(missing_ok=True)
                 sharded.close()
                 for name, value in search["params"].items():
-                    faiss.ParameterSpace().set_index_parameter(index, name, value)
+                    set_search_parameter(index, name, value)
             elif len(held_out):  # the tuning queries join the index last: ids corpus, ..., count - 1
                 index.add(embeddings.rows(held_out))
                 advance(len(held_out))
@@ -185,7 +194,7 @@ def _tune_and_measure(
 
     def recall_of(value: int) -> float:
         if plan.search_parameter is not None:
-            faiss.ParameterSpace().set_index_parameter(index, plan.search_parameter, value)
+            set_search_parameter(index, plan.search_parameter, value)
         return recall_at_k(index.search(queries, k)[1], truth)
 
     nlist = plan.nlist or 0
@@ -196,7 +205,7 @@ def _tune_and_measure(
     start = 1 if plan.search_parameter == "nprobe" else max(16, k)
     tuning = tune(recall_of, plan.search_parameter, start=start, limit=limit, target=config.target_recall)
     if plan.search_parameter is not None:
-        faiss.ParameterSpace().set_index_parameter(index, plan.search_parameter, tuning.value)
+        set_search_parameter(index, plan.search_parameter, tuning.value)
     qps = queries_per_second(lambda batch: index.search(batch, k), queries)
     timings["tune_seconds"] = time.perf_counter() - clock
     search = {
