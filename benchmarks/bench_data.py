@@ -7,9 +7,9 @@ On Fashion-MNIST, in one run, it measures:
    with 1 and with all worker processes (images/s; the ratio shows the cores
    are used);
 2. the training stream alone (decode + two augmented views, ``--workers``
-   loader workers, batches of 256, the demo's small-grayscale preset): images/s;
-3. a CPU training step alone on ready-made views (the demo's model: ResNet-18
-   at width 0.25, CIFAR stem, bf16 + channels_last where native): images/s;
+   loader workers, batches of 256, the ``fashion-mnist-cpu`` preset's augmentation): images/s;
+3. a CPU training step alone on ready-made views (the preset's model, optimiser
+   and precision): images/s;
 4. training fed live by the stream, both on the same cores.
 
 and prints JSON with the ratio stream / training (target: ≥ 3, the model never
@@ -36,6 +36,8 @@ import numpy as np
 from PIL import Image
 
 from pipeline.ingest import IngestConfig, ingest
+
+PRESET = "fashion-mnist-cpu"
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -69,9 +71,8 @@ def measure_ingest(source: str, out: Path, workers: int, **options: object) -> d
 def measure_stream(shards: Path, workers: int, batches: int, batch_size: int) -> float:
     """Images/s of two-view batches, after the first two batches (worker start-up) are out."""
     from pipeline.data import StreamConfig, TrainStream
-    from pipeline.demo import DemoConfig
 
-    stream = TrainStream(shards, DemoConfig().augment, StreamConfig(batch_size=batch_size, workers=workers))
+    stream = TrainStream(shards, _preset().augmentation, StreamConfig(batch_size=batch_size, workers=workers))
     iterator = iter(stream.epoch(0))
     for _ in range(2):
         next(iterator)
@@ -81,20 +82,25 @@ def measure_stream(shards: Path, workers: int, batches: int, batch_size: int) ->
     return batches * batch_size / (time.perf_counter() - start)
 
 
+def _preset():
+    """The `fashion-mnist-cpu` preset: the demo's model and augmentation."""
+    from pipeline.run_config import load_config
+
+    return load_config(PRESET, [])
+
+
 class TrainStep:
-    """The demo's model, optimiser and precision: one step on given views."""
+    """The preset's model, optimiser and precision: one step on given views."""
 
     def __init__(self) -> None:
-        import torch
-
         from mocoplus import MoCoPlus
-        from pipeline.demo import DemoConfig
+        from pipeline.optim import build_optimizer
         from pipeline.precision import resolve_precision
 
-        config = DemoConfig()
-        self.precision = resolve_precision(config.precision)
-        self.model = MoCoPlus(config.moco).to(memory_format=self.precision.memory_format()).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        config = _preset()
+        self.precision = resolve_precision(config.train.precision)
+        self.model = MoCoPlus(config.model).to(memory_format=self.precision.memory_format()).train()
+        self.optimizer = build_optimizer(self.model.query_encoder, config)
 
     def __call__(self, view1: Tensor, view2: Tensor) -> None:
         layout = self.precision.memory_format()
@@ -108,10 +114,9 @@ class TrainStep:
 def measure_training(shards: Path, steps: int, batch_size: int, workers: int) -> tuple[float, float, str]:
     """Training images/s on one fixed batch, and fed live by the stream; both after a warm-up step."""
     from pipeline.data import StreamConfig, TrainStream
-    from pipeline.demo import DemoConfig
 
     step = TrainStep()
-    stream = TrainStream(shards, DemoConfig().augment, StreamConfig(batch_size=batch_size, workers=workers))
+    stream = TrainStream(shards, _preset().augmentation, StreamConfig(batch_size=batch_size, workers=workers))
     batches = iter(stream.epoch(0))
     first = next(batches)
     step(first.view1, first.view2)  # warm-up: oneDNN picks kernels on the first call

@@ -241,14 +241,21 @@ def similarity_profile(anchors: Tensor, queue: Tensor, settings: Settings) -> di
 
 
 def sampling_for(mode: str, settings: Settings) -> NegativeSampling:
-    """The NegativeSampling each mode is benchmarked with (k shared so modes do comparable work)."""
-    if mode == "all":
-        return NegativeSampling()
-    if mode == "topk":
-        return NegativeSampling(mode="topk", k=settings.k)
-    if mode == "band":
-        return NegativeSampling(mode="band", k=settings.k, skip=settings.skip)
-    return NegativeSampling(mode="threshold", k=settings.k, threshold=settings.threshold)
+    """The NegativeSampling each mode is benchmarked with (k shared so modes do comparable work).
+
+    Every mode of `NEGATIVES` needs its row here: a new one fails loudly instead of being timed as another.
+    """
+    options = {
+        "all": {},
+        "topk": {"k": settings.k},
+        "band": {"k": settings.k, "skip": settings.skip},
+        "threshold": {"k": settings.k, "threshold": settings.threshold},
+        "debiased": {},  # the whole queue, re-estimated
+        "hard-weighted": {},
+    }
+    if mode not in options:
+        raise ValueError(f"no benchmark settings for negatives mode {mode!r}: add it to sampling_for")
+    return NegativeSampling(mode=mode, **options[mode])
 
 
 def objective_step(

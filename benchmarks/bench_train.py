@@ -39,6 +39,7 @@ import time
 from dataclasses import replace
 
 import torch
+from lightly_peer import lightly_moco_step  # benchmarks/ is the script's folder, first on sys.path
 
 from mocoplus import MoCoPlus
 from pipeline.optim import build_optimizer
@@ -50,6 +51,17 @@ def make_step(variant: str, preset: str, batch: int):
     """A closure running one training step of ``variant`` on fixed views; and its query views per step."""
     config = load_config(preset, [f"train.global_batch={batch}"])
     model_config = replace(config.model, dual_view="symmetric", negatives="band")
+    if variant == "preset":
+        model_config = config.model
+    if variant == "lightly_moco":
+        precision = resolve_precision("auto")
+        size = config.data.image_size
+        generator = torch.Generator().manual_seed(0)
+        views = [
+            torch.randn(batch, 3, size, size, generator=generator).contiguous(memory_format=precision.memory_format())
+            for _ in range(2)
+        ]
+        return lightly_moco_step(config, precision, views), 1, precision.name
     if variant == "moco_v2":
         model_config = replace(model_config, dual_view="none", negatives="all", num_negatives=None, skip_negatives=0)
     precision = resolve_precision("fp32" if variant == "enhanced_fp32" else "auto")
@@ -80,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per variant (after one warm-up)")
     args = parser.parse_args(argv)
     batch = args.batch or load_config(args.config).train.global_batch
-    variants = ("enhanced", "moco_v2", "enhanced_fp32")
+    variants = ("preset", "enhanced", "moco_v2", "enhanced_fp32", *(("lightly_moco",) if _has_lightly() else ()))
     steps, views, precisions = {}, {}, {}
     for name in variants:
         steps[name], views[name], precisions[name] = make_step(name, args.config, batch)
@@ -116,11 +128,29 @@ def main(argv: list[str] | None = None) -> int:
         "bf16_speedup_over_fp32": results["enhanced_fp32"]["step_seconds_median"]
         / results["enhanced"]["step_seconds_median"],
         "target_bf16_speedup_at_least": 2.5,
+        "preset_images_per_s_vs_lightly": (
+            results["preset"]["images_per_s"] / results["lightly_moco"]["images_per_s"]
+            if "lightly_moco" in results
+            else "lightly not installed (pip install lightly)"
+        ),
+        "moco_v2_images_per_s_vs_lightly": (
+            results["moco_v2"]["view_images_per_s"] / results["lightly_moco"]["images_per_s"]
+            if "lightly_moco" in results
+            else None
+        ),
         "load_average": os.getloadavg(),
     }
     json.dump(report, sys.stdout, indent=2)
     print()
     return 0
+
+
+def _has_lightly() -> bool:
+    try:
+        import lightly  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

@@ -9,22 +9,62 @@ and exit 1; a traceback means a bug.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from pipeline.artifacts import package_version
 
 EXPECTED_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError)
 
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    """One ``error:`` line on stderr (never wrapped, never read as markup) and a non-zero exit."""
+    one_line = " ".join(message.split()) or "failed"
+    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {one_line}", markup=False)
+    return typer.Exit(code=code)
+
+
+class _OneLineUsageErrors(TyperGroup):
+    """Usage errors (a missing argument, an unknown option, a bad value) as one ``error:`` line and exit 1.
+
+    Typer draws them as a framed panel with exit 2; every failure of this
+    command line is one line, so scripts and people read them alike.
+    """
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.Abort:
+            _fail("interrupted", code=130)
+            sys.exit(130)
+        except typer.TyperException as error:  # Typer's (vendored) click usage errors
+            context = getattr(error, "ctx", None)
+            if type(error).__name__ == "NoArgsIsHelpError" and context is not None:  # a bare group: its help
+                help_text = context.get_help()  # Typer's rich help prints itself and returns ""
+                if help_text:
+                    typer.echo(help_text)
+                sys.exit(0)
+            command = context.command_path if context is not None else "mocoplus"
+            _fail(f"{error.format_message()} (see: {command} --help)")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="mocoplus",
+    cls=_OneLineUsageErrors,
     help="Train MoCo embeddings with dual-view loss and hard negatives, export them, index and search.",
     epilog="Example: mocoplus demo --out ./demo-out",
     no_args_is_help=True,
@@ -33,10 +73,26 @@ app = typer.Typer(
 )
 
 
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    """One ``error:`` line on stderr (never wrapped, never read as markup) and a non-zero exit."""
-    Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {message}", markup=False)
-    return typer.Exit(code=code)
+def _one_line_errors(function=None, *, interrupted: str = "interrupted"):
+    """Expected failures of a command → one ``error:`` line and exit 1; Ctrl-C → ``interrupted`` and exit 130.
+
+    A traceback then always means a bug. Used bare (``@_one_line_errors``) or
+    with the message that tells how to continue after Ctrl-C.
+    """
+
+    def decorate(command):
+        @functools.wraps(command)
+        def run(*args, **kwargs):
+            try:
+                return command(*args, **kwargs)
+            except EXPECTED_ERRORS as error:
+                raise _fail(str(error) or type(error).__name__) from None
+            except KeyboardInterrupt:
+                raise _fail(interrupted, code=130) from None
+
+        return run
+
+    return decorate(function) if function is not None else decorate
 
 
 def _print_version(value: bool) -> None:
@@ -61,6 +117,7 @@ def _root(
         "  mocoplus demo --out /tmp/demo --minutes 20"
     )
 )
+@_one_line_errors(interrupted="interrupted; rerun to continue (finished stages are skipped)")
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for shards, run, model, corpus and demo.json.")] = Path(
         "demo-out"
@@ -72,12 +129,7 @@ def demo(
     from flows.demo import DemoConfig, run_demo
     from pipeline.fashion_mnist import CLASS_NAMES
 
-    try:
-        report = run_demo(out, DemoConfig(minutes=minutes, overrides=overrides or []))
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted; rerun to continue (finished stages are skipped)", code=130) from None
+    report = run_demo(out, DemoConfig(minutes=minutes, overrides=overrides or []))
 
     def name(label: int | None) -> str:
         return CLASS_NAMES[label] if label is not None and 0 <= label < len(CLASS_NAMES) else "?"
@@ -90,6 +142,10 @@ def demo(
     table.add_row(f"recall@10 ({report['index']})", f"{report['recall_at_10']:.3f}")
     console = Console()
     console.print(table)
+    if report.get("retrieval"):
+        console.print(_retrieval_table("retrieval on the 10,000 test images, 60,000 training images as memory", [
+            (name, scores, None) for name, scores in report["retrieval"].items()
+        ]))  # fmt: skip
     search = report["search"]
     neighbours = ", ".join(name(hit["label"]) for hit in search["neighbours"])
     console.print(f"search: {search['query']} ({name(search['label'])}) → {neighbours}")
@@ -122,6 +178,7 @@ def _byte_size(text: str) -> int:
         "  mocoplus ingest images.csv --out shards/listed   # CSV with a 'path' and an optional 'label' column"
     )
 )
+@_one_line_errors(interrupted="interrupted; rerun the same command to resume from the last finished shard")
 def ingest(
     source: Annotated[
         str,
@@ -145,29 +202,24 @@ def ingest(
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
     name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = "shard",
     overwrite: Annotated[bool, typer.Option(help="Replace a shard set made from other input.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
 ) -> None:
     """Write images as WebDataset shards with a manifest; bad inputs are skipped and listed, never fatal."""
     from pipeline.ingest import IngestConfig
     from pipeline.ingest import ingest as run_ingest
 
-    try:
-        settings = {"workers": workers} if workers is not None else {}
-        config = IngestConfig(
-            shard_size=shard_size,
-            shard_bytes=_byte_size(shard_bytes),
-            image_format=image_format,
-            max_side=max_side,
-            max_pixels=max_pixels,
-            name=name,
-            overwrite=overwrite,
-            **settings,
-        )
-        result = run_ingest(source, out, config, progress=progress)
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted; rerun the same command to resume from the last finished shard", code=130) from None
+    settings = {"workers": workers} if workers is not None else {}
+    config = IngestConfig(
+        shard_size=shard_size,
+        shard_bytes=_byte_size(shard_bytes),
+        image_format=image_format,
+        max_side=max_side,
+        max_pixels=max_pixels,
+        name=name,
+        overwrite=overwrite,
+        **settings,
+    )
+    result = run_ingest(source, out, config, progress=progress)
 
     manifest = result.manifest
     console = Console(soft_wrap=True)
@@ -194,18 +246,16 @@ def ingest(
 @app.command(
     epilog="Examples:\n\n  mocoplus verify shards/fmnist-train\n\n  mocoplus verify shards/fmnist-train --quick"
 )
+@_one_line_errors
 def verify(
     shards: Annotated[Path, typer.Argument(help="A shard set folder (with manifest.json).")],
     quick: Annotated[bool, typer.Option(help="Check hashes, counts and labels only; skip decoding images.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
 ) -> None:
     """Check every shard's sha256 and count against the manifest and decode every sample."""
     from pipeline.verify import verify as run_verify
 
-    try:
-        report = run_verify(shards, quick=quick, progress=progress)
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
+    report = run_verify(shards, quick=quick, progress=progress)
     for problem in report.problems:
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"bad: {problem}", markup=False)
     checked = "hashes and counts" if quick else f"hashes, counts and {report.decoded:,} decoded images"
@@ -226,6 +276,7 @@ def verify(
         "  torchrun --nproc_per_node=2 --no-python mocoplus train --data SHARDS --out RUN --config cifar-resnet18"
     )
 )
+@_one_line_errors(interrupted="interrupted; the newest checkpoint is in --out (continue with --resume)")
 def train(
     out: Annotated[Path, typer.Option("--out", help="Run folder: config.json, checkpoints/, metrics.jsonl.")],
     data: Annotated[
@@ -242,27 +293,24 @@ def train(
         list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
     ] = None,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar (rank 0).")] = True,
+    progress: Annotated[
+        bool, typer.Option(help="Show progress on rank 0 (a bar on a terminal, lines otherwise).")
+    ] = True,
 ) -> None:
     """Pretrain MoCoPlus on shards: one CPU/GPU, or every process of a torchrun launch."""
     from pipeline.run_config import load_config, with_data
     from pipeline.train import CONFIG_NAME
     from pipeline.train import train as run_train
 
-    try:
-        spec = config if config or not resume else str(out / CONFIG_NAME)
-        if resume and not config and not (out / CONFIG_NAME).is_file():
-            raise FileNotFoundError(f"{out} holds no run to resume (no {CONFIG_NAME}, no checkpoints)")
-        run_config = load_config(spec, overrides or [])
-        changes = {"train": data} if data else {}
-        if eval_shards:
-            changes["eval_queries"] = eval_shards
-        run_config = with_data(run_config, **changes)
-        result = run_train(run_config, out, resume=resume, progress=progress)
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
-    except KeyboardInterrupt:
-        raise _fail("interrupted; the newest checkpoint is in --out (continue with --resume)", code=130) from None
+    spec = config if config or not resume else str(out / CONFIG_NAME)
+    if resume and not config and not (out / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{out} holds no run to resume (no {CONFIG_NAME}, no checkpoints)")
+    run_config = load_config(spec, overrides or [])
+    changes = {"train": data} if data else {}
+    if eval_shards:
+        changes["eval_queries"] = eval_shards
+    run_config = with_data(run_config, **changes)
+    result = run_train(run_config, out, resume=resume, progress=progress)
     knn = f" · kNN top-1 {result.knn_top1:.2%}" if result.knn_top1 is not None else ""
     stopped = f" · stopped by {result.stopped_by} (checkpoint written; --resume continues)" if result.stopped_by else ""
     Console(soft_wrap=True, highlight=False).print(
@@ -278,34 +326,56 @@ def train(
         "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test --checkpoint last --json"
     )
 )
+@_one_line_errors
 def evaluate(
     run: Annotated[Path, typer.Argument(help="A run folder (from mocoplus train).")],
     data: Annotated[str, typer.Option(help="Labelled training shards: the kNN memory and the linear probe's data.")],
     eval_shards: Annotated[str, typer.Option("--eval", help="Labelled held-out shards to score.")],
     checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path (default: best if any).")] = "auto",
+    baselines: Annotated[
+        str, typer.Option(help="Comma-separated label-free baselines scored alike: pixels, hog (empty: none).")
+    ] = "",
     workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
 ) -> None:
-    """kNN top-1 and linear-probe top-1 of a run's query and key encoders."""
+    """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines."""
     from pipeline.evaluate import evaluate as run_evaluate
 
-    try:
-        result = run_evaluate(run, data, eval_shards, checkpoint=checkpoint, workers=workers)
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
+    names = tuple(name.strip() for name in baselines.split(",") if name.strip())
+    result = run_evaluate(
+        run, data, eval_shards, checkpoint=checkpoint, workers=workers, baselines=names, progress=progress
+    )
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
-    table = Table(
-        title=f"{result.checkpoint} (step {result.step}): {result.train_samples:,} train, "
-        f"{result.eval_samples:,} held-out images"
+    title = (
+        f"{result.checkpoint} (step {result.step}): {result.train_samples:,} images as memory, "
+        f"{result.eval_samples:,} held-out queries, cosine similarity"
     )
-    table.add_column("encoder")
-    table.add_column("kNN top-1 (k=200, τ=0.1)", justify="right")
-    table.add_column("linear probe top-1", justify="right")
-    for name, scores in result.encoders.items():
-        table.add_row(name, f"{scores.knn_top1:.2%}", f"{scores.linear_top1:.2%}")
-    Console().print(table)
+    rows = [
+        (f"{name} encoder", scores.retrieval.as_dict(), scores.linear_top1) for name, scores in result.encoders.items()
+    ]
+    rows += [(name, scores.as_dict(), None) for name, scores in result.baselines.items()]
+    Console().print(_retrieval_table(title, rows))
+
+
+def _retrieval_table(title: str, rows: list[tuple[str, dict[str, float], float | None]]) -> Table:
+    """The retrieval suite side by side: one column per feature set (name, scores, linear probe or None).
+
+    Scores are rows, so four feature sets fit an 80-column terminal or log.
+    """
+    from pipeline.retrieval import SCORE_LABELS
+
+    table = Table(title=title)
+    table.add_column("score")
+    for name, _, _ in rows:
+        table.add_column(name, justify="right")
+    for key, label in SCORE_LABELS.items():
+        table.add_row(label, *(f"{scores[key]:.2%}" for _, scores, _ in rows))
+    if any(linear is not None for _, _, linear in rows):
+        table.add_row("linear probe", *("—" if linear is None else f"{linear:.2%}" for _, _, linear in rows))
+    return table
 
 
 @app.command(
@@ -320,6 +390,7 @@ def evaluate(
         "  mocoplus export runs/fmnist --out models/fmnist-int8 --quantize int8"
     )
 )
+@_one_line_errors
 def export(
     run: Annotated[Path, typer.Argument(help="A run folder (from mocoplus train).")],
     out: Annotated[Path, typer.Option(help="The bundle folder to create (must not exist, or be empty).")],
@@ -336,26 +407,27 @@ def export(
     ] = "",
     quantize: Annotated[str, typer.Option(help="none, or int8 (static QDQ, calibrated on real images).")] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print model.json instead of a summary.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
 ) -> None:
     """Export a run's encoder to TorchScript and ONNX with its model.json."""
-    from pipeline.export import ExportConfig, ExportError
+    from pipeline.export import ExportConfig
     from pipeline.export import export as run_export
 
-    try:
-        config = ExportConfig(
-            checkpoint=checkpoint,
-            encoder=encoder,
-            head=head,
-            opset=opset,
-            calibration=calibration,
-            quantize=quantize,
-        )
-        result = run_export(run, out, config)
-    except (*EXPECTED_ERRORS, ExportError) as error:
-        raise _fail(str(error) or type(error).__name__) from None
+    config = ExportConfig(
+        checkpoint=checkpoint,
+        encoder=encoder,
+        head=head,
+        opset=opset,
+        calibration=calibration,
+        quantize=quantize,
+    )
+    result = run_export(run, out, config, progress=progress)
     info = result.model_json
     if as_json:
         typer.echo(json.dumps(info))
+        return
+    if result.up_to_date:
+        typer.echo(f"{result.bundle}: already up to date (exported from this checkpoint with these options)")
         return
     parity = info["parity"]
     typer.echo(
@@ -376,6 +448,7 @@ def export(
         "  mocoplus embed models/fmnist --data shards/big --out /shared/emb --shard-index 0 --num-shards 4   # 1 of 4"
     )
 )
+@_one_line_errors
 def embed(
     model: Annotated[Path, typer.Argument(help="A model bundle (from mocoplus export).")],
     data: Annotated[str, typer.Option(help="Shards to embed (folder, manifest, .tar, brace pattern, pipe:).")],
@@ -390,24 +463,21 @@ def embed(
     num_shards: Annotated[
         int | None, typer.Option(min=1, help="... out of this many processes (default: $WORLD_SIZE, else 1).")
     ] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
 ) -> None:
     """Embed a shard set with a model bundle."""
     from pipeline.embed import EmbedConfig
     from pipeline.embed import embed as run_embed
 
-    try:
-        config = EmbedConfig(
-            batch_size=batch_size,
-            workers=workers,
-            provider=provider,
-            fp16=fp16,
-            shard_index=_from_env(shard_index, "RANK", 0),
-            num_shards=_from_env(num_shards, "WORLD_SIZE", 1),
-        )
-        result = run_embed(model, data, out, config, progress=progress)
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
+    config = EmbedConfig(
+        batch_size=batch_size,
+        workers=workers,
+        provider=provider,
+        fp16=fp16,
+        shard_index=_from_env(shard_index, "RANK", 0),
+        num_shards=_from_env(num_shards, "WORLD_SIZE", 1),
+    )
+    result = run_embed(model, data, out, config, progress=progress)
     state = "complete, manifest written" if result.complete else "other shares still to run"
     typer.echo(
         f"{result.out_dir}: {result.parts_written} parts written ({result.samples:,} samples, "
@@ -429,6 +499,7 @@ def embed(
         "  mocoplus index emb/web --out indexes/web --kind ivf --num-shards 8   # sharded build, merged"
     ),
 )
+@_one_line_errors
 def build_index(
     embeddings: Annotated[Path, typer.Argument(help="An embedding set (from mocoplus embed).")],
     out: Annotated[Path, typer.Option(help="The index bundle folder to create (must not exist, or be empty).")],
@@ -440,29 +511,30 @@ def build_index(
     queries: Annotated[int, typer.Option(min=1, help="Held-out queries for tuning.")] = 1000,
     num_shards: Annotated[int, typer.Option(min=1, help="Build IVF shards on one trained index, then merge.")] = 1,
     gpu: Annotated[bool, typer.Option("--gpu", help="Train, add and tune on GPU (needs faiss-gpu).")] = False,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print index.json instead of a summary.")] = False,
 ) -> None:
     """Build, tune and write a FAISS index for an embedding set."""
     from pipeline.index import IndexConfig
     from pipeline.index import build_index as run_index
 
-    try:
-        config = IndexConfig(
-            kind=kind,
-            metric=metric,
-            target_recall=target_recall,
-            k=k,
-            memory_budget=_byte_size(memory_budget),
-            queries=queries,
-            num_shards=num_shards,
-            gpu=gpu,
-        )
-        info = run_index(embeddings, out, config, progress=progress).info
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
+    config = IndexConfig(
+        kind=kind,
+        metric=metric,
+        target_recall=target_recall,
+        k=k,
+        memory_budget=_byte_size(memory_budget),
+        queries=queries,
+        num_shards=num_shards,
+        gpu=gpu,
+    )
+    result = run_index(embeddings, out, config, progress=progress)
+    info = result.info
     if as_json:
         typer.echo(json.dumps(info))
+        return
+    if result.up_to_date:
+        typer.echo(f"{out}: already up to date (built from these embeddings with these options)")
         return
     report, build = info["recall_at_k"], info["build"]
     params = ", ".join(f"{name}={value}" for name, value in info["search"]["params"].items()) or "exact"
@@ -483,10 +555,11 @@ def build_index(
         "on; the exit code is 1 if any failed.\n\n"
         "Examples:\n\n"
         "  mocoplus search indexes/fmnist --model models/fmnist shirt.png\n\n"
-        "  mocoplus search indexes/fmnist --model models/fmnist key:test-000042 -k 5 --json\n\n"
+        "  mocoplus search indexes/fmnist --model models/fmnist key:train_00042 -k 5 --json\n\n"
         "  mocoplus search indexes/fmnist --model models/fmnist queries.npy --nprobe 32"
     )
 )
+@_one_line_errors
 def search(
     index: Annotated[Path, typer.Argument(help="An index bundle (from mocoplus index).")],
     queries: Annotated[list[str], typer.Argument(help="Image files, key:KEY, or .npy files of vectors.")],
@@ -505,17 +578,14 @@ def search(
     from serving.index import IndexBundle
     from serving.queries import resolve_queries
 
-    try:
-        bundle = ModelBundle(model, provider=provider)
-        searcher = IndexBundle(index, gpu=gpu)
-        searcher.check_model(bundle.hash, model)
-        override = _search_override(searcher.search_parameter, nprobe, ef)
-        searcher.set_search_parameter(override)
-        resolved = resolve_queries(queries, searcher, bundle.embed, bundle.size)
-        good = [query for query in resolved if query.vector is not None]
-        hits = iter(searcher.search(np.stack([query.vector for query in good]), k) if good else [])
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
+    bundle = ModelBundle(model, provider=provider)
+    searcher = IndexBundle(index, gpu=gpu)
+    searcher.check_model(bundle.hash, model)
+    override = _search_override(searcher.search_parameter, nprobe, ef)
+    searcher.set_search_parameter(override)
+    resolved = resolve_queries(queries, searcher, bundle.embed, bundle.size)
+    good = [query for query in resolved if query.vector is not None]
+    hits = iter(searcher.search(np.stack([query.vector for query in good]), k) if good else [])
     console, errors = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
     for query in resolved:
         if query.vector is None:
@@ -549,6 +619,7 @@ def search(
         "  curl -F images=@shirt.png http://127.0.0.1:8000/v1/embed"
     )
 )
+@_one_line_errors
 def serve(
     model: Annotated[Path, typer.Option(help="The model bundle (from mocoplus export).")],
     index: Annotated[Path | None, typer.Option(help="An index bundle built with this model (enables search).")] = None,
@@ -569,19 +640,16 @@ def serve(
     from serving.payloads import Limits
     from serving.service import CONFIG_ENV, Service, ServiceConfig, config_to_json, create_app
 
-    try:
-        config = ServiceConfig(
-            model=model,
-            index=index,
-            provider=provider,
-            threads=threads,
-            batcher=BatcherConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue),
-            limits=Limits(max_images=max_images),
-        )
-        service = Service(config)
-        service.load()
-    except EXPECTED_ERRORS as error:
-        raise _fail(str(error) or type(error).__name__) from None
+    config = ServiceConfig(
+        model=model,
+        index=index,
+        provider=provider,
+        threads=threads,
+        batcher=BatcherConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue),
+        limits=Limits(max_images=max_images),
+    )
+    service = Service(config)
+    service.load()
     options = {"host": host, "port": port, "timeout_graceful_shutdown": 30, "log_level": "info"}
     if workers == 1:
         uvicorn.run(create_app(config, service), **options)

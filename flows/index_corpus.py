@@ -14,7 +14,6 @@ current embedding manifest is kept. A markdown artifact reports the result.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ def embed_share(model: str, data: str, out: str, share: int, shares: int, batch_
 
     # workers=0: no forked loader processes from a task thread; the shares themselves run in parallel
     config = EmbedConfig(batch_size=batch_size, workers=0, shard_index=share, num_shards=shares)
-    result = embed(Path(model), data, Path(out), config, progress=False)
+    result = embed(Path(model), data, Path(out), config)
     get_run_logger().info(
         "share %d/%d: %d parts written (%d samples), %d already done",
         share, shares, result.parts_written, result.samples, result.parts_skipped,
@@ -41,22 +40,14 @@ def embed_share(model: str, data: str, out: str, share: int, shares: int, batch_
 
 @task(retries=1, retry_delay_seconds=5)
 def index_embeddings(embeddings: str, out: str, kind: str, target_recall: float) -> dict[str, Any]:
-    """Build the index, unless ``out`` already indexes exactly this embedding manifest."""
-    from pipeline.artifacts import sha256_file
+    """Build the index (up to date when ``out`` already indexes exactly this embedding set with these options)."""
     from pipeline.index import IndexConfig, build_index
-    from serving.embedding_set import EMBEDDINGS_MANIFEST
-    from serving.index import INDEX_JSON
 
-    manifest_sha = sha256_file(Path(embeddings) / EMBEDDINGS_MANIFEST)
-    info_path = Path(out) / INDEX_JSON
-    if info_path.is_file():
-        info = json.loads(info_path.read_text())
-        if info.get("embeddings", {}).get("manifest_sha256") == manifest_sha:
-            get_run_logger().info("%s already indexes these embeddings: kept", out)
-            return {**info, "reused": True}
-        raise FileExistsError(f"{out} indexes other embeddings; remove it or choose another output folder")
-    info = build_index(Path(embeddings), Path(out), IndexConfig(kind=kind, target_recall=target_recall), progress=False)
-    return {**info.info, "reused": False}
+    config = IndexConfig(kind=kind, target_recall=target_recall)
+    result = build_index(Path(embeddings), Path(out), config)
+    if result.up_to_date:
+        get_run_logger().info("%s already indexes these embeddings: up to date", out)
+    return {**result.info, "reused": result.up_to_date}
 
 
 @task

@@ -28,7 +28,7 @@ def ensure_shards(source: str, shards: str) -> bool:
         return False
     from pipeline.ingest import ingest
 
-    ingest(source, Path(shards), progress=False)
+    ingest(source, Path(shards))
     return True
 
 
@@ -44,7 +44,8 @@ def train_command(
 ) -> list[str]:
     """``torchrun --standalone --nproc_per_node N -m flows.cli train ...``; ``--resume`` once there are checkpoints."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    command += ["-m", "flows.cli", "train", "--data", data, "--out", run_dir, "--config", config, "--no-progress"]
+    # progress on: its stderr is a pipe here, so the trainer writes a plain line every few seconds, relayed below
+    command += ["-m", "flows.cli", "train", "--data", data, "--out", run_dir, "--config", config]
     command += [argument for override in overrides for argument in ("--set", override)]
     if eval_shards:
         command += ["--eval", eval_shards]
@@ -70,42 +71,43 @@ def train_run(data: str, eval_shards: str | None, run_dir: str, config: str, ove
 
 
 @task
-def evaluate_run(run_dir: str, train_shards: str, eval_shards: str) -> dict[str, Any]:
+def evaluate_run(run_dir: str, train_shards: str, eval_shards: str, baselines: list[str]) -> dict[str, Any]:
+    """The retrieval suite and linear probe of both encoders, beside ``baselines`` (pixels, hog), as an artifact."""
     from pipeline.evaluate import evaluate
+    from pipeline.retrieval import SCORE_LABELS
 
-    result = evaluate(Path(run_dir), train_shards, eval_shards, workers=0).to_json()
-    key = result["encoders"]["key"]
+    result = evaluate(Path(run_dir), train_shards, eval_shards, workers=0, baselines=tuple(baselines)).to_json()
+    rows = [
+        (f"{name} encoder", scores["retrieval"], scores["linear_top1"]) for name, scores in result["encoders"].items()
+    ]
+    rows += [(name, scores, None) for name, scores in result["baselines"].items()]
+    header = ["features", *SCORE_LABELS.values(), "linear probe"]
     create_markdown_artifact(
-        "| encoder | kNN top-1 | linear top-1 |\n|---|---|---|\n"
+        f"| {' | '.join(header)} |\n|{'---|' * len(header)}\n"
         + "\n".join(
-            f"| {name} | {scores['knn_top1']:.2%} | {scores['linear_top1']:.2%} |"
-            for name, scores in result["encoders"].items()
+            f"| {name} | " + " | ".join(f"{value:.2%}" for value in suite.values()) + f" | {linear or 0:.2%} |"
+            for name, suite, linear in rows
         ),
         key="pretrain-evaluation",
         description=f"pretrain: {run_dir} at step {result['step']}",
     )
-    return {"step": result["step"], "knn_top1": key["knn_top1"], "linear_top1": key["linear_top1"]}
+    key = result["encoders"]["key"]
+    return {
+        "step": result["step"],
+        "knn_top1": key["knn_top1"],
+        "linear_top1": key["linear_top1"],
+        "retrieval": {"key encoder": key["retrieval"], **result["baselines"]},
+    }
 
 
 @task(retries=1, retry_delay_seconds=10)
 def export_run(run_dir: str, model_dir: str) -> str:
-    """Export the run's best checkpoint, unless ``model_dir`` already holds exactly that export."""
-    from pipeline.artifacts import sha256_file
-    from pipeline.checkpoints import resolve_checkpoint
+    """Export the run's best checkpoint (up to date when ``model_dir`` already holds exactly that export)."""
     from pipeline.export import export
-    from serving.bundle import BundleError, read_model_json
 
-    checkpoint = resolve_checkpoint(Path(run_dir), "auto")
-    if (Path(model_dir) / "model.json").is_file():
-        try:
-            source = read_model_json(Path(model_dir))["source"]
-        except (BundleError, KeyError):
-            source = {}
-        if source.get("checkpoint_sha256") == sha256_file(checkpoint):
-            get_run_logger().info("%s already exports %s: kept", model_dir, checkpoint)
-            return model_dir
-        raise FileExistsError(f"{model_dir} holds another export; remove it or choose another model folder")
-    export(Path(run_dir), Path(model_dir))
+    result = export(Path(run_dir), Path(model_dir))
+    if result.up_to_date:
+        get_run_logger().info("%s already exports %s: up to date", model_dir, result.model_json["source"]["checkpoint"])
     return model_dir
 
 
@@ -120,11 +122,15 @@ def pretrain(
     config: str = "fashion-mnist-cpu",
     overrides: list[str] | None = None,
     nproc: int = 1,
+    baselines: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Shards from ``source`` (if missing) → a trained run → its evaluation (with held-out shards) → a bundle."""
+    """Shards from ``source`` (if missing) → a trained run → its evaluation (with held-out shards) → a bundle.
+
+    ``baselines`` (``pixels``, ``hog``) are scored by the same retrieval suite beside the encoder.
+    """
     data = ingest_if_missing(source, shards)
     held_out = ingest_if_missing(eval_source, eval_shards) if eval_source and eval_shards else None
     run = train_run(data, held_out, run_dir, config, list(overrides or []), nproc)
-    scores = evaluate_run(run, data, held_out) if held_out else {}
+    scores = evaluate_run(run, data, held_out, list(baselines or [])) if held_out else {}
     model = export_run(run, model_dir)
     return {"shards": data, "eval_shards": held_out, "run": run, "model": model, **scores}

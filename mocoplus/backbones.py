@@ -34,6 +34,7 @@ class ResNetBackbone(ResNet):
         *,
         width: float = 1.0,
         cifar_stem: bool = False,
+        stem_stride: int = 1,
         norm_layer: NormLayer = nn.BatchNorm2d,
         zero_init_residual: bool = False,
     ) -> None:
@@ -41,8 +42,8 @@ class ResNetBackbone(ResNet):
         widths = [max(1, round(64 * width * 2**i)) for i in range(4)]
         self._norm_layer = norm_layer
         self.inplanes, self.dilation, self.groups, self.base_width = widths[0], 1, 1, 64
-        if cifar_stem:  # 3×3 stride 1, no max-pool: keeps 32×32 resolution into layer1
-            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=1, padding=1, bias=False)
+        if cifar_stem:  # 3×3, no max-pool: stride 1 keeps 32×32 into layer1, stride 2 halves it (4× fewer MACs)
+            self.conv1 = nn.Conv2d(3, widths[0], kernel_size=3, stride=stem_stride, padding=1, bias=False)
             self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(3, widths[0], kernel_size=7, stride=2, padding=3, bias=False)
@@ -79,10 +80,15 @@ def build_backbone(
     *,
     width: float = 1.0,
     cifar_stem: bool = False,
+    stem_stride: int = 1,
     norm_layer: NormLayer = nn.BatchNorm2d,
 ) -> ResNetBackbone:
-    """``resnet18``/``resnet34``/``resnet50``; ``cifar_stem`` for 28–64 px inputs."""
+    """``resnet18``/``resnet34``/``resnet50``; ``cifar_stem`` for 28–64 px inputs (``stem_stride`` 1 or 2)."""
     if arch not in _LAYOUTS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {', '.join(_LAYOUTS)}")
     block, layers = _LAYOUTS[arch]
-    return ResNetBackbone(block, layers, width=width, cifar_stem=cifar_stem, norm_layer=norm_layer)
+    if stem_stride not in (1, 2) or (stem_stride != 1 and not cifar_stem):
+        raise ValueError(f"stem_stride must be 1 or 2, and 2 needs cifar_stem; got {stem_stride}")
+    return ResNetBackbone(
+        block, layers, width=width, cifar_stem=cifar_stem, stem_stride=stem_stride, norm_layer=norm_layer
+    )

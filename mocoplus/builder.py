@@ -58,7 +58,13 @@ class MoCoPlus(nn.Module):
         self.key_bn = resolve_key_bn(config.key_bn)
         split = self.key_bn == "split"
         norm_layer = partial(SplitBatchNorm, num_splits=config.bn_splits) if split else nn.BatchNorm2d
-        backbone = build_backbone(config.arch, width=config.width, cifar_stem=config.cifar_stem, norm_layer=norm_layer)
+        backbone = build_backbone(
+            config.arch,
+            width=config.width,
+            cifar_stem=config.cifar_stem,
+            stem_stride=config.stem_stride,
+            norm_layer=norm_layer,
+        )
         head_norm = (norm_layer if split else nn.BatchNorm1d) if config.head_bn else None
         hidden_dim = config.hidden_dim or backbone.out_dim
         head = ProjectionHead(backbone.out_dim, hidden_dim, config.embedding_dim, norm_layer=head_norm)
@@ -92,10 +98,12 @@ class MoCoPlus(nn.Module):
         keys = F.normalize(self.key_encoder(shuffled), dim=1)
         return distributed.unshuffle_across_ranks(keys, restore)
 
-    def forward(self, view1: Tensor, view2: Tensor, *, epoch: int = 0, progress: float = 0.0) -> MoCoOutput:
+    def forward(
+        self, view1: Tensor, view2: Tensor, *, epoch: int = 0, progress: float = 0.0, step: int = 0
+    ) -> MoCoOutput:
         """One step of the objective on two augmented views of the same images.
 
-        ``epoch`` decides whether hard-negative warm-up is over; ``progress``
+        ``epoch`` and ``step`` decide whether hard-negative warm-up is over; ``progress``
         (fraction of training done) drives the cosine momentum schedule.
         """
         config = self.config
@@ -115,7 +123,7 @@ class MoCoPlus(nn.Module):
             k1=k1,
             mode=config.dual_view,
             temperature=config.temperature,
-            sampling=config.sampling_at(epoch),
+            sampling=config.sampling_at(epoch, step),
             key_anchor_weight=config.key_anchor_weight,
         )
         new_keys = k2 if k1 is None else torch.cat([k1, k2])

@@ -11,13 +11,13 @@ from typing import Literal
 
 Arch = Literal["resnet18", "resnet34", "resnet50"]
 DualView = Literal["none", "symmetric", "key-anchor"]
-Negatives = Literal["all", "topk", "band", "threshold"]
+Negatives = Literal["all", "topk", "band", "threshold", "debiased", "hard-weighted"]
 KeyBatchNorm = Literal["auto", "shuffle", "sync", "split", "plain"]
 MomentumSchedule = Literal["constant", "cosine"]
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 DUAL_VIEWS: tuple[str, ...] = ("none", "symmetric", "key-anchor")
-NEGATIVES: tuple[str, ...] = ("all", "topk", "band", "threshold")
+NEGATIVES: tuple[str, ...] = ("all", "topk", "band", "threshold", "debiased", "hard-weighted")
 KEY_BATCH_NORMS: tuple[str, ...] = ("auto", "shuffle", "sync", "split", "plain")
 MOMENTUM_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 
@@ -32,18 +32,32 @@ class NegativeSampling:
     """Which queue entries serve as negatives for each anchor (DESIGN §1).
 
     ``mode``: ``all`` (the whole queue, MoCo), ``topk`` (the ``k`` most similar),
-    ``band`` (drop the ``skip`` most similar, likely false negatives, keep the
-    next ``k``), ``threshold`` (drop entries more similar than ``threshold``,
-    keep the ``k`` most similar of the rest; ``k=None`` keeps all of the rest).
+    ``band`` (drop the ``skip`` most similar — or the most similar
+    ``skip_fraction`` of the queue — likely false negatives, keep the next
+    ``k``), ``threshold`` (drop entries more similar than ``threshold``, keep
+    the ``k`` most similar of the rest; ``k=None`` keeps all of the rest).
+
+    Two modes keep the whole queue but change how it counts (`mocoplus.losses`):
+    ``debiased`` (Chuang et al. 2020) subtracts the expected share of same-class
+    entries, a class prior ``tau_plus``, from the negatives' sum; ``hard-weighted``
+    (Robinson et al. 2021) also weights each entry by e^{β·a·n/τ} (concentration
+    ``beta``; β = 0 is ``debiased``).
     """
 
     mode: Negatives = "all"
     k: int | None = None
     skip: int = 0
     threshold: float | None = None
+    skip_fraction: float = 0.0
+    tau_plus: float = 0.1
+    beta: float = 1.0
 
     def __post_init__(self) -> None:
         _require_choice("negatives", self.mode, NEGATIVES)
+        if not 0.0 <= self.skip_fraction < 1.0 or (self.skip_fraction and self.skip):
+            raise ValueError(f"skip_fraction must lie in [0, 1) and not be combined with skip; got {self}")
+        if not 0.0 <= self.tau_plus < 1.0 or not self.beta >= 0.0:
+            raise ValueError(f"tau_plus must lie in [0, 1) and beta be >= 0; got {self.tau_plus}, {self.beta}")
         if self.mode == "topk" and self.k is None:
             raise ValueError("negatives='topk' needs k (the number of negatives to keep)")
         if self.k is not None and self.k < 1:
@@ -52,6 +66,15 @@ class NegativeSampling:
             raise ValueError(f"skip must be >= 0; got {self.skip}")
         if self.mode == "threshold" and self.threshold is None:
             raise ValueError("negatives='threshold' needs threshold (a cosine similarity)")
+
+    def skip_count(self, queue_size: int) -> int:
+        """How many of the most similar entries ``band`` drops from a queue of ``queue_size``."""
+        return self.skip or round(self.skip_fraction * queue_size)
+
+    @property
+    def reweights(self) -> bool:
+        """Whether the loss re-estimates the negatives' sum (``debiased``, ``hard-weighted``)."""
+        return self.mode in ("debiased", "hard-weighted")
 
 
 ALL_NEGATIVES = NegativeSampling()
@@ -71,6 +94,7 @@ class MoCoConfig:
     arch: Arch = "resnet50"
     width: float = 1.0
     cifar_stem: bool = False
+    stem_stride: int = 1
     hidden_dim: int | None = None
     embedding_dim: int = 128
     head_bn: bool = False
@@ -88,7 +112,11 @@ class MoCoConfig:
     num_negatives: int | None = None
     skip_negatives: int = 0
     negative_threshold: float | None = None
+    skip_negatives_fraction: float = 0.0
+    debias_prior: float = 0.1  # τ⁺: the share of the queue expected to share the anchor's class
+    hardness: float = 1.0  # β of hard-weighted
     warmup_epochs: int = 0
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         _require_choice("arch", self.arch, ARCHS)
@@ -109,8 +137,10 @@ class MoCoConfig:
             raise ValueError(f"temperature must be > 0; got {self.temperature}")
         if not self.key_anchor_weight >= 0:
             raise ValueError(f"key_anchor_weight must be >= 0; got {self.key_anchor_weight}")
-        if self.warmup_epochs < 0:
-            raise ValueError(f"warmup_epochs must be >= 0; got {self.warmup_epochs}")
+        if self.warmup_epochs < 0 or self.warmup_steps < 0:
+            raise ValueError(
+                f"warmup_epochs and warmup_steps must be >= 0; got {self.warmup_epochs}, {self.warmup_steps}"
+            )
         _ = self.sampling  # builds (and so validates) the negative-sampling fields
 
     @property
@@ -121,8 +151,11 @@ class MoCoConfig:
             k=self.num_negatives,
             skip=self.skip_negatives,
             threshold=self.negative_threshold,
+            skip_fraction=self.skip_negatives_fraction,
+            tau_plus=self.debias_prior,
+            beta=self.hardness,
         )
 
-    def sampling_at(self, epoch: int) -> NegativeSampling:
-        """`all` during warm-up: a random encoder has no meaningful hard negatives."""
-        return ALL_NEGATIVES if epoch < self.warmup_epochs else self.sampling
+    def sampling_at(self, epoch: int, step: int = 0) -> NegativeSampling:
+        """`all` during warm-up (whole epochs, or steps): a random encoder has no meaningful hard negatives."""
+        return ALL_NEGATIVES if epoch < self.warmup_epochs or step < self.warmup_steps else self.sampling

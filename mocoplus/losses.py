@@ -16,6 +16,7 @@ Everything here runs in at least float32 with autocast off: bf16 logits over a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -48,15 +49,16 @@ def select_negatives(
     """
     queue_size = scores.shape[1]
     with torch.no_grad():
-        if sampling.mode == "all":
+        if sampling.mode == "all" or sampling.reweights:
             return None, None
         if sampling.mode == "topk":
             indices = scores.topk(min(sampling.k, queue_size), dim=1).indices
             return indices, None
         if sampling.mode == "band":
+            skip = sampling.skip_count(queue_size)
             keep = queue_size if sampling.k is None else sampling.k
-            end = min(sampling.skip + keep, queue_size)
-            indices = scores.topk(end, dim=1).indices[:, sampling.skip :]
+            end = min(skip + keep, queue_size)
+            indices = scores.topk(end, dim=1).indices[:, skip:]
             return indices, None
         # threshold: entries above it are presumed false negatives
         allowed = scores <= sampling.threshold * scale
@@ -64,6 +66,33 @@ def select_negatives(
             return None, allowed
         values, indices = torch.where(allowed, scores, float("-inf")).topk(min(sampling.k, queue_size), dim=1)
         return indices, torch.isfinite(values)
+
+
+def _log_negative_sum(negatives: Tensor, positive: Tensor, sampling: NegativeSampling, temperature: float) -> Tensor:
+    """log of the denominator's negative term per row: log Σ e^{a·n/τ}, or the debiased estimate of it.
+
+    ``debiased`` / ``hard-weighted`` replace the sum over M queue entries by
+
+        N_g = max( (M · Σ w·e^{a·n/τ} / Σ w  −  τ⁺·M·e^{a·p/τ}) / (1 − τ⁺),  M·e^{−1/τ} )
+
+    with w = e^{β·a·n/τ} (β = 0 for ``debiased``): the importance-weighted mean
+    of the negatives with the expected same-class share (prior τ⁺) removed,
+    floored at its theoretical minimum. Gradients flow through the weights, as
+    in the authors' code. Computed relative to a per-row shift so e^{1/τ}
+    never overflows.
+    """
+    if not sampling.reweights:
+        return torch.logsumexp(negatives, dim=1)
+    count = negatives.shape[1]
+    beta = sampling.beta if sampling.mode == "hard-weighted" else 0.0
+    log_weighted_sum = (
+        torch.logsumexp((1.0 + beta) * negatives, dim=1) - torch.logsumexp(beta * negatives, dim=1) + math.log(count)
+    )
+    shift = torch.maximum(log_weighted_sum, positive).detach()
+    prior = sampling.tau_plus
+    estimate = (torch.exp(log_weighted_sum - shift) - prior * count * torch.exp(positive - shift)) / (1.0 - prior)
+    floor = count * math.exp(-1.0 / temperature) * torch.exp(-shift)
+    return torch.log(torch.maximum(estimate, floor)) + shift
 
 
 def contrastive_loss(
@@ -91,7 +120,9 @@ def contrastive_loss(
         if valid is not None:
             negatives = negatives.masked_fill(~valid, float("-inf"))
         # log(e^pos + Σ e^neg) − pos, without concatenating a [B, 1+M] copy
-        loss = (torch.logaddexp(positive, torch.logsumexp(negatives, dim=1)) - positive).mean()
+        loss = (
+            torch.logaddexp(positive, _log_negative_sum(negatives, positive, sampling, temperature)) - positive
+        ).mean()
     with torch.no_grad():
         negative_similarity = logits.mean() * temperature
         if indices is None and valid is None:
@@ -118,16 +149,22 @@ def info_nce(
     k: int | None = None,
     skip: int = 0,
     threshold: float | None = None,
+    skip_fraction: float = 0.0,
+    tau_plus: float = 0.1,
+    beta: float = 1.0,
 ) -> Tensor:
     """InfoNCE of L2-normalised ``anchors`` [B,d] vs ``positives`` [B,d] and a ``queue`` [K,d].
 
     ``negatives`` selects, per anchor, which queue entries enter the
     denominator: ``all``, ``topk`` (``k`` most similar), ``band`` (skip the
     ``skip`` most similar, keep the next ``k``) or ``threshold`` (drop those
-    with similarity > ``threshold``, keep the ``k`` most similar of the rest).
+    with similarity > ``threshold``, keep the ``k`` most similar of the rest),
+    ``debiased`` (class prior ``tau_plus``) or ``hard-weighted`` (also ``beta``).
     Gradients flow to anchors and positives, never through the selection.
     """
-    sampling = NegativeSampling(mode=negatives, k=k, skip=skip, threshold=threshold)
+    sampling = NegativeSampling(
+        mode=negatives, k=k, skip=skip, threshold=threshold, skip_fraction=skip_fraction, tau_plus=tau_plus, beta=beta
+    )
     return contrastive_loss(anchors, positives, queue, temperature=temperature, sampling=sampling).loss
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,11 +22,74 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
 TEMP_PREFIX = "."  # temp files are hidden dot-files: `ls`, globs and shard patterns skip them
 TEMP_SUFFIX = ".tmp"
+# Every temp name carries its writer (host and pid), so a later run can tell the leftovers of a killed
+# process from the work of one still running: `.NAME.~HOST~PID~RANDOM[.tmp]`.
+_OWNER = re.compile(r"~(?P<host>[^~/]+)~(?P<pid>\d+)~")
+
+
+def _owner_tag() -> str:
+    return f"~{socket.gethostname()}~{os.getpid()}~"
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def sweep_stale_temps(folder: Path, name: str = "") -> list[Path]:
+    """Remove the temp files and folders in ``folder`` left by dead processes of this host; return them.
+
+    Only hidden entries whose name carries a writer tag (`temp_path_for`,
+    `building_dir`) and, when given, starts with ``.name.`` are considered; an
+    entry whose writer is alive, or ran on another host (a shared folder), is
+    never touched.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    host, removed = socket.gethostname(), []
+    prefix = f"{TEMP_PREFIX}{name}." if name else TEMP_PREFIX
+    for path in folder.iterdir():
+        match = _OWNER.search(path.name)
+        if not path.name.startswith(prefix) or match is None or match["host"] != host:
+            continue
+        if _process_alive(int(match["pid"])):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def reusable_output(out_dir: Path, info_name: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """The info of a finished output in ``out_dir`` built from exactly ``inputs``; None if ``out_dir`` is free.
+
+    ``inputs`` (what the output depends on: input hashes and options) is stored
+    as ``"inputs"`` in the output's info file. A rerun with the same inputs is
+    then "up to date"; anything else already in ``out_dir`` is an error, never
+    overwritten.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return None
+    try:
+        info = json.loads((out_dir / info_name).read_text())
+    except (OSError, ValueError):
+        info = None
+    if isinstance(info, dict) and info.get("inputs") == json.loads(json.dumps(inputs)):
+        return info
+    raise FileExistsError(
+        f"{out_dir} exists and is not an empty folder, nor this output built from the same input: choose a new --out"
+    )
 
 
 def package_version() -> str:
@@ -63,7 +128,8 @@ def building_dir(out_dir: Path) -> Iterator[Path]:
     """
     out_dir = require_new_dir(out_dir)
     parent = prepare_out_dir(out_dir.parent)
-    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{out_dir.name}."))
+    sweep_stale_temps(parent, out_dir.name)  # what a killed build of this bundle left behind
+    work = Path(tempfile.mkdtemp(dir=parent, prefix=f"{TEMP_PREFIX}{out_dir.name}.{_owner_tag()}"))
     try:
         work.chmod(0o755)  # mkdtemp's 0700 would make the bundle private to this user
         yield work
@@ -78,7 +144,8 @@ def building_dir(out_dir: Path) -> Iterator[Path]:
 def temp_path_for(path: Path) -> Path:
     """A unique hidden temp name beside ``path`` (same folder, so the final rename is atomic)."""
     path = Path(path)
-    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=f"{TEMP_PREFIX}{path.name}.", suffix=TEMP_SUFFIX)
+    prefix = f"{TEMP_PREFIX}{path.name}.{_owner_tag()}"
+    descriptor, temp = tempfile.mkstemp(dir=path.parent, prefix=prefix, suffix=TEMP_SUFFIX)
     os.fchmod(descriptor, 0o644)  # mkstemp's 0600 would make the result private to this user
     os.close(descriptor)
     return Path(temp)
@@ -112,17 +179,3 @@ def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def progress_bar(enabled: bool = True) -> Progress:
-    """The stages' progress bar, on stderr so that stdout stays clean for ``--json`` output."""
-    return Progress(
-        TextColumn("{task.description:<22}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[status]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        disable=not enabled,
-    )

@@ -33,11 +33,12 @@ from pipeline.artifacts import (
     commit_file,
     package_version,
     prepare_out_dir,
-    progress_bar,
+    sweep_stale_temps,
     temp_path_for,
     write_json_atomic,
 )
 from pipeline.data import decode_sample, sample_label
+from pipeline.progress import stage_progress
 from pipeline.shards import resolve_shards
 from serving.bundle import ModelBundle
 from serving.images import DEFAULT_MAX_PIXELS, InvalidImageError, fit_square
@@ -191,6 +192,7 @@ def embed(
     bundle = ModelBundle(model_dir, provider=config.provider, threads=config.threads, spin=config.workers == 0)
     shard_list = resolve_shards(shards)
     out_dir = prepare_out_dir(Path(out_dir))
+    sweep_stale_temps(out_dir)  # half-written parts of a killed run (of this host; shares elsewhere are not touched)
     urls = list(shard_list.urls)
     mine = [(index, url) for index, url in enumerate(urls) if index % config.num_shards == config.shard_index]
     todo = [(index, url) for index, url in mine if not _is_done(out_dir, index, url, bundle, config)]
@@ -200,9 +202,9 @@ def embed(
         loader = DataLoader(dataset, batch_size=None, num_workers=min(config.workers, len(todo)))
         parts: dict[int, _Part] = {}
         url_of = dict(todo)
-        with progress_bar(progress) as bar:
+        with stage_progress(progress) as bar:
             total = round(shard_list.samples * len(todo) / len(urls)) if shard_list.samples else None
-            task = bar.add_task("embedding", total=total)
+            task = bar.task("embedding", total=total, unit="images")
             for batch in loader:
                 part = parts.setdefault(int(batch["shard"]), _Part())
                 images = np.asarray(batch["images"], dtype=np.uint8)

@@ -1,16 +1,21 @@
-"""`mocoplus evaluate`: how good is a run's representation? kNN and linear-probe top-1, per encoder.
+"""`mocoplus evaluate`: how good is a run's representation, and is it better than pixels?
 
-Both protocols freeze the backbone and use its pooled features of the whole
+Every protocol freezes the backbone and uses its pooled features of the whole
 image (the evaluation stream's resize and centre crop, the training
 normalisation), computed once per stream for the query and the key encoder
 together:
 
-- **weighted kNN** (k = 200, τ = 0.1 by default, MoCo's CIFAR monitor): the
-  training features are the memory, each held-out image votes by similarity;
+- **the retrieval suite** (`pipeline.retrieval`): weighted kNN-200, majority
+  1-, 5- and 20-NN and precision@10, cosine similarity, the training features
+  as memory and the held-out images as queries;
 - **linear probe**: multinomial logistic regression on the L2-normalised
   training features, fitted by full-batch L-BFGS with a small L2 penalty (a
   convex problem, so no learning-rate schedule to tune), scored on the
   held-out features.
+
+``baselines`` (``pixels``, ``hog``; `pipeline.baselines`) are scored by the
+same suite on the very images the encoder saw, so the table compares like
+with like.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from torch.nn import functional as F
 
 from mocoplus import MoCoPlus
 from pipeline.augment import eval_transform
+from pipeline.baselines import BASELINES, baseline_features
 from pipeline.checkpoints import load_checkpoint, resolve_checkpoint
 from pipeline.data import EvalStream, StreamConfig
 from pipeline.knn import knn_top1, labelled_features
 from pipeline.precision import resolve_precision
+from pipeline.progress import StageProgress, stage_progress
+from pipeline.retrieval import RetrievalScores, retrieval_scores
 from pipeline.run_config import config_from_dict
 
 ENCODERS = ("query", "key")
@@ -35,8 +43,11 @@ ENCODERS = ("query", "key")
 
 @dataclass(frozen=True)
 class EncoderScores:
+    """``knn_top1``: the run's own kNN rule (``eval.knn_k``, ``eval.knn_temperature``), as the monitor scores it."""
+
     knn_top1: float
     linear_top1: float
+    retrieval: RetrievalScores
 
 
 @dataclass(frozen=True)
@@ -46,9 +57,10 @@ class Evaluation:
     train_samples: int
     eval_samples: int
     encoders: dict[str, EncoderScores]
+    baselines: dict[str, RetrievalScores]
 
     def to_json(self) -> dict[str, object]:
-        return {**asdict(self), "encoders": {name: asdict(scores) for name, scores in self.encoders.items()}}
+        return asdict(self)
 
 
 class _BothBackbones(nn.Module):
@@ -75,15 +87,46 @@ def load_run(run_dir: Path, checkpoint: str = "auto") -> tuple[MoCoPlus, dict, P
     return model.eval(), state, path
 
 
+@dataclass(frozen=True)
+class _Split:
+    features: Tensor
+    labels: Tensor
+    images: Tensor | None  # the uint8 images the features were computed from, kept for the baselines
+
+
 def _features(
-    network: nn.Module, shards: str, *, size: int, mode: str, transform, batch_size: int, workers: int, device
-) -> tuple[Tensor, Tensor]:
+    network: nn.Module,
+    shards: str,
+    *,
+    size: int,
+    mode: str,
+    transform,
+    batch_size: int,
+    workers: int,
+    device,
+    keep_images: bool,
+    bar: StageProgress,
+) -> _Split:
     stream = EvalStream(shards, size, mode, StreamConfig(batch_size=batch_size, workers=workers), rank=0, world_size=1)
     precision = resolve_precision("auto", device)
+    images: list[Tensor] = []
+    task = bar.task(f"features {Path(str(shards)).name}"[:22], total=stream.shards.samples, unit="images")
+
+    def batches():
+        for batch in stream:
+            if keep_images:
+                images.append(batch.images)
+            bar.advance(task, len(batch.labels))
+            yield batch
+
     try:
-        return labelled_features(network, stream, transform=transform, device=device, precision=precision)
+        features, labels = labelled_features(
+            network, batches(), transform=transform, device=device, precision=precision
+        )
     except ValueError as error:
         raise ValueError(f"{shards}: {error}") from None
+    bar.finish(task)
+    return _Split(features, labels, torch.cat(images) if keep_images else None)
 
 
 def linear_probe(
@@ -129,8 +172,16 @@ def evaluate(
     batch_size: int = 512,
     workers: int = 2,
     device: str = "auto",
+    baselines: tuple[str, ...] = (),
+    progress: bool = True,
 ) -> Evaluation:
-    """kNN and linear-probe top-1 of both encoders of a run, memory/training set ``train_shards``."""
+    """The retrieval suite, kNN and linear-probe top-1 of both encoders of a run, and of ``baselines``.
+
+    ``train_shards`` are the memory and the probe's training set, ``eval_shards`` the queries.
+    """
+    unknown = sorted(set(baselines) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     model, state, path = load_run(run_dir, checkpoint)
     config = config_from_dict(state["config"])
     target = torch.device(
@@ -145,23 +196,44 @@ def evaluate(
         "batch_size": batch_size,
         "workers": workers,
         "device": target,
+        "keep_images": bool(baselines),
     }
-    train_features, train_labels = _features(network, train_shards, **options)
-    test_features, test_labels = _features(network, eval_shards, **options)
-    width = train_features.shape[1] // 2
-    classes = int(max(train_labels.max(), test_labels.max())) + 1
+    with stage_progress(progress) as bar:
+        train = _features(network, train_shards, bar=bar, **options)
+        test = _features(network, eval_shards, bar=bar, **options)
+        task = bar.task("scoring", total=len(ENCODERS) + len(baselines), unit="feature sets")
+        scores = _score_encoders(train, test, config, bar, task)
+        baseline_scores = {}
+        for name in baselines:
+            bar.update(task, status=name)
+            bank, queries = baseline_features(name, train.images, test.images)
+            classes = int(max(train.labels.max(), test.labels.max())) + 1
+            baseline_scores[name] = retrieval_scores(bank, train.labels, queries, test.labels, num_classes=classes)
+            bar.advance(task)
+        bar.finish(task, status="done")
+    return Evaluation(str(path), int(state["step"]), len(train.labels), len(test.labels), scores, baseline_scores)
+
+
+def _score_encoders(train: _Split, test: _Split, config, bar: StageProgress, task: int) -> dict[str, EncoderScores]:
+    """The suite, the run's kNN rule and the linear probe for each encoder (features side by side in one tensor)."""
+    width = train.features.shape[1] // 2
+    classes = int(max(train.labels.max(), test.labels.max())) + 1
     scores = {}
     for index, name in enumerate(ENCODERS):
+        bar.update(task, status=f"{name} encoder")
         part = slice(index * width, (index + 1) * width)
+        bank, queries = train.features[:, part], test.features[:, part]
         knn = knn_top1(
-            train_features[:, part],
-            train_labels,
-            test_features[:, part],
-            test_labels,
+            bank,
+            train.labels,
+            queries,
+            test.labels,
             num_classes=classes,
             k=config.eval.knn_k,
             temperature=config.eval.knn_temperature,
         )
-        linear = linear_probe(train_features[:, part], train_labels, test_features[:, part], test_labels)
-        scores[name] = EncoderScores(knn, linear)
-    return Evaluation(str(path), int(state["step"]), len(train_labels), len(test_labels), scores)
+        linear = linear_probe(bank, train.labels, queries, test.labels)
+        suite = retrieval_scores(bank, train.labels, queries, test.labels, num_classes=classes)
+        scores[name] = EncoderScores(knn, linear, suite)
+        bar.advance(task)
+    return scores

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -38,10 +38,12 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mocoplus.heads import Encoder
-from pipeline.artifacts import TEMP_PREFIX, building_dir, package_version, require_new_dir, sha256_file
+from pipeline.artifacts import TEMP_PREFIX, building_dir, package_version, reusable_output, sha256_file
 from pipeline.augment import AugmentConfig
+from pipeline.checkpoints import resolve_checkpoint
 from pipeline.data import EvalStream, StreamConfig
 from pipeline.evaluate import load_run
+from pipeline.progress import stage_progress
 from pipeline.quantize import quantize_int8
 from pipeline.run_config import config_from_dict
 from serving.bundle import (
@@ -60,7 +62,7 @@ LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 PARITY_BATCH_SIZES = (1, 7, 64)
 
 
-class ExportError(RuntimeError):
+class ExportError(ValueError):
     """The export cannot produce a bundle that keeps its contract (e.g. parity above tolerance)."""
 
 
@@ -129,6 +131,7 @@ class EmbeddingModel(nn.Module):
 class ExportResult:
     bundle: Path
     model_json: dict[str, Any]
+    up_to_date: bool = False  # ``bundle`` already held this export of the same checkpoint with the same options
 
 
 def parity_images(shards: str, size: int, count: int) -> np.ndarray:
@@ -277,11 +280,23 @@ def _write_models(
     return scripted
 
 
-def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) -> ExportResult:
-    """Export ``run_dir``'s encoder to a model bundle at ``out_dir``; see the module docstring."""
+def export(
+    run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig(), *, progress: bool = True
+) -> ExportResult:
+    """Export ``run_dir``'s encoder to a model bundle at ``out_dir``; see the module docstring.
+
+    A rerun into a finished ``out_dir`` from the same checkpoint (by content)
+    with the same options is up to date; other contents of ``out_dir`` are an error.
+    """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    require_new_dir(out_dir)
-    moco, state, checkpoint = load_run(run_dir, config.checkpoint)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} not found")
+    checkpoint = resolve_checkpoint(run_dir, config.checkpoint)
+    inputs = {"checkpoint_sha256": sha256_file(checkpoint), "options": {**asdict(config), "checkpoint": None}}
+    existing = reusable_output(out_dir, MODEL_JSON, inputs)
+    if existing is not None:
+        return ExportResult(out_dir, existing, up_to_date=True)
+    moco, state, checkpoint = load_run(run_dir, str(checkpoint))
     run_config = config_from_dict(state["config"])
     augment = run_config.augmentation
     encoder = moco.key_encoder if config.encoder == "key" else moco.query_encoder
@@ -294,9 +309,12 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
     if config.quantize == "int8":
         calibration = parity_images(config.calibration or run_config.data.train, size, config.calibration_images)
 
-    with building_dir(out_dir) as work:
+    with building_dir(out_dir) as work, stage_progress(progress) as bar:
+        task = bar.task("export", total=2, unit="steps")
+        bar.update(task, status="TorchScript and ONNX" + (", int8 calibration" if calibration is not None else ""))
         example = torch.from_numpy(images[:2])
         scripted = _write_models(model, example, work, config, calibration)
+        bar.update(task, completed=1, status=f"parity on {len(images)} images")
         with torch.no_grad():
             dim = int(model(example).shape[1])
         contract = _contract(augment, size, dim, config)
@@ -315,12 +333,15 @@ def export(run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig()) 
                 "width": run_config.model.width,
             },
             "files": {name: sha256_file(work / name) for name in (ONNX_FILE, TORCHSCRIPT_FILE)},
+            "inputs": inputs,
         }
         info["bundle_hash"] = bundle_hash(info)
         (work / MODEL_JSON).write_text(json.dumps(info, indent=2) + "\n")
         bundle = ModelBundle(work)
         parity = measure_parity(model, scripted, bundle, images)
         check_parity(parity, config)
+        bar.update(task, completed=2)
+        bar.finish(task, status="parity checked")
         info["parity"] = {**parity, "tolerance": config.tolerance}
         if config.quantize == "int8":
             info["parity"]["min_mean_cosine"] = config.min_cosine

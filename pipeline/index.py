@@ -32,7 +32,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.artifacts import building_dir, package_version, progress_bar, require_new_dir, sha256_file
+from pipeline.artifacts import building_dir, package_version, reusable_output, sha256_file
 from pipeline.index_plan import KINDS, METRICS, IndexPlan, plan_index
 from pipeline.index_shards import ShardedBuild, shard_bounds
 from pipeline.index_tune import (
@@ -43,6 +43,7 @@ from pipeline.index_tune import (
     set_search_parameter,
     tune,
 )
+from pipeline.progress import stage_progress
 from serving.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet
 from serving.index import INDEX_FILE, INDEX_FORMAT, INDEX_JSON, INDEX_KIND, KEYS_FILE, LABELS_FILE, ROWS_FILE, gpu_index
 
@@ -80,14 +81,25 @@ class IndexConfig:
 class IndexResult:
     out_dir: Path
     info: dict[str, Any]
+    up_to_date: bool = False  # ``out_dir`` already held this index, built from the same embeddings and options
 
 
 def build_index(
     embeddings_dir: Path, out_dir: Path, config: IndexConfig = IndexConfig(), *, progress: bool = True
 ) -> IndexResult:
-    """Build, tune and write the index bundle for the embedding set at ``embeddings_dir``."""
-    out_dir = require_new_dir(out_dir)
+    """Build, tune and write the index bundle for the embedding set at ``embeddings_dir``.
+
+    A rerun into a finished ``out_dir`` with the same embeddings and options is
+    up to date and builds nothing; other contents of ``out_dir`` are an error.
+    """
     embeddings = EmbeddingSet(embeddings_dir)
+    inputs = {
+        "embeddings_manifest_sha256": sha256_file(embeddings.path / EMBEDDINGS_MANIFEST),
+        "options": asdict(config),
+    }
+    existing = reusable_output(out_dir, INDEX_JSON, inputs)
+    if existing is not None:
+        return IndexResult(Path(out_dir), existing, up_to_date=True)
     if embeddings.count < 1:
         raise ValueError(f"{embeddings_dir} holds no vectors to index")
     plan = plan_index(embeddings.count, embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
@@ -102,8 +114,8 @@ def build_index(
     with building_dir(out_dir) as work:
         started = time.perf_counter()
         index = _trained_index(embeddings, plan, config, rng, timings)
-        with progress_bar(progress) as bar:
-            task = bar.add_task(f"indexing ({plan.factory})", total=embeddings.count)
+        with stage_progress(progress) as bar:
+            task = bar.task(f"indexing ({plan.factory})", total=embeddings.count, unit="vectors")
             clock = time.perf_counter()
             advance = lambda rows: bar.advance(task, rows)  # noqa: E731
             # shards are filled on the CPU from a file: a GPU-trained index is copied back first
@@ -140,9 +152,9 @@ def build_index(
         (work / KEYS_FILE).write_text(json.dumps([keys[row] for row in order]))
         np.save(work / LABELS_FILE, labels[order])
         np.save(work / ROWS_FILE, order)
-        info = _describe(embeddings, plan, config, search, report, timings, merge, work)
+        info = {**_describe(embeddings, plan, config, search, report, timings, merge, work), "inputs": inputs}
         (work / INDEX_JSON).write_text(json.dumps(info, indent=2) + "\n")
-    return IndexResult(out_dir, info)
+    return IndexResult(Path(out_dir), info)
 
 
 def _held_out_rows(count: int, queries: int, rng: np.random.Generator) -> np.ndarray:

@@ -47,11 +47,12 @@ from pipeline.artifacts import (
     commit_file,
     package_version,
     prepare_out_dir,
-    progress_bar,
     sha256_file,
+    sweep_stale_temps,
     temp_path_for,
     write_json_atomic,
 )
+from pipeline.progress import stage_progress
 from pipeline.samples import PreparedSample, SampleOptions, prepare_chunk
 from pipeline.shards import MANIFEST_NAME, ShardRecord, ShardSetManifest, read_manifest
 from pipeline.sources import SkippedInput, Source, SourceItem, resolve_source
@@ -281,6 +282,7 @@ def ingest(spec: str, out_dir: Path, config: IngestConfig | None = None, *, prog
     out_dir = prepare_out_dir(out_dir)
     identity = _identity(source, config)
     with _exclusive(out_dir):
+        sweep_stale_temps(out_dir)  # what a killed ingest left (the lock says none is running here)
         existing = _existing_manifest(out_dir)
         if existing is not None and {"source": existing.source, "options": existing.options} == identity:
             return IngestResult(existing, out_dir, True, existing.inputs, time.perf_counter() - started)
@@ -330,8 +332,8 @@ def _write_shards(
         state.next_input, current = next_input, None
         _save_state(out_dir, identity, state)
 
-    with progress_bar(progress) as bar:
-        task = bar.add_task("ingest", total=len(source.items), completed=position, status="")
+    with stage_progress(progress) as bar:
+        task = bar.task("ingest", total=len(source.items), completed=position, unit="inputs")
         try:
             for result in _run_workers(source, position, options, config.workers):
                 position += 1

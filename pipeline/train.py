@@ -39,13 +39,14 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mocoplus import MoCoPlus
-from pipeline.artifacts import prepare_out_dir, progress_bar, write_json_atomic
+from pipeline.artifacts import prepare_out_dir, sweep_stale_temps, write_json_atomic
 from pipeline.augment import eval_transform
-from pipeline.checkpoints import load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
+from pipeline.checkpoints import checkpoint_dir, load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
 from pipeline.data import EvalStream, StreamConfig, TrainStream
 from pipeline.knn import knn_top1, labelled_features
 from pipeline.optim import build_optimizer, build_scheduler
 from pipeline.precision import Precision, resolve_precision
+from pipeline.progress import StageProgress, stage_progress
 from pipeline.run_config import RunConfig, config_from_dict
 
 CHECKPOINT_FORMAT = "mocoplus.checkpoint"
@@ -280,6 +281,8 @@ class Trainer:
         config, placement = self.config, self.placement
         if placement.is_main:
             prepare_out_dir(self.run_dir)
+            for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
+                sweep_stale_temps(folder)  # a checkpoint or metrics file half-written by a killed run
             write_json_atomic(self.run_dir / CONFIG_NAME, config.to_dict())
         _barrier()
         metrics = open(self.run_dir / METRICS_NAME, "a") if placement.is_main else None  # noqa: SIM115
@@ -288,8 +291,8 @@ class Trainer:
         stopped_by: str | None = None
         epoch = self.step // self.steps_per_epoch
         try:
-            with StopRequest() as stop, progress_bar(self.progress and placement.is_main) as bar:
-                task = bar.add_task("pretraining", total=self.total_steps, completed=self.step, status="")
+            with StopRequest() as stop, stage_progress(self.progress and placement.is_main) as bar:
+                task = bar.task("pretraining", total=self.total_steps, completed=self.step, unit="steps")
                 while self.step < self.total_steps and stopped_by is None:
                     epoch, skip = divmod(self.step, self.steps_per_epoch)
                     step_started = time.perf_counter()
@@ -326,6 +329,7 @@ class Trainer:
                         self._end_of_epoch(epoch, bar)
                     else:  # a stop only checkpoints: no kNN pass between SIGTERM and the kill that follows it
                         self._save(epoch)
+                bar.finish(task, status=f"loss {loss_value:.3f}" + (f", stopped by {stopped_by}" if stopped_by else ""))
         finally:
             if metrics is not None:
                 metrics.close()
@@ -352,7 +356,7 @@ class Trainer:
         view1 = batch.view1.to(self.device, non_blocking=True).contiguous(memory_format=layout)
         view2 = batch.view2.to(self.device, non_blocking=True).contiguous(memory_format=layout)
         with self.precision.autocast():
-            out = self.network(view1, view2, epoch=epoch, progress=self.step / self.total_steps)
+            out = self.network(view1, view2, epoch=epoch, progress=self.step / self.total_steps, step=self.step)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
@@ -382,7 +386,7 @@ class Trainer:
             )
         return (stop or "stop request on another rank") if flags[1] > 0 else None
 
-    def _end_of_epoch(self, epoch: int, bar) -> None:
+    def _end_of_epoch(self, epoch: int, bar: StageProgress) -> None:
         path = self._save(epoch)
         config = self.config
         if not config.data.eval_queries or ((epoch + 1) % config.eval.every_epochs and self.step < self.total_steps):
@@ -397,7 +401,7 @@ class Trainer:
                 metrics.write(json.dumps({"step": self.step, "epoch": epoch, "knn_top1": self.last_knn}) + "\n")
         _barrier()
 
-    def knn_monitor(self, bar) -> float:
+    def knn_monitor(self, bar: StageProgress) -> float:
         """Weighted kNN top-1 of the key encoder's pooled features: memory = training shards, queries = eval."""
         config = self.config
         stream_config = StreamConfig(batch_size=config.eval.batch_size, workers=config.data.workers)
@@ -405,7 +409,8 @@ class Trainer:
         size, memory_shards = config.data.image_size, config.data.eval_memory or config.data.train
         memory = EvalStream(memory_shards, size, mode, stream_config, rank=0, world_size=1)
         queries = EvalStream(config.data.eval_queries, size, mode, stream_config, rank=0, world_size=1)
-        task = bar.add_task("kNN monitor", total=None, status="")
+        known = (memory.shards.samples, queries.shards.samples)
+        task = bar.task("kNN monitor", total=sum(known) if all(known) else None, unit="images")
         (bank, bank_labels), (query, query_labels) = (
             labelled_features(
                 self.model.key_encoder.backbone,
@@ -427,7 +432,7 @@ class Trainer:
             k=config.eval.knn_k,
             temperature=config.eval.knn_temperature,
         )
-        bar.update(task, status=f"top-1 {accuracy:.2%}", visible=False)
+        bar.finish(task, status=f"top-1 {accuracy:.2%}", hide=True)
         return accuracy
 
     def _replicas_identical(self) -> bool | None:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from webdataset.tariterators import base_plus_ext
 
-from pipeline.artifacts import progress_bar, sha256_file
+from pipeline.artifacts import sha256_file
+from pipeline.progress import stage_progress
 from pipeline.shards import IMAGE_EXTENSIONS, ShardRecord, ShardSetManifest, read_manifest
 from serving.images import InvalidImageError, decode_image
 
@@ -53,8 +54,8 @@ def verify(folder: Path, *, quick: bool = False, progress: bool = True) -> Verif
     manifest = read_manifest(folder)
     report = VerifyReport()
     seen_keys: dict[str, str] = {}
-    with progress_bar(progress) as bar:
-        task = bar.add_task("verify", total=manifest.written, status="")
+    with stage_progress(progress) as bar:
+        task = bar.task("verify", total=manifest.written, unit="samples")
         for record in manifest.shards:
             report.shards += 1
             report.problems.extend(_check_shard(folder, record, manifest, quick, seen_keys, report))

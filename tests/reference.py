@@ -6,15 +6,18 @@ right, which is the point.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
 
 def naive_negatives(
-    similarities: list[float], mode: str, k: int | None, skip: int, threshold: float | None
+    similarities: list[float], mode: str, k: int | None, skip: int, threshold: float | None, skip_fraction: float = 0.0
 ) -> list[int]:
     order = sorted(range(len(similarities)), key=lambda j: -similarities[j])
-    if mode == "all":
+    skip = skip or round(skip_fraction * len(similarities))
+    if mode in ("all", "debiased", "hard-weighted"):
         return list(range(len(similarities)))
     if mode == "topk":
         return order[:k]
@@ -35,15 +38,34 @@ def naive_info_nce(
     k: int | None = None,
     skip: int = 0,
     threshold: float | None = None,
+    skip_fraction: float = 0.0,
+    tau_plus: float = 0.1,
+    beta: float = 1.0,
 ) -> Tensor:
-    """Mean over anchors of −log(e^{a·p/τ} / (e^{a·p/τ} + Σ_{n∈N(a)} e^{a·n/τ}))."""
+    """Mean over anchors of −log(e^{a·p/τ} / (e^{a·p/τ} + Σ_{n∈N(a)} e^{a·n/τ})), or of its debiased form.
+
+    ``debiased`` / ``hard-weighted`` (β = 0 / β) replace the sum with Chuang et al.'s and Robinson et al.'s
+    estimate: max((M·Σ w·e^{a·n/τ} / Σ w − τ⁺·M·e^{a·p/τ}) / (1 − τ⁺), M·e^{−1/τ}), w = e^{β·a·n/τ}.
+    """
     losses = []
     for a, p in zip(anchors, positives, strict=True):
         similarities = [float(a.detach() @ n) for n in queue]
-        chosen = naive_negatives(similarities, mode, k, skip, threshold)
-        logits = [a @ p / temperature] + [a @ queue[j] / temperature for j in chosen]
-        denominator = sum(torch.exp(logit) for logit in logits)
-        losses.append(-(logits[0] - torch.log(denominator)))
+        chosen = naive_negatives(similarities, mode, k, skip, threshold, skip_fraction)
+        positive = torch.exp(a @ p / temperature)
+        exps = [torch.exp(a @ queue[j] / temperature) for j in chosen]
+        if mode in ("debiased", "hard-weighted"):
+            weights = [
+                torch.exp((beta if mode == "hard-weighted" else 0.0) * (a @ queue[j]) / temperature) for j in chosen
+            ]
+            count = len(chosen)
+            weighted = count * sum(w * e for w, e in zip(weights, exps, strict=True)) / sum(weights)
+            estimate = (weighted - tau_plus * count * positive) / (1 - tau_plus)
+            negative_sum = torch.maximum(
+                estimate, torch.tensor(count * math.exp(-1 / temperature), dtype=estimate.dtype)
+            )
+        else:
+            negative_sum = sum(exps, torch.zeros((), dtype=positive.dtype))
+        losses.append(-torch.log(positive / (positive + negative_sum)))
     return torch.stack(losses).mean()
 
 

@@ -18,7 +18,8 @@ def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path
     """As a user runs it: a fresh process on Prefect's ephemeral API (its own PREFECT_HOME)."""
     out = tmp_path / "demo"
     overrides = [argument for override in TINY for argument in ("--set", override)]
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
+    env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the demo turns telemetry off itself
     # a 1-minute budget is below what the stages after training need: the plan falls back to one step
     command = [sys.executable, "-m", "flows.cli", "demo", "--out", str(out), "--minutes", "1", *overrides]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=Path(__file__).parents[1])
@@ -28,10 +29,15 @@ def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path
     assert 0 <= report["knn_top1"] <= 1 and report["recall_at_10"] >= 0.95
     assert report["search"]["query"].startswith("test") and len(report["search"]["neighbours"]) == 5
     assert all((out / name).exists() for name in ("shards/train", "shards/test", "run", "model", "corpus/index"))
-    for text in ("kNN top-1", "recall@10", "search: test"):
+    for text in ("kNN top-1", "recall@10", "search: test", "weighted kNN-200", "key encoder", "pixels", "hog"):
         assert text in result.stdout
+    assert set(report["retrieval"]) == {"key encoder", "pixels", "hog"}
+    for stage in ("demo: 1/3 ingest", "demo: 2/3 calibration", "demo: 3/3 the end-to-end flow", "demo: done"):
+        assert stage in result.stderr
+    assert "telemetry" not in result.stderr.lower()
 
 
 def test_demo_refuses_a_budget_below_one_minute():
     result = CliRunner().invoke(app, ["demo", "--minutes", "0.5"])
-    assert result.exit_code == 2 and "--minutes" in result.output
+    assert result.exit_code == 1 and "--minutes" in result.output
+    assert result.output.startswith("error: ") and result.output.count("\n") == 1

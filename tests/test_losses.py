@@ -21,6 +21,12 @@ SELECTIONS = [
     pytest.param({"negatives": "threshold", "threshold": 0.1, "k": 3}, id="threshold"),
     pytest.param({"negatives": "threshold", "threshold": 0.0, "k": None}, id="threshold-rest"),
     pytest.param({"negatives": "threshold", "threshold": -0.2, "k": 8}, id="threshold-few"),
+    pytest.param({"negatives": "band", "k": 5, "skip_fraction": 0.1}, id="band-share"),
+    pytest.param({"negatives": "band", "k": None, "skip_fraction": 0.3}, id="band-share-rest"),
+    pytest.param({"negatives": "debiased", "tau_plus": 0.1}, id="debiased"),
+    pytest.param({"negatives": "debiased", "tau_plus": 0.5}, id="debiased-floor"),
+    pytest.param({"negatives": "hard-weighted", "tau_plus": 0.1, "beta": 1.0}, id="hard-weighted"),
+    pytest.param({"negatives": "hard-weighted", "tau_plus": 0.0, "beta": 2.0}, id="hard-weighted-no-debias"),
 ]
 
 
@@ -62,7 +68,7 @@ def test_ties_in_the_queue_give_the_naive_loss(generator, selection):
     batch=st.integers(1, 9),
     queue_size=st.integers(1, 40),
     dim=st.integers(2, 12),
-    mode=st.sampled_from(["all", "topk", "band", "threshold"]),
+    mode=st.sampled_from(["all", "topk", "band", "threshold", "debiased", "hard-weighted"]),
     k=st.one_of(st.none(), st.integers(1, 50)),
     skip=st.integers(0, 45),
     threshold=st.floats(-1.0, 1.0),
@@ -170,3 +176,38 @@ def test_mismatched_shapes_are_rejected_clearly(generator):
         info_nce(
             unit_vectors(generator, 3, 4), unit_vectors(generator, 3, 4), unit_vectors(generator, 5, 3), temperature=1
         )
+
+
+def test_debiased_estimate_is_floored_when_the_prior_removes_more_than_the_queue_holds(generator):
+    anchors = unit_vectors(generator, 4, 6, requires_grad=True)
+    queue = -anchors.detach()[:1].repeat(10, 1)  # every queue entry is far: a tiny negative sum
+    loss = info_nce(anchors, anchors.detach(), queue, temperature=0.2, negatives="debiased", tau_plus=0.5)
+    expected = naive_info_nce(anchors, anchors.detach(), queue, 0.2, "debiased", tau_plus=0.5)
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
+    floor_only = torch.log1p(10 * torch.exp(torch.tensor(-1 / 0.2 - 1 / 0.2, dtype=torch.float64)))
+    torch.testing.assert_close(loss, floor_only)  # −log(e^{1/τ} / (e^{1/τ} + M·e^{−1/τ}))
+    (grad,) = torch.autograd.grad(loss, anchors)
+    assert torch.isfinite(grad).all()
+
+
+def test_hard_weighting_leans_on_the_most_similar_negatives(generator):
+    anchors = unit_vectors(generator, 8, 16)
+    positives = unit_vectors(generator, 8, 16)
+    queue = unit_vectors(generator, 64, 16)
+    plain = info_nce(anchors, positives, queue, temperature=0.2, negatives="debiased", tau_plus=0.0)
+    hard = info_nce(anchors, positives, queue, temperature=0.2, negatives="hard-weighted", tau_plus=0.0, beta=1.0)
+    assert hard > plain  # the weighted mean of e^{a·n/τ} exceeds the plain mean when weights favour large terms
+    torch.testing.assert_close(plain, info_nce(anchors, positives, queue, temperature=0.2))  # τ⁺ = 0: plain InfoNCE
+
+
+def test_hard_negatives_wait_for_a_warm_up_in_steps_or_epochs():
+    from mocoplus import MoCoConfig
+
+    config = MoCoConfig(negatives="band", num_negatives=8, skip_negatives_fraction=0.1, warmup_steps=50)
+    assert config.sampling_at(epoch=3, step=49).mode == "all"
+    assert config.sampling_at(epoch=3, step=50).mode == "band"
+    assert config.sampling_at(epoch=0, step=50).skip_count(4096) == 410
+    with pytest.raises(ValueError, match="not be combined with skip"):
+        MoCoConfig(negatives="band", num_negatives=8, skip_negatives=4, skip_negatives_fraction=0.1)
+    with pytest.raises(ValueError, match="tau_plus must lie in"):
+        MoCoConfig(negatives="debiased", debias_prior=1.0)

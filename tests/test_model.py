@@ -166,6 +166,17 @@ def test_cifar_stem_and_width_multiplier():
         build_backbone("vgg16")
 
 
+def test_a_stride_two_cifar_stem_halves_the_maps_and_keeps_the_feature_size():
+    backbone = build_backbone("resnet18", width=0.25, cifar_stem=True, stem_stride=2).eval()
+    features = {}
+    backbone.layer1.register_forward_hook(lambda module, inputs, output: features.update(out=output))
+    assert backbone(torch.randn(1, 3, 28, 28)).shape == (1, 128)
+    assert features["out"].shape[-2:] == (14, 14)  # 28 / 2 into layer1: a quarter of the multiply-adds
+    for bad in ({"stem_stride": 3, "cifar_stem": True}, {"stem_stride": 2, "cifar_stem": False}):
+        with pytest.raises(ValueError, match="stem_stride must be 1 or 2"):
+            build_backbone("resnet18", **bad)
+
+
 def test_warmup_uses_every_negative_then_the_selection():
     config = MoCoConfig(**TINY, negatives="band", num_negatives=8, skip_negatives=2, warmup_epochs=2)
     assert config.sampling_at(0).mode == "all" and config.sampling_at(1).mode == "all"
