@@ -338,13 +338,16 @@ def evaluate(
     workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 2,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
+    grid: Annotated[
+        int | None, typer.Option(min=1, help="Pool the embedding over a grid×grid grid (default: the run's).")
+    ] = None,
 ) -> None:
     """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines."""
     from pipeline.evaluate import evaluate as run_evaluate
 
     names = tuple(name.strip() for name in baselines.split(",") if name.strip())
     result = run_evaluate(
-        run, data, eval_shards, checkpoint=checkpoint, workers=workers, baselines=names, progress=progress
+        run, data, eval_shards, checkpoint=checkpoint, workers=workers, baselines=names, progress=progress, grid=grid
     )
     if as_json:
         typer.echo(json.dumps(result.to_json()))
@@ -408,6 +411,9 @@ def export(
     quantize: Annotated[str, typer.Option(help="none, or int8 (static QDQ, calibrated on real images).")] = "none",
     as_json: Annotated[bool, typer.Option("--json", help="Print model.json instead of a summary.")] = False,
     progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
+    grid: Annotated[
+        int | None, typer.Option(min=1, help="Pool the embedding over a grid×grid grid (default: the run's).")
+    ] = None,
 ) -> None:
     """Export a run's encoder to TorchScript and ONNX with its model.json."""
     from pipeline.export import ExportConfig
@@ -420,6 +426,7 @@ def export(
         opset=opset,
         calibration=calibration,
         quantize=quantize,
+        grid=grid,
     )
     result = run_export(run, out, config, progress=progress)
     info = result.model_json

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
+from torch.nn import functional as F
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 NormLayer = Callable[[int], nn.Module]
@@ -59,6 +60,11 @@ class ResNetBackbone(ResNet):
         self.out_dim = widths[3] * block.expansion
         self._init_weights(zero_init_residual)
 
+    def feature_map(self, images: Tensor) -> Tensor:
+        """The last stage's output ``[N, C, h, w]``, before pooling."""
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
     def _init_weights(self, zero_init_residual: bool) -> None:
         """torchvision's initialisation (Kaiming fan-out convs, unit BN)."""
         for module in self.modules():
@@ -73,6 +79,31 @@ class ResNetBackbone(ResNet):
                     nn.init.zeros_(module.bn3.weight)
                 elif isinstance(module, BasicBlock):
                     nn.init.zeros_(module.bn2.weight)
+
+
+class GridEmbedding(nn.Module):
+    """A backbone's last feature map average-pooled to ``grid`` × ``grid`` cells and flattened: the embedding.
+
+    ``grid=1`` is the usual global average pool (the features the projection
+    head is trained on). A coarse grid keeps where in the image a pattern is,
+    which global pooling throws away and which matters for retrieval among
+    aligned images (Fashion-MNIST's garments are centred): the cells are
+    regional descriptors in the spirit of R-MAC, at ``C·grid²`` dimensions.
+    Training is unchanged; only what the kNN monitor, ``evaluate`` and ``export``
+    read from the backbone.
+    """
+
+    def __init__(self, backbone: ResNetBackbone, grid: int = 1) -> None:
+        super().__init__()
+        if grid < 1:
+            raise ValueError(f"embedding grid must be >= 1; got {grid}")
+        self.backbone, self.grid = backbone, grid
+        self.out_dim = backbone.out_dim * grid * grid
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.grid == 1:
+            return self.backbone(images)
+        return F.adaptive_avg_pool2d(self.backbone.feature_map(images), self.grid).flatten(1)
 
 
 def build_backbone(

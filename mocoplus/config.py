@@ -97,6 +97,7 @@ class MoCoConfig:
     stem_stride: int = 1
     hidden_dim: int | None = None
     embedding_dim: int = 128
+    embedding_grid: int = 1  # the embedding: the backbone's last map pooled to grid × grid (1: global pool)
     head_bn: bool = False
     # key encoder and queue
     queue_size: int = 65536
@@ -125,8 +126,8 @@ class MoCoConfig:
         _require_choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
         if not self.width > 0:  # `not >` also refuses NaN
             raise ValueError(f"width must be > 0; got {self.width}")
-        if self.embedding_dim < 1 or (self.hidden_dim is not None and self.hidden_dim < 1):
-            raise ValueError("embedding_dim and hidden_dim must be positive")
+        if self.embedding_dim < 1 or (self.hidden_dim is not None and self.hidden_dim < 1) or self.embedding_grid < 1:
+            raise ValueError("embedding_dim, hidden_dim and embedding_grid must be positive")
         if self.queue_size < 1:
             raise ValueError(f"queue_size must be >= 1; got {self.queue_size}")
         if not 0.0 <= self.momentum <= 1.0:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mocoplus import MoCoPlus
+from mocoplus.backbones import GridEmbedding
 from pipeline.augment import eval_transform
 from pipeline.baselines import BASELINES, baseline_features
 from pipeline.checkpoints import load_checkpoint, resolve_checkpoint
@@ -64,11 +65,12 @@ class Evaluation:
 
 
 class _BothBackbones(nn.Module):
-    """Query and key backbone side by side: one decode of each image gives both encoders' features."""
+    """Query and key embeddings side by side: one decode of each image gives both encoders' features."""
 
-    def __init__(self, model: MoCoPlus) -> None:
+    def __init__(self, model: MoCoPlus, grid: int) -> None:
         super().__init__()
-        self.query, self.key = model.query_encoder.backbone, model.key_encoder.backbone
+        self.query = GridEmbedding(model.query_encoder.backbone, grid)
+        self.key = GridEmbedding(model.key_encoder.backbone, grid)
 
     def forward(self, images: Tensor) -> Tensor:
         return torch.cat([self.query(images), self.key(images)], dim=1)
@@ -174,10 +176,12 @@ def evaluate(
     device: str = "auto",
     baselines: tuple[str, ...] = (),
     progress: bool = True,
+    grid: int | None = None,
 ) -> Evaluation:
     """The retrieval suite, kNN and linear-probe top-1 of both encoders of a run, and of ``baselines``.
 
     ``train_shards`` are the memory and the probe's training set, ``eval_shards`` the queries.
+    ``grid`` overrides the run's ``model.embedding_grid`` (the pooling of the embedding).
     """
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
@@ -188,7 +192,7 @@ def evaluate(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
     augment = config.augmentation
-    network = _BothBackbones(model).to(target)
+    network = _BothBackbones(model, grid or config.model.embedding_grid).to(target)
     options = {
         "size": config.data.image_size,
         "mode": augment.input_mode,

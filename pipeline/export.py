@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mocoplus.backbones import GridEmbedding
 from mocoplus.heads import Encoder
 from pipeline.artifacts import TEMP_PREFIX, building_dir, package_version, reusable_output, sha256_file
 from pipeline.augment import AugmentConfig
@@ -81,6 +82,7 @@ class ExportConfig:
     calibration_images: int = 512  # int8: images calibrating the activation ranges
     min_cosine: float = 0.99  # int8: least mean cosine to eager fp32
     name: str = ""  # default: the run folder's name
+    grid: int | None = None  # embedding pooling grid; default: the run's model.embedding_grid
 
     def __post_init__(self) -> None:
         if self.encoder not in ("key", "query") or self.head not in ("none", "projection"):
@@ -106,9 +108,11 @@ class EmbeddingModel(nn.Module):
     training mean and std.
     """
 
-    def __init__(self, encoder: Encoder, augment: AugmentConfig, *, projection: bool) -> None:
+    def __init__(self, encoder: Encoder, augment: AugmentConfig, *, projection: bool, grid: int = 1) -> None:
         super().__init__()
-        self.backbone = encoder.backbone
+        if projection and grid != 1:
+            raise ValueError("the projection head takes globally pooled features: export it with embedding grid 1")
+        self.backbone = GridEmbedding(encoder.backbone, grid)
         self.head = encoder.head if projection else None
         self.gray = augment.input_mode == "L"
         self.channels = augment.channels
@@ -300,7 +304,8 @@ def export(
     run_config = config_from_dict(state["config"])
     augment = run_config.augmentation
     encoder = moco.key_encoder if config.encoder == "key" else moco.query_encoder
-    model = EmbeddingModel(encoder, augment, projection=config.head == "projection").eval()
+    grid = config.grid or (1 if config.head == "projection" else run_config.model.embedding_grid)
+    model = EmbeddingModel(encoder, augment, projection=config.head == "projection", grid=grid).eval()
     size = run_config.data.image_size
     images = parity_images(
         config.calibration or run_config.data.eval_queries or run_config.data.train, size, config.parity_images
@@ -333,6 +338,7 @@ def export(
                 "width": run_config.model.width,
             },
             "files": {name: sha256_file(work / name) for name in (ONNX_FILE, TORCHSCRIPT_FILE)},
+            "embedding_grid": grid,  # the backbone's last map average-pooled to grid × grid (1: global)
             "inputs": inputs,
         }
         info["bundle_hash"] = bundle_hash(info)

@@ -39,6 +39,7 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from mocoplus import MoCoPlus
+from mocoplus.backbones import GridEmbedding
 from pipeline.artifacts import prepare_out_dir, sweep_stale_temps, write_json_atomic
 from pipeline.augment import eval_transform
 from pipeline.checkpoints import checkpoint_dir, load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
@@ -411,9 +412,10 @@ class Trainer:
         queries = EvalStream(config.data.eval_queries, size, mode, stream_config, rank=0, world_size=1)
         known = (memory.shards.samples, queries.shards.samples)
         task = bar.task("kNN monitor", total=sum(known) if all(known) else None, unit="images")
+        embedding = GridEmbedding(self.model.key_encoder.backbone, config.model.embedding_grid)
         (bank, bank_labels), (query, query_labels) = (
             labelled_features(
-                self.model.key_encoder.backbone,
+                embedding,
                 stream,
                 transform=lambda x: eval_transform(x, self.augment),
                 device=self.device,

@@ -39,6 +39,20 @@ def test_evaluate_scores_both_encoders(tiny_run, fashion_shards, fashion_test_sh
         assert 0.2 < scores.knn_top1 <= 1.0 and 0.2 < scores.linear_top1 <= 1.0  # ten classes: chance is 0.1
 
 
+def test_evaluate_scores_a_grid_pooled_embedding_and_the_baselines_on_the_same_split(
+    tiny_run, fashion_shards, fashion_test_shards
+):
+    result = evaluate(
+        tiny_run, str(fashion_shards), str(fashion_test_shards), workers=0, grid=2, baselines=("pixels", "hog")
+    )
+    assert set(result.baselines) == {"pixels", "hog"}
+    for scores in (*(s.retrieval for s in result.encoders.values()), *result.baselines.values()):
+        assert all(0.1 < value <= 1.0 for value in scores.as_dict().values())  # ten classes: chance is 0.1
+    assert result.baselines["hog"].nn1 > 0.5  # HOG on real garments is far above chance
+    with pytest.raises(ValueError, match="unknown baseline sift"):
+        evaluate(tiny_run, str(fashion_shards), str(fashion_test_shards), workers=0, baselines=("sift",))
+
+
 def test_cli_prints_one_json_object(tiny_run, fashion_shards, fashion_test_shards):
     args = ["evaluate", str(tiny_run), "--data", str(fashion_shards), "--eval", str(fashion_test_shards)]
     result = CliRunner().invoke(app, [*args, "--json", "--workers", "0"])

@@ -109,6 +109,16 @@ def test_query_encoder_and_projection_head_are_exported_on_request(bundle, train
     assert ModelBundle(tmp_path / "query").embed(images[:3]).shape == (3, 32)
 
 
+def test_a_grid_pooled_embedding_is_exported_with_its_dimension_and_parity(bundle, trained_run, tmp_path, images):
+    export(trained_run, tmp_path / "grid", ExportConfig(parity_images=64, grid=2))
+    info = read_info(tmp_path / "grid")
+    assert (info["embedding_grid"], info["output"]["dim"]) == (2, 4 * read_info(bundle)["output"]["dim"])
+    assert info["parity"]["onnxruntime_max_abs_diff"] <= 1e-4
+    assert ModelBundle(tmp_path / "grid").embed(images[:3]).shape == (3, info["output"]["dim"])
+    with pytest.raises(ValueError, match="projection head takes globally pooled"):
+        export(trained_run, tmp_path / "bad", ExportConfig(parity_images=64, head="projection", grid=2))
+
+
 @pytest.mark.parametrize(
     ("batch", "message"),
     [

@@ -166,6 +166,20 @@ def test_cifar_stem_and_width_multiplier():
         build_backbone("vgg16")
 
 
+def test_grid_embedding_pools_the_last_map_into_cells_and_grid_one_is_the_global_pool():
+    from mocoplus.backbones import GridEmbedding
+
+    backbone = build_backbone("resnet18", width=0.25, cifar_stem=True).eval()
+    images = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(GridEmbedding(backbone, 1)(images), backbone(images))
+    cells = GridEmbedding(backbone, 2)
+    assert cells.out_dim == 512 and cells(images).shape == (3, 512)
+    feature_map = backbone.feature_map(images)  # [3, 128, 4, 4]: the top-left cell is the mean of its 2×2 corner
+    torch.testing.assert_close(cells(images).view(3, 128, 2, 2)[..., 0, 0], feature_map[..., :2, :2].mean((2, 3)))
+    with pytest.raises(ValueError, match="grid must be >= 1"):
+        GridEmbedding(backbone, 0)
+
+
 def test_a_stride_two_cifar_stem_halves_the_maps_and_keeps_the_feature_size():
     backbone = build_backbone("resnet18", width=0.25, cifar_stem=True, stem_stride=2).eval()
     features = {}
