@@ -141,3 +141,23 @@ def test_killed_training_resumes_to_the_uninterrupted_curve_without_leftovers(fa
     clean = tmp_path / "clean"
     assert mocoplus("train", "--out", str(clean), *common).returncode == 0
     np.testing.assert_allclose(losses(run), losses(clean), atol=1e-4)
+
+
+def test_killed_ingest_resumes_to_the_same_bytes_without_leftovers(fashion_mnist_env, tmp_path):
+    out, clean = tmp_path / "shards", tmp_path / "clean"
+    env = {**os.environ}
+    args = ("fashion-mnist:train", "--shard-size", "100", "--workers", "1", "--no-progress")
+    # dies right after the second shard is committed (renamed), before the resume state is saved
+    done = subprocess.run(
+        [sys.executable, "-c", KILL_AFTER, "pipeline.ingest", "commit_file", "2", "ingest", args[0], "--out", str(out),
+         *args[1:]],
+        capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
+    assert not (out / "manifest.json").exists()
+    assert mocoplus("ingest", args[0], "--out", str(out), *args[1:], env=env).returncode == 0
+    assert mocoplus("ingest", args[0], "--out", str(clean), *args[1:], env=env).returncode == 0
+    shards = sorted(path.name for path in clean.glob("*.tar"))
+    assert len(shards) == 6 and sorted(path.name for path in out.glob("*.tar")) == shards
+    assert all((out / name).read_bytes() == (clean / name).read_bytes() for name in shards)
+    assert [name for name in hidden(out) if name != ".ingest.lock"] == []
