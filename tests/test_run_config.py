@@ -115,7 +115,7 @@ def test_augment_overrides_apply_on_top_of_the_preset_at_the_data_image_size():
     preset = AUGMENT_PRESETS[config.data.augment]()
     assert config.augmentation == replace(preset, output_size=32, scale=(0.6, 1.0), brightness=0.2, blur_p=0.0)
     shipped = load_config("fashion-mnist-cpu").augmentation
-    assert shipped == replace(preset, output_size=28, scale=(0.4, 1.0), blur_p=0.0)
+    assert shipped == replace(preset, output_size=28, scale=(0.6, 1.0), blur_p=0.0)
     assert load_config("cifar-resnet18").augmentation == replace(AUGMENT_PRESETS["colour-32"](), output_size=32)
 
 
