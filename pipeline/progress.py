@@ -71,8 +71,8 @@ class _LineTask:
             parts[0] += f" ({self.completed / self.total:.0%})"
         elapsed = now - self.started
         rate = (self.completed - self.start_completed) / elapsed if elapsed > 0 else 0.0
-        if rate > 0:
-            parts.append(f"{rate:,.1f} {self.unit}/s")
+        if rate > 0:  # slow tasks (minutes per item) read better as time per item
+            parts.append(f"{rate:,.1f} {self.unit}/s" if rate >= 0.1 else f"{_duration(1 / rate)} per item")
             if self.total and not self.finished:
                 parts.append(f"ETA {_duration((self.total - self.completed) / rate)}")
         if self.finished:
