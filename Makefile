@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data tools demo test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ data:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST not found: set MOCOPLUS_FASHION_MNIST_DIR to a folder with its IDX files"; fi
 
+# curl: the README's service examples, which tests/test_readme.py runs as written
+tools:
+	@command -v curl >/dev/null || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl; }
+
 demo: setup data
 	$(BIN)/mocoplus demo --out demo-out
 
@@ -34,7 +38,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: setup data lint
+test: setup data tools lint
 	$(BIN)/python -m pytest
 
 bench: setup
