@@ -85,7 +85,11 @@ def evaluate_run(run_dir: str, train_shards: str, eval_shards: str, baselines: l
     create_markdown_artifact(
         f"| {' | '.join(header)} |\n|{'---|' * len(header)}\n"
         + "\n".join(
-            f"| {name} | " + " | ".join(f"{value:.2%}" for value in suite.values()) + f" | {linear or 0:.2%} |"
+            f"| {name} | "
+            + " | ".join(f"{value:.2%}" for value in suite.values())
+            + " | "
+            + ("—" if linear is None else f"{linear:.2%}")
+            + " |"
             for name, suite, linear in rows
         ),
         key="pretrain-evaluation",

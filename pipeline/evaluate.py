@@ -206,22 +206,23 @@ def evaluate(
         train = _features(network, train_shards, bar=bar, **options)
         test = _features(network, eval_shards, bar=bar, **options)
         task = bar.task("scoring", total=len(ENCODERS) + len(baselines), unit="feature sets")
-        scores = _score_encoders(train, test, config, bar, task)
+        classes = int(max(train.labels.max(), test.labels.max())) + 1
+        scores = _score_encoders(train, test, config, classes, bar, task)
         baseline_scores = {}
         for name in baselines:
             bar.update(task, status=name)
             bank, queries = baseline_features(name, train.images, test.images)
-            classes = int(max(train.labels.max(), test.labels.max())) + 1
             baseline_scores[name] = retrieval_scores(bank, train.labels, queries, test.labels, num_classes=classes)
             bar.advance(task)
         bar.finish(task, status="done")
     return Evaluation(str(path), int(state["step"]), len(train.labels), len(test.labels), scores, baseline_scores)
 
 
-def _score_encoders(train: _Split, test: _Split, config, bar: StageProgress, task: int) -> dict[str, EncoderScores]:
+def _score_encoders(
+    train: _Split, test: _Split, config, classes: int, bar: StageProgress, task: int
+) -> dict[str, EncoderScores]:
     """The suite, the run's kNN rule and the linear probe for each encoder (features side by side in one tensor)."""
     width = train.features.shape[1] // 2
-    classes = int(max(train.labels.max(), test.labels.max())) + 1
     scores = {}
     for index, name in enumerate(ENCODERS):
         bar.update(task, status=f"{name} encoder")
