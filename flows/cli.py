@@ -199,6 +199,9 @@ def ingest(
     max_pixels: Annotated[
         int, typer.Option(min=1, help="Reject images with more pixels than this (decompression bombs).")
     ] = 64_000_000,
+    max_file_bytes: Annotated[
+        str, typer.Option(help="Skip files larger than this (e.g. 256M), checked before reading them.")
+    ] = "256M",
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
     name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = "shard",
     overwrite: Annotated[bool, typer.Option(help="Replace a shard set made from other input.")] = False,
@@ -215,6 +218,7 @@ def ingest(
         image_format=image_format,
         max_side=max_side,
         max_pixels=max_pixels,
+        max_file_bytes=_byte_size(max_file_bytes),
         name=name,
         overwrite=overwrite,
         **settings,

@@ -56,9 +56,8 @@ from pipeline.progress import stage_progress
 from pipeline.samples import PreparedSample, SampleOptions, prepare_chunk
 from pipeline.shards import MANIFEST_NAME, ShardRecord, ShardSetManifest, read_manifest
 from pipeline.sources import SkippedInput, Source, SourceItem, resolve_source
-from serving.images import (
-    DEFAULT_MAX_PIXELS,
-)
+from serving.files import MAX_FILE_BYTES
+from serving.images import DEFAULT_MAX_PIXELS
 
 STATE_NAME = ".ingest-state.json"
 LOCK_NAME = ".ingest.lock"
@@ -78,6 +77,7 @@ class IngestConfig:
     image_format: str = "png"
     max_side: int | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = MAX_FILE_BYTES  # checked before a file is read: a 3 GB ".png" is skipped, not loaded
     name: str = "shard"
     workers: int = field(default_factory=_default_workers)
     overwrite: bool = False
@@ -89,8 +89,11 @@ class IngestConfig:
             raise ValueError(f"format must be one of {', '.join(IMAGE_FORMATS)}; got {self.image_format!r}")
         if self.max_side is not None and self.max_side < 1:
             raise ValueError(f"max side must be >= 1 pixel; got {self.max_side}")
-        if self.max_pixels < 1 or self.workers < 1:
-            raise ValueError(f"max pixels and workers must be >= 1; got {self.max_pixels}, {self.workers}")
+        if min(self.max_pixels, self.max_file_bytes, self.workers) < 1:
+            raise ValueError(
+                f"max pixels, max file bytes and workers must be >= 1; got {self.max_pixels}, "
+                f"{self.max_file_bytes}, {self.workers}"
+            )
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
             raise ValueError(f"shard name may hold only letters, digits, '_' and '-'; got {self.name!r}")
 
@@ -101,6 +104,7 @@ class IngestConfig:
             "format": self.image_format,
             "max_side": self.max_side,
             "max_pixels": self.max_pixels,
+            "max_file_bytes": self.max_file_bytes,
             "name": self.name,
         }
 
@@ -321,7 +325,9 @@ def _write_shards(
     source: Source, out_dir: Path, config: IngestConfig, identity: dict[str, Any], state: _Progress, progress: bool
 ) -> None:
     """Prepare ``source.items[state.next_input:]`` in workers and write them into shards, updating ``state``."""
-    options = SampleOptions(config.image_format, config.max_side, config.max_pixels, source.class_names)
+    options = SampleOptions(
+        config.image_format, config.max_side, config.max_pixels, config.max_file_bytes, source.class_names
+    )
     current: ShardFile | None = None
     position = state.next_input
 

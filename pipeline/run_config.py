@@ -37,8 +37,10 @@ from mocoplus import MoCoConfig
 from pipeline.augment import PRESETS as AUGMENT_PRESETS
 from pipeline.augment import AugmentConfig
 from pipeline.precision import PRECISIONS
+from serving.files import UnreadableFileError, read_regular_file
 
 PRESET_DIR = Path(__file__).parent / "presets"
+MAX_CONFIG_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -250,8 +252,10 @@ def read_config_file(spec: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config {spec!r} is neither a preset ({', '.join(preset_names())}) nor a file")
     try:
-        text = path.read_text()
+        text = read_regular_file(path, MAX_CONFIG_BYTES).decode()
         return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except UnreadableFileError as error:
+        raise ValueError(f"{path}: {error}") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})") from None
 

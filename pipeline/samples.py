@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.sources import SkippedInput, SourceItem
+from serving.files import FileTooLargeError, UnreadableFileError, read_regular_file
 from serving.images import FORMAT_EXTENSIONS, DecodedImage, InvalidImageError, decode_image, encode_image, limit_side
 
 TAR_MTIME = 0
@@ -40,6 +41,7 @@ class SampleOptions:
     image_format: str
     max_side: int | None
     max_pixels: int
+    max_file_bytes: int
     class_names: tuple[str, ...] | None
 
 
@@ -53,9 +55,12 @@ def prepare_sample(task: tuple[SourceItem, np.ndarray | None], options: SampleOp
                 None,
             )
         else:
-            raw = _read(item)
+            assert item.path is not None
+            raw = read_regular_file(item.path, options.max_file_bytes)
             decoded = decode_image(raw, max_pixels=options.max_pixels)
-    except (InvalidImageError, OSError) as error:
+    except FileTooLargeError as error:
+        return SkippedInput(item.origin, f"{error} (--max-file-bytes)")
+    except (InvalidImageError, UnreadableFileError) as error:
         return SkippedInput(item.origin, str(error))
     image = decoded.image
     if options.max_side is not None:
@@ -105,15 +110,6 @@ def tar_members(key: str, fields: dict[str, bytes]) -> bytes:
             header = info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         chunks += [header, data, bytes(-len(data) % tarfile.BLOCKSIZE)]
     return b"".join(chunks)
-
-
-def _read(item: SourceItem) -> bytes:
-    assert item.path is not None
-    try:
-        with open(item.path, "rb") as handle:
-            return handle.read()
-    except OSError as error:
-        raise OSError(f"unreadable file ({error.strerror or error})") from None
 
 
 def _provenance(item: SourceItem, decoded: DecodedImage, image: Image.Image, options: SampleOptions) -> bytes:

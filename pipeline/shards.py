@@ -21,7 +21,6 @@ Readers name shards by any of:
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import braceexpand
 
 from pipeline.sources import SkippedInput
+from serving.jsonfile import read_json
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "mocoplus.shards"
@@ -44,6 +44,22 @@ class ShardRecord:
     count: int
     bytes: int
     sha256: str
+
+    def __post_init__(self) -> None:
+        if not is_plain_file_name(self.name):
+            raise ValueError(f"shard name {self.name[:80]!r} is not a plain file name in the set's folder")
+        if self.count < 0 or self.bytes < 0:
+            raise ValueError(f"shard {self.name}: negative count or size ({self.count}, {self.bytes})")
+
+
+def is_plain_file_name(name: object) -> bool:
+    """A name that stays inside its folder: no separators, not ``.``/``..``, not absolute, no NUL."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(character in name for character in "/\\\0")
+        and Path(name).name == name
+    )
 
 
 @dataclass(frozen=True)
@@ -68,6 +84,12 @@ class ShardSetManifest:
             )
         if self.written != sum(shard.count for shard in self.shards):
             raise ValueError(f"{self.written} samples written but the shards hold {sum(s.count for s in self.shards)}")
+        declared = self.source.get("inputs")
+        if declared is not None and declared != self.inputs:
+            raise ValueError(f"counts disagree with the source: it had {declared} inputs, the counts say {self.inputs}")
+        names = [shard.name for shard in self.shards]
+        if len(set(names)) != len(names):
+            raise ValueError("a shard is listed twice")
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -111,14 +133,13 @@ class ShardSetManifest:
 def read_manifest(folder: Path) -> ShardSetManifest:
     """The validated manifest of the shard set in ``folder``, or a `ValueError`/`FileNotFoundError` that says why."""
     path = Path(folder) / MANIFEST_NAME
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(
             f"{folder} has no {MANIFEST_NAME}: not a shard set, or its ingest did not finish (rerun `mocoplus ingest`)"
         )
+    data = read_json(path, ValueError, f"{path}: missing")  # its errors name the file already
     try:
-        return ShardSetManifest.from_json(json.loads(path.read_text()))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+        return ShardSetManifest.from_json(data)
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path}: malformed shard manifest ({type(error).__name__}: {error})") from None
     except ValueError as error:

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.fashion_mnist import CLASS_NAMES, find_fashion_mnist, load_split, split_paths
+from serving.files import UnreadableFileError, read_regular_file
 
 IMAGE_SUFFIXES = frozenset(
     {".png", ".jpg", ".jpeg", ".jfif", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
@@ -133,15 +134,16 @@ def folder_source(root: Path) -> Source:
     silently.
     """
     root = Path(root)
+    paths, rejected = _walk_files(root)
+    not_followed = {item.input.rstrip("/") for item in rejected if item.reason.startswith("link")}
     with os.scandir(root) as entries:
-        subfolders = [entry.name for entry in entries if entry.is_dir() and not _is_hidden(entry.name)]
-    class_names = tuple(sorted(subfolders)) or None
+        subfolders = [entry.name for entry in entries if _is_folder(entry) and not _is_hidden(entry.name)]
+    class_names = tuple(sorted(set(subfolders) - not_followed)) or None
     class_index = {name: index for index, name in enumerate(class_names or ())}
     items: list[SourceItem] = []
-    rejected: list[SkippedInput] = []
-    signatures: list[str] = []
     used: set[str] = set()
-    for path in _walk_files(root):
+    signatures: list[str] = [f"{item.input}\t{item.reason}" for item in rejected]
+    for path in paths:
         relative = path.relative_to(root).as_posix()
         signatures.append(f"{relative}\t{_file_signature(path)}")
         top = relative.split("/", 1)[0]
@@ -161,18 +163,72 @@ def folder_source(root: Path) -> Source:
     return Source("folder", str(root.resolve()), items, class_names, _fingerprint(signatures), rejected)
 
 
-def _walk_files(root: Path) -> list[Path]:
-    """Regular files under ``root`` (following links), hidden ones skipped, in a sorted, stable order."""
+def _walk_files(root: Path) -> tuple[list[Path], list[SkippedInput]]:
+    """Files under ``root`` in a sorted, stable order, and the folders not walked, with the reason.
+
+    Links to folders are followed, but each folder is walked once: a link that
+    leads back to a folder already on the way down (a loop, ``A/up -> ..``) or
+    into the source itself (its files are reached at their own place, under their
+    own label) is reported, not followed, and so is a second link to the same
+    outside folder. Folders that cannot be listed are reported too, so that
+    ``inputs = written + skipped`` counts everything under the root.
+    """
+    real_root = root.resolve()
     found: list[Path] = []
-    for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs[:] = sorted(name for name in subdirs if not _is_hidden(name))
-        found.extend(Path(directory) / name for name in sorted(files) if not _is_hidden(name))
-    return sorted(found, key=lambda path: path.relative_to(root).as_posix())
+    skipped: list[SkippedInput] = []
+    visited: dict[tuple[int, int], str] = {}
+
+    def walk(folder: Path, relative: str) -> None:
+        try:
+            with os.scandir(folder) as listing:
+                entries = sorted((entry for entry in listing if not _is_hidden(entry.name)), key=lambda e: e.name)
+        except OSError as error:
+            skipped.append(SkippedInput(f"{relative}/", f"unreadable folder ({error.strerror or error})"))
+            return
+        for entry in entries:
+            path, name = folder / entry.name, f"{relative}/{entry.name}" if relative else entry.name
+            if not _is_folder(entry):
+                found.append(path)
+                continue
+            reason = _why_not_walk(path, entry, real_root, visited) if entry.is_symlink() else None
+            if reason:
+                skipped.append(SkippedInput(f"{name}/", reason))
+                continue
+            info = path.stat()
+            visited.setdefault((info.st_dev, info.st_ino), name)
+            walk(path, name)
+
+    info = root.stat()
+    visited[(info.st_dev, info.st_ino)] = "."
+    walk(root, "")
+    return sorted(found, key=lambda path: path.relative_to(root).as_posix()), skipped
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=True)
+    except OSError:
+        return False  # a link loop that the OS itself refuses to resolve: listed as a file, rejected as unreadable
+
+
+def _why_not_walk(path: Path, entry: os.DirEntry[str], real_root: Path, visited: dict[tuple[int, int], str]) -> str:
+    """Why the folder that the link ``path`` leads to must not be walked, or ``""`` when it may."""
+    try:
+        target, info = path.resolve(strict=True), path.stat()
+    except (OSError, RuntimeError) as error:
+        return f"unreadable link ({getattr(error, 'strerror', None) or error})"
+    if target == real_root or real_root in target.parents:
+        where = f"{target.relative_to(real_root).as_posix()}/" if target != real_root else "its root"
+        return f"link to a folder inside the source ({where}), whose files are ingested there: not followed"
+    seen = visited.get((info.st_dev, info.st_ino))
+    if seen is not None:
+        return f"link to a folder already ingested as {seen}/ (a loop or a second link): not followed"
+    return ""
 
 
 def _read_list_rows(path: Path) -> list[tuple[str, str | None, str]]:
     """(path, label or None, where) rows of a ``.csv`` (header with ``path``, optional ``label``) or text list."""
-    text = path.read_text(encoding="utf-8-sig")
+    text = read_regular_file(path).decode("utf-8-sig")
     rows: list[tuple[str, str | None, str]] = []
     if path.suffix.lower() == ".csv":
         reader = csv.DictReader(text.splitlines())
@@ -204,6 +260,8 @@ def list_source(list_path: Path) -> Source:
         rows = _read_list_rows(list_path)
     except UnicodeDecodeError as error:
         raise ValueError(f"{list_path}: not a UTF-8 text or CSV list of image paths ({error.reason})") from None
+    except UnreadableFileError as error:
+        raise ValueError(f"{list_path}: {error}") from None
     if not rows:
         raise ValueError(f"{list_path}: the list names no images")
     labels = [label for _, label, _ in rows if label is not None]

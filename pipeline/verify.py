@@ -5,6 +5,8 @@ sha256 match, it is a readable tar whose members group into exactly the
 listed number of samples, every sample has one image and (in a labelled set)
 an integer label among the classes, keys are unique across the set, and,
 unless ``quick``, every image decodes under the same rules ingest applied.
+The folder must hold no tar the manifest does not list (a shard dropped from
+the manifest would otherwise pass as "ok" while its samples sit unread).
 Problems are collected, not raised: the report names every bad shard and
 sample, and the command exits non-zero when there is any.
 """
@@ -54,6 +56,12 @@ def verify(folder: Path, *, quick: bool = False, progress: bool = True) -> Verif
     manifest = read_manifest(folder)
     report = VerifyReport()
     seen_keys: dict[str, str] = {}
+    listed = {record.name for record in manifest.shards}
+    report.problems.extend(
+        Problem(path.name, None, "a tar file the manifest does not list (removed from it, or left by another ingest)")
+        for path in sorted(folder.glob("*.tar"))
+        if path.name not in listed
+    )
     with stage_progress(progress) as bar:
         task = bar.task("verify", total=manifest.written, unit="samples")
         for record in manifest.shards:

@@ -6,17 +6,26 @@ import json
 from pathlib import Path
 from typing import Any
 
+from serving.files import UnreadableFileError, read_regular_file
 
-def read_json(path: Path, error: type[ValueError], missing: str) -> dict[str, Any]:
-    """The JSON object at ``path``; ``error(missing)`` if there is no file, ``error("PATH: unreadable ...")``
-    if it is not a readable JSON object. Each artifact reader passes its own error type."""
+MAX_JSON_BYTES = 1 << 30  # a manifest or an index's keys for tens of millions of samples
+
+
+def read_json(path: Path, error: type[ValueError], missing: str, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """The JSON object at ``path``; ``error(missing)`` if there is no file, ``error("PATH: <why>")``
+    if it is not a regular, readable file of at most ``max_bytes`` holding a JSON object. Each artifact
+    reader passes its own error type."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise error(missing)
     try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as reason:
-        raise error(f"{path}: unreadable ({reason})") from None
+        data = json.loads(read_regular_file(path, max_bytes))
+    except UnreadableFileError as reason:
+        raise error(f"{path}: {reason}") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as reason:
+        raise error(f"{path}: not valid JSON ({reason})") from None
     if not isinstance(data, dict):
-        raise error(f"{path}: unreadable (not a JSON object)")
+        raise error(f"{path}: not a JSON object")
     return data

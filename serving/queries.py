@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.files import read_npy, read_regular_file
 from serving.images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_image, fit_square, to_mode
 from serving.index import IndexBundle
 
 KEY_PREFIX = "key:"
-MAX_QUERY_FILE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,7 @@ class Query:
 
 def image_pixels(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """An image file → uint8 RGB ``[size, size, 3]``, as `mocoplus embed` prepares shard images."""
-    if path.stat().st_size > MAX_QUERY_FILE_BYTES:
-        raise InvalidImageError(f"file is larger than {MAX_QUERY_FILE_BYTES >> 20} MiB")
-    image = to_mode(decode_image(path.read_bytes(), max_pixels=max_pixels).image, "RGB")
+    image = to_mode(decode_image(read_regular_file(path), max_pixels=max_pixels).image, "RGB")
     return np.asarray(fit_square(image, size), dtype=np.uint8)
 
 
@@ -65,19 +63,13 @@ def _resolve_one(spec: str, index: IndexBundle, image_size: int) -> list[Query |
     path = Path(spec)
     try:
         if path.suffix.lower() == ".npy":
-            return _vector_queries(spec, np.load(path, allow_pickle=False), index.dim)
+            return _vector_queries(spec, read_npy(path), index.dim)
         return [(spec, image_pixels(path, image_size))]
-    except FileNotFoundError:
-        return [Query(spec, error="no such file")]
-    except IsADirectoryError:
-        return [Query(spec, error="is a folder, not a file")]
-    except (InvalidImageError, ValueError, OSError) as error:
+    except (InvalidImageError, ValueError) as error:  # UnreadableFileError is a ValueError
         return [Query(spec, error=str(error) or type(error).__name__)]
 
 
 def _vector_queries(spec: str, array: np.ndarray, dim: int) -> list[Query | tuple[str, np.ndarray]]:
-    if array.dtype.kind not in "fiu":
-        return [Query(spec, error=f"holds {array.dtype} values, not numbers")]
     matrix = array.reshape(1, -1) if array.ndim == 1 else array
     if matrix.ndim != 2 or matrix.shape[1] != dim:
         return [Query(spec, error=f"vectors must be [{dim}] or [N, {dim}] for this index; got {list(array.shape)}")]

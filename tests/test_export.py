@@ -159,7 +159,7 @@ def test_loader_refuses_a_model_json_that_does_not_match_the_graph(bundle, tmp_p
     ("damage", "message"),
     [
         pytest.param(lambda b: (b / MODEL_JSON).unlink(), "no model.json", id="no-model-json"),
-        pytest.param(lambda b: (b / MODEL_JSON).write_text("{not json"), "unreadable", id="bad-json"),
+        pytest.param(lambda b: (b / MODEL_JSON).write_text("{not json"), "not valid JSON", id="bad-json"),
         pytest.param(lambda b: (b / ONNX_FILE).unlink(), "no encoder.onnx", id="no-onnx"),
         pytest.param(
             lambda b: (b / ONNX_FILE).write_bytes((b / ONNX_FILE).read_bytes()[:5000]), "cannot load", id="truncated"

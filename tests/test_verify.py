@@ -224,6 +224,7 @@ def test_wrong_but_consistent_manifest_count_is_a_count_problem(shard_set: Path)
     def undercount(manifest: dict) -> None:
         manifest["shards"][0]["count"] = 4
         manifest["counts"].update(inputs=11, written=11)
+        manifest["source"]["inputs"] = 11
 
     edit_manifest(shard_set, undercount)
 
@@ -303,9 +304,10 @@ def test_missing_folder_is_file_not_found(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "says"),
     [
-        ("{not json", "not valid JSON"),
-        ("", "not valid JSON"),
-        ("[1, 2]", "malformed shard manifest"),
+        ("{not json", "not valid JSON .Expecting property name"),
+        ("", "not valid JSON .Expecting value"),
+        ("[1, 2]", "not a JSON object"),
+        ("[" * 100_000, "not valid JSON .nested too deeply"),
         ('{"format": "something.else", "version": 1}', "not a mocoplus shard manifest"),
         ('{"format": "mocoplus.shards", "version": 99}', "unsupported shard manifest version 99"),
         ('{"format": "mocoplus.shards", "version": 1}', "malformed shard manifest"),
