@@ -47,7 +47,7 @@ RUN if [ "$VARIANT" = "gpu" ]; then runtime="onnxruntime-gpu>=1.18 faiss-gpu-cu1
     else runtime="onnxruntime>=1.18 faiss-cpu>=1.8"; fi \
     && pip install $runtime "numpy>=1.26" "pillow>=10.0" "fastapi>=0.110,<0.151" "uvicorn>=0.29" \
        "python-multipart>=0.0.9" "prometheus-client>=0.20" "uvloop>=0.19" "httptools>=0.6" \
-       "typer>=0.12" "rich>=13.0" \
+       "typer>=0.12" "rich>=13.0" "fastapi-offline>=1.7" \
     && pip install --no-deps .
 
 FROM base AS serve

@@ -618,12 +618,27 @@ def search(
         raise typer.Exit(code=1)
 
 
+def _limit(help_text: str) -> typer.models.OptionInfo:
+    """A `serve` budget option: unset means the library default, which the help text names in parentheses.
+
+    Values are checked by `Limits` and `ConnectionLimits` (each must be > 0), one place for both uses.
+    """
+    return typer.Option(show_default=False, help=help_text)
+
+
+def _given(**values: object) -> dict[str, object]:
+    """The options set on the command line: the dataclass defaults stay the one source for the rest."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
 @app.command(
     help=(
         "Serve the embedding and search API (FastAPI on uvicorn, ONNX Runtime, FAISS; no torch).\n\n"
         "Requests from many clients are micro-batched into one ONNX Runtime call (up to --max-batch images or\n"
         "--max-wait-ms); a full queue answers 503 with Retry-After. The model and index are loaded and\n"
-        "cross-checked before the server listens; /readyz turns 200 after a warm-up batch.\n\n"
+        "cross-checked before the server listens; /readyz turns 200 after a warm-up batch. Every request is held\n"
+        "to budgets (body bytes and time, request head size and time, decoded image size, search work,\n"
+        'decodes and searches at once); past one it gets a JSON error: README "Limits".\n\n'
         "Examples:\n\n"
         "  mocoplus serve --model models/fmnist --index indexes/fmnist\n\n"
         "  mocoplus serve --model models/fmnist --host 0.0.0.0 --port 9000 --max-batch 128 --max-wait-ms 10\n\n"
@@ -643,25 +658,55 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=1, help="Most images waiting; beyond, 503.")] = 1024,
     max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = 64,
     workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model and batcher.")] = 1,
+    max_body_bytes: Annotated[int | None, _limit("Most request body bytes, as received (64 MiB).")] = None,
+    body_timeout: Annotated[float | None, _limit("Seconds a request body may take to arrive (60).")] = None,
+    max_decoded_bytes: Annotated[int | None, _limit("Most bytes one image may decode to (64 MiB).")] = None,
+    max_search_work: Annotated[int | None, _limit("Most queries × k × nprobe/ef in one search (2^24).")] = None,
+    max_concurrent_decodes: Annotated[int | None, _limit("Requests decoding images at once (4).")] = None,
+    max_concurrent_searches: Annotated[int | None, _limit("Searches running at once (4).")] = None,
+    max_waiting: Annotated[
+        int | None, _limit("Requests waiting for a decode or search slot; beyond, 503 (64).")
+    ] = None,
+    head_timeout: Annotated[float | None, _limit("Seconds a request head may take to arrive (10).")] = None,
+    max_connections: Annotated[int | None, _limit("Open connections per server process; beyond, 503 (1024).")] = None,
 ) -> None:
     """Serve the embedding and search API."""
     import uvicorn
 
     from serving.batcher import BatcherConfig
     from serving.payloads import Limits
+    from serving.protocol import ConnectionLimits, protocol_factory
     from serving.service import CONFIG_ENV, Service, ServiceConfig, config_to_json, create_app
 
+    limits = _given(
+        max_images=max_images,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout,
+        max_decoded_bytes=max_decoded_bytes,
+        max_search_work=max_search_work,
+        max_concurrent_decodes=max_concurrent_decodes,
+        max_concurrent_searches=max_concurrent_searches,
+        max_waiting=max_waiting,
+    )
+    connection = ConnectionLimits(**_given(head_timeout_s=head_timeout, max_connections=max_connections))
     config = ServiceConfig(
         model=model,
         index=index,
         provider=provider,
         threads=threads,
         batcher=BatcherConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue),
-        limits=Limits(max_images=max_images),
+        limits=Limits(**limits),
     )
     service = Service(config)
     service.load()
-    options = {"host": host, "port": port, "timeout_graceful_shutdown": 30, "log_level": "info"}
+    options = {
+        "host": host,
+        "port": port,
+        "timeout_graceful_shutdown": 30,
+        "log_level": "info",
+        "http": protocol_factory(connection),  # head size, count and time limits; JSON refusals
+        "timeout_keep_alive": connection.keep_alive_s,
+    }
     if workers == 1:
         uvicorn.run(create_app(config, service), **options)
         return

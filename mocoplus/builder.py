@@ -99,11 +99,21 @@ class MoCoPlus(nn.Module):
         return distributed.unshuffle_across_ranks(keys, restore)
 
     def forward(
-        self, view1: Tensor, view2: Tensor, *, epoch: int = 0, progress: float = 0.0, step: int = 0
+        self,
+        view1: Tensor,
+        view2: Tensor,
+        *,
+        small: Tensor | None = None,
+        epoch: int = 0,
+        progress: float = 0.0,
+        step: int = 0,
     ) -> MoCoOutput:
         """One step of the objective on two augmented views of the same images.
 
-        ``epoch`` and ``step`` decide whether hard-negative warm-up is over; ``progress``
+        ``small`` (multi-crop, ``[n·B, ...]`` crop-major) are extra queries whose
+        positive is the key of ``view2``, as ``view1``'s is: they join ``q1`` as
+        anchors of the first term, so each query crop weighs the same. ``epoch``
+        and ``step`` decide whether hard-negative warm-up is over; ``progress``
         (fraction of training done) drives the cosine momentum schedule.
         """
         config = self.config
@@ -115,9 +125,16 @@ class MoCoPlus(nn.Module):
         k2 = self.encode_keys(view2)
         k1 = self.encode_keys(view1) if symmetric else None
         negatives = self.queue.keys.clone()  # the loss keeps it for backward; enqueue writes in place
+        anchors, positives = q1, k2
+        if small is not None:
+            crops, rest = divmod(small.shape[0], view1.shape[0])
+            if rest or not crops:
+                raise ValueError(f"small views must be n × the batch of {view1.shape[0]}; got {small.shape[0]}")
+            anchors = torch.cat([q1, self.encode_queries(small)])
+            positives = k2.repeat(1 + crops, 1)
         stats = dual_view_loss(
-            q1,
-            k2,
+            anchors,
+            positives,
             negatives,
             q2=q2,
             k1=k1,

@@ -21,7 +21,7 @@ output size (crops of 28 px images are only ever enlarged).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
@@ -36,6 +36,12 @@ class AugmentConfig:
     probability of 0 turns a transform off. ``input_mode`` is what the data
     streams decode images to (``L`` or ``RGB``); gray input is replicated to
     ``channels`` at the end, so augmenting it costs a third.
+
+    ``small_crops`` > 0 adds SwAV's multi-crop: that many extra views per image,
+    cut from ``small_scale`` of it and resized to ``small_size`` px, which the
+    model encodes as extra queries against the key of the second global view.
+    A 16 px crop costs about a third of a 28 px view, so two of them add more
+    (and more local) positives per image for less than one more view's compute.
     """
 
     output_size: int = 224
@@ -54,6 +60,9 @@ class AugmentConfig:
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
+    small_crops: int = 0
+    small_size: int = 16
+    small_scale: tuple[float, float] = (0.15, 0.5)
 
     def __post_init__(self) -> None:
         if self.input_mode not in ("L", "RGB"):
@@ -66,9 +75,20 @@ class AugmentConfig:
             raise ValueError(f"need 0 < scale[0] <= scale[1] <= 1 and 0 < ratio[0] <= ratio[1]; got {self}")
         if self.blur_kernel < 1 or self.blur_kernel % 2 == 0:
             raise ValueError(f"blur_kernel must be a positive odd size; got {self.blur_kernel}")
+        if self.small_crops < 0 or self.small_size < 1 or not 0 < self.small_scale[0] <= self.small_scale[1] <= 1:
+            raise ValueError(
+                f"need small_crops >= 0, small_size >= 1 and 0 < small_scale[0] <= small_scale[1] <= 1; "
+                f"got {self.small_crops}, {self.small_size}, {self.small_scale}"
+            )
         probabilities = (self.flip_p, self.jitter_p, self.grayscale_p, self.blur_p)
         if not all(0.0 <= p <= 1.0 for p in probabilities):
             raise ValueError(f"probabilities must lie in [0, 1]; got {probabilities}")
+
+
+def small_crop_config(config: AugmentConfig) -> AugmentConfig:
+    """The augmentation of multi-crop's small views: the same photometric recipe on smaller, tighter crops."""
+    blur = min(config.blur_kernel, max(1, config.small_size // 8) | 1)  # the blur kernel scaled with the crop
+    return replace(config, output_size=config.small_size, scale=config.small_scale, small_crops=0, blur_kernel=blur)
 
 
 # Fashion-MNIST's pixel statistics: replicated to 3 channels they normalise every channel alike.

@@ -39,7 +39,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mocoplus import distributed
-from pipeline.augment import AugmentConfig, RandomAugment
+from pipeline.augment import AugmentConfig, RandomAugment, small_crop_config
 from pipeline.shards import IMAGE_EXTENSIONS, ShardList, resolve_shards
 from serving.images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_image, fit_square, to_mode
 
@@ -156,11 +156,16 @@ class StreamConfig:
 
 @dataclass
 class TrainBatch:
-    """Two augmented views ``[B, C, S, S]`` (float, normalised) and the decode failures skipped to make them."""
+    """Two augmented views ``[B, C, S, S]`` (float, normalised) and the decode failures skipped to make them.
+
+    ``small`` holds multi-crop's small views ``[n·B, C, s, s]``, crop-major (the
+    first small crop of every image, then the second, ...), or None without them.
+    """
 
     view1: Tensor
     view2: Tensor
     decode_failures: int = 0
+    small: Tensor | None = None
 
 
 @dataclass
@@ -204,18 +209,22 @@ class _TrainEpoch(IterableDataset):
         seed = stream_seed(config.seed, self.epoch, slot.rank, slot.worker)
         failures = DecodeFailures()
         augment = RandomAugment(stream.augment)
+        small = RandomAugment(small_crop_config(stream.augment)) if stream.augment.small_crops else None
         generator = torch.Generator().manual_seed(seed)
         pipeline = wds.DataPipeline(
             _resampled_urls(stream.urls, random.Random(seed)),
             wds.tarfile_to_samples(handler=failures.handler),
             wds.shuffle(config.shuffle_buffer, initial=min(config.shuffle_buffer, 100), rng=random.Random(seed + 1)),
-            partial_stage(_crop_views, augment=augment, generator=generator, failures=failures, config=config),
-            wds.batched(config.batch_size, collation_fn=_stack_pairs, partial=False),
+            partial_stage(
+                _crop_views, augment=augment, small=small, generator=generator, failures=failures, config=config
+            ),
+            wds.batched(config.batch_size, collation_fn=_stack_views, partial=False),
         )
         _one_thread_per_worker()
-        for crops1, crops2 in pipeline:
+        for crops1, crops2, *small_crops in pipeline:
             view1, view2 = augment.after_crop(crops1, generator), augment.after_crop(crops2, generator)
-            yield TrainBatch(view1, view2, failures.take())
+            small_views = small.after_crop(torch.cat(small_crops), generator) if small and small_crops else None
+            yield TrainBatch(view1, view2, failures.take(), small_views)
 
 
 def partial_stage(function: Callable[..., Iterator], **kwargs: object) -> Callable[[Iterator], Iterator]:
@@ -237,13 +246,15 @@ def _crop_views(
     samples: Iterator[dict[str, object]],
     *,
     augment: RandomAugment,
+    small: RandomAugment | None,
     generator: torch.Generator,
     failures: DecodeFailures,
     config: StreamConfig,
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """Decode each sample and cut two RandomResizedCrops to the output size (uint8 ``[C, S, S]`` each)."""
-    size = augment.config.output_size
+) -> Iterator[tuple[Tensor, ...]]:
+    """Decode each sample and cut two RandomResizedCrops to the output size (uint8 ``[C, S, S]`` each),
+    then ``small_crops`` smaller ones to the small size."""
     mode = augment.config.input_mode
+    cutters = [augment, augment] + [small] * (augment.config.small_crops if small else 0)
     run_limit = max(1000, 10 * config.batch_size)
     failed_in_a_row = 0
     for sample in samples:
@@ -258,15 +269,17 @@ def _crop_views(
             continue
         failed_in_a_row = 0
         crops = []
-        for _ in range(2):
-            x0, y0, w, h = augment.crop_box(image.height, image.width, generator)
+        for cutter in cutters:
+            x0, y0, w, h = cutter.crop_box(image.height, image.width, generator)
+            size = cutter.config.output_size
             crop = image.resize((size, size), Image.Resampling.BILINEAR, box=(x0, y0, x0 + w, y0 + h))
             crops.append(_to_tensor(crop))
-        yield crops[0], crops[1]
+        yield tuple(crops)
 
 
-def _stack_pairs(pairs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
-    return torch.stack([pair[0] for pair in pairs]), torch.stack([pair[1] for pair in pairs])
+def _stack_views(samples: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """Per view position, the batch's crops stacked: ``([B, C, S, S], [B, C, S, S], [B, C, s, s], ...)``."""
+    return tuple(torch.stack(views) for views in zip(*samples, strict=True))
 
 
 @dataclass

@@ -10,6 +10,7 @@ multiplier (linear warm-up, then cosine decay to 0 or constant) in a
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -73,9 +74,14 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, schedule: str)
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: RunConfig, steps_per_epoch: int, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    config: RunConfig,
+    steps_per_epoch: int,
+    total_steps: int | Callable[[], int],
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A callable ``total_steps`` is asked at every step: a time-budgeted run re-plans its length as it goes."""
     warmup = round(config.optim.warmup_epochs * steps_per_epoch)
+    total = total_steps if callable(total_steps) else lambda: total_steps
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_multiplier(step, total_steps, warmup, config.optim.schedule)
+        optimizer, lambda step: lr_multiplier(step, total(), warmup, config.optim.schedule)
     )

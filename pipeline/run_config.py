@@ -92,6 +92,9 @@ class TrainConfig:
     epochs: int = 10
     global_batch: int = 256
     max_steps: int = 0  # 0: epochs × steps per epoch; else stop there (smoke runs, tests)
+    # seconds of wall-clock; > 0: the schedule is re-planned from the measured pace so that it ends (LR at 0,
+    # last checkpoint and kNN pass done) when the budget is spent; epochs and max_steps stay upper bounds
+    time_budget: float = 0.0
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     compile: bool = False
     checkpoint_every: int = 0  # steps; 0: at each epoch's end only
@@ -101,8 +104,8 @@ class TrainConfig:
     tensorboard: bool = False
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.global_batch < 2 or self.max_steps < 0:
-            raise ValueError("need epochs >= 1, global_batch >= 2 and max_steps >= 0")
+        if self.epochs < 1 or self.global_batch < 2 or self.max_steps < 0 or not self.time_budget >= 0:
+            raise ValueError("need epochs >= 1, global_batch >= 2, max_steps >= 0 and time_budget >= 0")
         if self.precision not in (*PRECISIONS, "fp16"):
             raise ValueError(f"precision must be auto, bf16, fp16 or fp32; got {self.precision!r}")
         if self.checkpoint_every < 0 or self.keep_last < 1 or self.log_every < 1:

@@ -54,6 +54,7 @@ CHECKPOINT_FORMAT = "mocoplus.checkpoint"
 CONFIG_NAME = "config.json"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "train.json"
+REPLAN_AFTER_STEPS, REPLAN_EVERY_STEPS = 20, 10  # a time budget's pace: measured after 20 steps, every 10
 
 
 # --- placement ----------------------------------------------------------------------------------
@@ -214,12 +215,15 @@ class Trainer:
         )
         self.steps_per_epoch = self.stream.batches_per_epoch
         full = config.train.epochs * self.steps_per_epoch
-        self.total_steps = min(full, config.train.max_steps) if config.train.max_steps else full
+        self.step_cap = min(full, config.train.max_steps) if config.train.max_steps else full
+        self.total_steps = self.step_cap  # a time budget re-plans it (`_replan`)
+        self.elapsed_before = 0.0  # wall-clock seconds of earlier segments of a resumed run
+        self.knn_seconds = 0.0  # the last kNN pass's duration: the budget keeps room for the final one
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.model = MoCoPlus(config.model).to(self.device, memory_format=self.precision.memory_format())
         self.optimizer = build_optimizer(self.model.query_encoder, config)
-        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch, lambda: self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.autocast_dtype == torch.float16)
         self.network: torch.nn.Module = self.model
         if placement.world_size > 1:
@@ -229,6 +233,7 @@ class Trainer:
             self.network = torch.compile(self.network)  # type: ignore[assignment]
 
         self.step = 0
+        self.started: float | None = None  # when this process's segment of the run began (perf_counter)
         self.best_knn: float | None = None
         self.last_knn: float | None = None
         torch.manual_seed(config.train.seed + 1_000_003 * placement.rank)  # shuffle-BN's draws differ per rank
@@ -250,6 +255,8 @@ class Trainer:
             "step": self.step,
             "epoch": epoch,
             "best_knn_top1": self.best_knn,
+            "elapsed_s": self.elapsed_before + (self._now() - self.started if self.started is not None else 0.0),
+            "total_steps": self.total_steps,
             "config": self.config.to_dict(),
         }
 
@@ -273,6 +280,9 @@ class Trainer:
         if self.placement.world_size == 1:
             set_rng_state(state["rng"])
         self.step, self.best_knn = int(state["step"]), state.get("best_knn_top1")
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if self.config.train.time_budget:
+            self.total_steps = min(int(state.get("total_steps", self.step_cap)), self.step_cap)
         if self.placement.is_main:
             _truncate_metrics(self.run_dir / METRICS_NAME, self.step)
 
@@ -291,6 +301,7 @@ class Trainer:
         loss_value, images, train_seconds = math.nan, 0, 0.0
         stopped_by: str | None = None
         epoch = self.step // self.steps_per_epoch
+        self.started, first_step = self._now(), self.step
         try:
             with StopRequest() as stop, stage_progress(self.progress and placement.is_main) as bar:
                 task = bar.task("pretraining", total=self.total_steps, completed=self.step, unit="steps")
@@ -304,6 +315,8 @@ class Trainer:
                         loss_value = record["loss"]
                         stopped_by = self._agree(record, stop.requested)
                         self.step += 1
+                        if config.train.time_budget:
+                            self._replan(first_step)
                         images += batch.view1.shape[0] * placement.world_size
                         now = time.perf_counter()
                         record["images_per_s"] = batch.view1.shape[0] * placement.world_size / (now - step_started)
@@ -318,6 +331,7 @@ class Trainer:
                         bar.update(
                             task,
                             completed=self.step,
+                            total=self.total_steps,
                             status=f"epoch {epoch} loss {loss_value:.3f} {record['images_per_s']:,.0f} img/s",
                         )
                         end_of_epoch = self.step % self.steps_per_epoch == 0
@@ -356,8 +370,12 @@ class Trainer:
         layout = self.precision.memory_format()
         view1 = batch.view1.to(self.device, non_blocking=True).contiguous(memory_format=layout)
         view2 = batch.view2.to(self.device, non_blocking=True).contiguous(memory_format=layout)
+        small = None if batch.small is None else batch.small.to(self.device, non_blocking=True)
+        small = None if small is None else small.contiguous(memory_format=layout)
         with self.precision.autocast():
-            out = self.network(view1, view2, epoch=epoch, progress=self.step / self.total_steps, step=self.step)
+            out = self.network(
+                view1, view2, small=small, epoch=epoch, progress=self.step / self.total_steps, step=self.step
+            )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(out.loss).backward()
         self.scaler.step(self.optimizer)
@@ -374,6 +392,32 @@ class Trainer:
             "selected_negative_similarity": stats.selected_negative_similarity.item(),
             "decode_failures": float(batch.decode_failures),
         }
+
+    def _now(self) -> float:
+        """The clock of the time budget (seconds)."""
+        return time.perf_counter()
+
+    def _replan(self, first_step: int) -> None:
+        """Set the run's length from its pace so far, so that it ends when ``train.time_budget`` is spent.
+
+        The pace (steps per second since this process started, kNN passes and
+        checkpoints included) is re-measured every few steps; the time of the last
+        kNN pass is kept back for the final one. The cosine LR and momentum
+        schedules read `total_steps`, so they reach their ends at the budget. Ranks
+        take the smallest plan, so all of them stop at the same step.
+        """
+        done = self.step - first_step
+        if done < REPLAN_AFTER_STEPS or done % REPLAN_EVERY_STEPS:
+            return
+        assert self.started is not None
+        elapsed = self._now() - self.started
+        left = self.config.train.time_budget - self.elapsed_before - elapsed - self.knn_seconds
+        planned = min(self.step + max(0, int(left * done / max(elapsed, 1e-9))), self.step_cap)
+        if self.placement.world_size > 1:
+            plan = torch.tensor([planned], device=self.device)
+            torch.distributed.all_reduce(plan, op=torch.distributed.ReduceOp.MIN)
+            planned = int(plan.item())
+        self.total_steps = max(planned, self.step)
 
     def _agree(self, record: dict[str, float], stop: str | None) -> str | None:
         """All ranks learn whether any saw a non-finite loss (→ error) or a stop request (→ 'SIGTERM'...)."""
@@ -393,7 +437,9 @@ class Trainer:
         if not config.data.eval_queries or ((epoch + 1) % config.eval.every_epochs and self.step < self.total_steps):
             return
         if self.placement.is_main:
+            started = self._now()
             self.last_knn = self.knn_monitor(bar)
+            self.knn_seconds = self._now() - started
             if self.best_knn is None or self.last_knn > self.best_knn:
                 self.best_knn = self.last_knn
                 assert path is not None

@@ -47,16 +47,18 @@ def read_regular_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BY
         raise UnreadableFileError("is a folder, not a file") from None
     except OSError as error:
         raise UnreadableFileError(f"unreadable ({error.strerror or error})") from None
+    status = os.fstat(descriptor)
+    if not stat.S_ISREG(status.st_mode) or status.st_size > max_bytes:
+        os.close(descriptor)
+    if stat.S_ISDIR(status.st_mode):
+        raise UnreadableFileError("is a folder, not a file")
+    if not stat.S_ISREG(status.st_mode):
+        raise UnreadableFileError(f"not a regular file (a {_kind(status.st_mode)})")
+    if status.st_size > max_bytes:
+        raise FileTooLargeError(
+            f"file of {describe_size(status.st_size)} exceeds the cap of {describe_size(max_bytes)}"
+        )
     with os.fdopen(descriptor, "rb", buffering=0) as handle:
-        status = os.fstat(descriptor)
-        if stat.S_ISDIR(status.st_mode):
-            raise UnreadableFileError("is a folder, not a file")
-        if not stat.S_ISREG(status.st_mode):
-            raise UnreadableFileError(f"not a regular file (a {_kind(status.st_mode)})")
-        if status.st_size > max_bytes:
-            raise FileTooLargeError(
-                f"file of {describe_size(status.st_size)} exceeds the cap of {describe_size(max_bytes)}"
-            )
         os.set_blocking(descriptor, True)
         try:
             data = _read_at_most(handle, max_bytes + 1)

@@ -27,6 +27,7 @@ INDEX_FORMAT = 1
 INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
 ROWS_FILE = "rows.npy"  # index id → row of the embedding set it came from
 INDEX_KIND = "mocoplus.index"
+SEARCH_PARAMETERS = ("nprobe", "efSearch")  # what index.json's "search" may tune: IVF's and HNSW's
 
 
 class IndexBundleError(ValueError):
@@ -91,11 +92,16 @@ class IndexBundle:
         if self.index.d != self.info["dim"]:
             raise IndexBundleError(f"{self.path}: index dimension {self.index.d}, index.json says {self.info['dim']}")
         self._id_of: dict[str, int] | None = None
-        self._params = dict(self.info.get("search", {}).get("params", {}))
+        self._parameter, self._params = _search_settings(self.info, self.path / INDEX_JSON)
         if gpu:
             self.index = gpu_index(self.index)
         for name, value in self._params.items():
-            faiss.ParameterSpace().set_index_parameter(self.index, name, int(value))
+            try:
+                faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+            except RuntimeError:
+                raise IndexBundleError(
+                    f"{self.path / INDEX_JSON}: {name} does not apply to a {self.info.get('index_kind')} index"
+                ) from None
 
     @property
     def dim(self) -> int:
@@ -111,7 +117,12 @@ class IndexBundle:
 
     @property
     def search_parameter(self) -> str | None:
-        return self.info.get("search", {}).get("parameter")
+        return self._parameter
+
+    @property
+    def tuned_effort(self) -> int | None:
+        """The tuned ``nprobe``/``efSearch`` a search uses without an override (None: exact, or untuned)."""
+        return self._params.get(self._parameter) if self._parameter else None
 
     def check_model(self, model_hash: str, model_path: object = "the model") -> None:
         """Refuse a model other than the one whose embeddings this index holds."""
@@ -204,6 +215,31 @@ class IndexBundle:
             ]
             for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
+
+
+def _search_settings(info: dict[str, Any], where: Path) -> tuple[str | None, dict[str, int]]:
+    """index.json's ``search``: the tunable parameter and its tuned value, checked before FAISS sees them.
+
+    FAISS takes any name and any value (``efSearch: -5`` answers with one wrong hit), and a malformed
+    ``search`` would surface later as a traceback, so each is refused here with one line.
+    """
+    search = info.get("search", {})
+    if not isinstance(search, dict):
+        raise IndexBundleError(f"{where}: 'search' must be an object; got {json.dumps(search)}")
+    parameter, params = search.get("parameter"), search.get("params", {})
+    if parameter is not None and parameter not in SEARCH_PARAMETERS:
+        raise IndexBundleError(
+            f"{where}: unknown search parameter {parameter!r}; known: {', '.join(SEARCH_PARAMETERS)}"
+        )
+    if not isinstance(params, dict):
+        raise IndexBundleError(f"{where}: 'search.params' must be an object; got {json.dumps(params)}")
+    for name, value in params.items():
+        if name != parameter:
+            expected = f"only {parameter!r}" if parameter else "none (the index is exact)"
+            raise IndexBundleError(f"{where}: search parameter {name!r} is not this index's; expected {expected}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise IndexBundleError(f"{where}: search parameter {name} must be an integer >= 1; got {value!r}")
+    return parameter, dict(params)
 
 
 def _read_faiss(path: Path, mmap: bool) -> faiss.Index:

@@ -5,42 +5,67 @@ file parts, or JSON ``{"images": ["<base64>", ...]}``. Search also takes JSON
 ``{"key": "..."}`` or ``{"vectors": [[...], ...]}``, with ``k`` and an
 optional ``nprobe``/``ef`` override (form fields or JSON members).
 
-Every limit is checked before the expensive step it protects: the declared
-body size before reading it, the number of images before decoding any, the
-pixel count from the header before decoding pixels (`serving.images`).
+Every limit is checked before the expensive step it protects: the body's bytes
+as they arrive (`serving.guards.BodyGuard`), the JSON's punctuation and nesting
+before parsing it, the number of images before decoding any, the pixel count and
+decoded size from the header before decoding pixels (`serving.images`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from serving.images import InvalidImageError, decode_image, fit_square, to_mode
 
+SHORT = 80  # characters of a client's string that an error message quotes
+
 
 @dataclass(frozen=True)
 class Limits:
-    max_images: int = 64  # per request
+    """What one request may cost; `README` "Limits" lists them with their `mocoplus serve` flags."""
+
+    max_images: int = 64  # per request (and query vectors per search)
     max_image_bytes: int = 16 << 20
-    max_body_bytes: int = 64 << 20
+    max_body_bytes: int = 64 << 20  # counted as received, whatever Content-Length says
+    body_timeout_s: float = 60.0  # the whole body must arrive within this of the app's first read
     max_pixels: int = 40_000_000
+    max_decoded_bytes: int = 64 << 20  # width × height × bytes per pixel, from the header
     max_k: int = 1000
     max_effort: int = 65536  # nprobe / efSearch
+    max_search_work: int = 1 << 24  # query vectors × k × nprobe/efSearch
+    max_json_depth: int = 32
+    max_json_tokens: int = 1 << 19  # JSON punctuation ([]{}",:), about two per value: bounds the parse
+    max_concurrent_decodes: int = 4  # requests decoding images at once
+    max_concurrent_searches: int = 4
+    max_waiting: int = 64  # requests queued for a decode or search slot (each); beyond, 503
+
+    def __post_init__(self) -> None:
+        for limit in fields(self):
+            if not getattr(self, limit.name) > 0:
+                raise ValueError(f"limit {limit.name} must be > 0; got {getattr(self, limit.name)!r}")
 
 
 class RequestError(Exception):
-    """A bad request: ``status`` (4xx) and a one-line ``reason``."""
+    """A bad request: ``status`` (4xx/5xx) and a one-line ``reason``.
 
-    def __init__(self, status: int, reason: str) -> None:
+    ``close`` asks for the connection to be closed after the answer: set when the
+    body was left unread, which the next request on the connection would not survive.
+    """
+
+    def __init__(self, status: int, reason: str, *, close: bool = False) -> None:
         super().__init__(reason)
-        self.status, self.reason = status, reason
+        self.status, self.reason, self.close = status, reason, close
 
 
 @dataclass
@@ -51,42 +76,42 @@ class Payload:
     fields: dict[str, Any] = field(default_factory=dict)
 
 
+def shorten(text: str, limit: int = SHORT) -> str:
+    """``text`` cut to ``limit`` characters: an error message must not echo a megabyte the client sent."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def media_type(content_type: str) -> str:
+    """The media type of a Content-Type header: case-insensitive, parameters dropped (RFC 9110 §8.3.1)."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
 async def read_payload(request: Request, limits: Limits) -> Payload:
     """The request's images (raw bytes), key, vectors and scalar fields."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limits.max_body_bytes:
-        raise RequestError(413, f"request body of {int(declared):,} bytes exceeds {limits.max_body_bytes:,}")
     content_type = request.headers.get("content-type", "")
-    if content_type.startswith("multipart/form-data"):
+    kind = media_type(content_type)
+    if kind == "multipart/form-data":
         return await _read_multipart(request, limits)
-    if content_type.startswith("application/json"):
-        return _read_json(await _read_body(request, limits), limits)
-    raise RequestError(415, f"send multipart/form-data or application/json, not {content_type or 'no content type'!r}")
-
-
-async def _read_body(request: Request, limits: Limits) -> bytes:
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limits.max_body_bytes:
-            raise RequestError(413, f"request body exceeds {limits.max_body_bytes:,} bytes")
-    return bytes(body)
+    if kind == "application/json":
+        body = await request.body()  # `BodyGuard` caps it as it arrives
+        return await asyncio.to_thread(_parse_json, body, limits)
+    shown = repr(shorten(content_type)) if content_type else "no content type"
+    raise RequestError(415, f"send multipart/form-data or application/json, not {shown}")
 
 
 async def _read_multipart(request: Request, limits: Limits) -> Payload:
     try:
-        form = await request.form(max_files=limits.max_images + 1, max_fields=16)
-    except Exception as error:  # starlette raises its own MultiPartException for malformed bodies
-        raise RequestError(400, f"malformed multipart body ({error})") from None
+        form = await request.form(max_files=limits.max_images, max_fields=16)
+    except HTTPException as error:  # how Starlette reports a malformed body or a passed limit
+        raise _multipart_error(str(error.detail), limits) from None
     payload = Payload()
     for name, value in form.multi_items():
         if isinstance(value, UploadFile):
             if name != "images":
-                raise RequestError(422, f"unexpected file field {name!r}: send images as 'images'")
-            if len(payload.images) >= limits.max_images:
-                raise RequestError(413, f"more than {limits.max_images} images in one request")
+                raise RequestError(422, f"unexpected file field {shorten(name)!r}: send images as 'images'")
             if value.size is not None and value.size > limits.max_image_bytes:
-                raise RequestError(413, f"image {value.filename!r} exceeds {limits.max_image_bytes:,} bytes")
+                position = len(payload.images)
+                raise RequestError(413, f"image {position} exceeds {limits.max_image_bytes:,} bytes")
             payload.images.append(await value.read())
         else:
             payload.fields[name] = value
@@ -94,13 +119,55 @@ async def _read_multipart(request: Request, limits: Limits) -> Payload:
     return payload
 
 
-def _read_json(body: bytes, limits: Limits) -> Payload:
+def _multipart_error(detail: str, limits: Limits) -> RequestError:
+    """Starlette tells a passed limit from a malformed body only by its message: limits are 413s."""
+    if detail.startswith("Too many files"):
+        return RequestError(413, f"more than {limits.max_images} images in one request")
+    if detail.startswith(("Too many fields", "Part exceeded", "Field exceeded")):
+        return RequestError(413, f"multipart body over a limit ({shorten(detail)})")
+    return RequestError(400, f"malformed multipart body ({shorten(detail)})")
+
+
+_STRUCTURE = b'[]{}",:'
+_NOT_STRUCTURE = bytes(sorted(set(range(256)) - set(_STRUCTURE)))
+
+
+def _check_json_structure(body: bytes, limits: Limits) -> None:
+    """Refuse JSON whose parse would be long or deep, before parsing it, in a few linear C passes.
+
+    The C parser holds the GIL from start to end, so a parse in a thread still stalls the event loop (6 M
+    numbers: 1.4 s for every client), and it recurses once per nesting level. Its cost follows the
+    punctuation, which base64 images have none of; escaped quotes and backslashes are dropped first, so
+    the quotes left delimit strings and the brackets outside them give the nesting depth.
+    """
+    plain = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    structure = plain.translate(None, _NOT_STRUCTURE)
+    if len(structure) > limits.max_json_tokens:
+        raise RequestError(413, f'JSON body has over {limits.max_json_tokens:,} punctuation marks ([]{{}}",:)')
+    chars = np.frombuffer(structure, np.uint8)
+    quotes = chars == ord('"')
+    outside = (np.cumsum(quotes) % 2 == 0) & ~quotes
+    steps = np.isin(chars, list(b"[{")).astype(np.int32) - np.isin(chars, list(b"]}"))
+    depth = int(np.cumsum(steps * outside).max(initial=0))
+    if depth > limits.max_json_depth:
+        raise RequestError(422, f"JSON nested {depth} levels deep; the limit is {limits.max_json_depth}")
+
+
+def _parse_json(body: bytes, limits: Limits) -> Payload:
+    """The JSON body as a `Payload` (run it in a thread: base64 decoding and the parse take CPU)."""
+    _check_json_structure(body, limits)
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise RequestError(422, f"body is not valid JSON ({error})") from None
+    except RecursionError:  # a body the structure check misjudged (UTF-16): still a 4xx
+        raise RequestError(422, "JSON nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+        raise RequestError(422, f"body is not valid JSON ({shorten(str(error))})") from None
     if not isinstance(data, dict):
         raise RequestError(422, "JSON body must be an object")
+    return _json_payload(data, limits)
+
+
+def _json_payload(data: dict[str, Any], limits: Limits) -> Payload:
     payload = Payload(fields={name: data[name] for name in ("k", "nprobe", "ef") if name in data})
     images = data.get("images", [])
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
@@ -124,18 +191,27 @@ def _read_json(body: bytes, limits: Limits) -> Payload:
 
 
 def _vectors(value: Any, limits: Limits) -> np.ndarray:
-    try:
-        array = np.asarray(value, dtype=np.float32)
-    except (TypeError, ValueError):
-        raise RequestError(422, "'vectors' must be a list of equal-length lists of numbers") from None
-    array = array.reshape(1, -1) if array.ndim == 1 else array
-    if array.ndim != 2 or not array.size:
+    """``[N, D]`` float32 from JSON numbers only: NumPy would also take ``"1.5"`` and ``true``."""
+    rows = value if isinstance(value, list) and value and all(isinstance(row, list) for row in value) else [value]
+    width = len(rows[0]) if isinstance(rows[0], list) else 0
+    if not width or not all(
+        isinstance(row, list) and len(row) == width and all(type(x) in (int, float) for x in row) for row in rows
+    ):
         raise RequestError(422, "'vectors' must be a list of equal-length lists of numbers")
-    if len(array) > limits.max_images:
-        raise RequestError(413, f"{len(array)} vectors in one request; the limit is {limits.max_images}")
-    if not np.isfinite(array).all():
-        raise RequestError(422, "'vectors' contains NaN or infinity")
+    if len(rows) > limits.max_images:
+        raise RequestError(413, f"{len(rows)} vectors in one request; the limit is {limits.max_images}")
+    try:
+        with np.errstate(over="ignore"):
+            array = np.array(rows, dtype=np.float64).astype(np.float32)
+        finite = bool(np.isfinite(array).all())
+    except OverflowError:  # an integer beyond float64
+        finite = False
+    if not finite:
+        raise RequestError(422, "'vectors' contains NaN or infinity (or a number beyond float32)")
     return array
+
+
+_INTEGER = re.compile(r"[+-]?[0-9]{1,18}")  # ASCII digits only: str.isdigit() also takes "²", which int() refuses
 
 
 def int_field(payload: Payload, name: str, default: int | None, low: int, high: int) -> int | None:
@@ -144,25 +220,28 @@ def int_field(payload: Payload, name: str, default: int | None, low: int, high: 
     if value is None:
         return default
     text = value.strip() if isinstance(value, str) else None
-    if isinstance(value, bool) or not (isinstance(value, int) or (text and text.lstrip("-").isdigit())):
-        raise RequestError(422, f"{name!r} must be an integer; got {value!r}")
-    number = int(value)
+    if isinstance(value, bool) or not (isinstance(value, int) or (text and _INTEGER.fullmatch(text))):
+        raise RequestError(422, f"{name!r} must be an integer; got {shorten(repr(value))}")
+    number = int(text if text is not None else value)
     if not low <= number <= high:
-        raise RequestError(422, f"{name!r} must lie in [{low}, {high}]; got {number}")
+        raise RequestError(422, f"{name!r} must lie in [{low}, {high}]; got {shorten(str(number))}")
     return number
 
 
 def decode_images(blobs: list[bytes], size: int, limits: Limits) -> np.ndarray:
-    """uint8 ``[N, size, size, 3]``; the first bad image fails the request with its position and reason."""
+    """uint8 ``[N, size, size, 3]``; the first bad image fails the request with its position and reason.
+
+    Resized before it becomes RGB, so a large gray image is never held three bands wide.
+    """
     pixels = []
     for position, blob in enumerate(blobs):
         if len(blob) > limits.max_image_bytes:
             raise RequestError(413, f"image {position} exceeds {limits.max_image_bytes:,} bytes")
         try:
-            image = to_mode(decode_image(blob, max_pixels=limits.max_pixels).image, "RGB")
+            decoded = decode_image(blob, max_pixels=limits.max_pixels, max_decoded_bytes=limits.max_decoded_bytes)
         except InvalidImageError as error:
             raise RequestError(_status_of(str(error)), f"image {position}: {error}") from None
-        pixels.append(np.asarray(fit_square(image, size), dtype=np.uint8))
+        pixels.append(np.asarray(to_mode(fit_square(decoded.image, size), "RGB"), dtype=np.uint8))
     return np.stack(pixels)
 
 

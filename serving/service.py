@@ -3,10 +3,15 @@
 FastAPI on uvicorn. Images from concurrent requests are decoded off the event
 loop, then coalesced by the `MicroBatcher` into one ONNX Runtime call; search
 runs in a thread too. Readiness comes only after the model (and index) are
-loaded and a warm-up batch has run. Bad input is a 4xx with a one-line
-reason (`serving.payloads`), a full queue a 503 with ``Retry-After``; a 500
-means a bug. Startup refuses an index built with another model and a CUDA
-request that ONNX Runtime would silently serve on the CPU (`ModelBundle`).
+loaded and a warm-up batch has run. Every failure is a JSON
+``{"error": "<one line>"}``: bad input a 4xx with its reason
+(`serving.payloads`), a body over its budget 413/408 (`serving.guards`), a
+full queue or too many decodes or searches waiting a 503 with ``Retry-After``,
+unknown routes and methods 404/405, and a bug a 500 whose details stay in the
+server log. Messages quote client strings shortened and never show server
+paths. Startup refuses an index built with another model and a CUDA request
+that ONNX Runtime would silently serve on the CPU (`ModelBundle`). ``/docs``
+serves Swagger UI from an installed package (fastapi-offline), not a CDN.
 """
 
 from __future__ import annotations
@@ -23,16 +28,20 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
 from serving.bundle import ModelBundle
+from serving.guards import BodyGuard, Gate
 from serving.index import IndexBundle, IndexBundleError
 from serving.metrics import ServiceMetrics
-from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, read_payload
+from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, read_payload, shorten
+from serving.protocol import RETRY_AFTER_SECONDS
 
-RETRY_AFTER_SECONDS = 1
 CONFIG_ENV = "MOCOPLUS_SERVE_CONFIG"  # how `mocoplus serve --workers N` hands the config to each worker process
 
 
@@ -58,6 +67,9 @@ class Service:
         self.index: IndexBundle | None = None
         self.batcher: MicroBatcher | None = None
         self.failure: str | None = None  # why loading failed, for /readyz
+        limits = config.limits
+        self.decodes = Gate("decodes", limits.max_concurrent_decodes, limits.max_waiting)
+        self.searches = Gate("searches", limits.max_concurrent_searches, limits.max_waiting)
 
     def load(self) -> None:
         """Load and cross-check the model and index (blocking: run it in a thread)."""
@@ -74,7 +86,7 @@ class Service:
             if self.model is None:
                 await asyncio.to_thread(self.load)
         except (ValueError, OSError) as error:
-            self.failure = str(error)
+            self.failure = self.without_paths(str(error))
             return
         assert self.model is not None
         self.batcher = MicroBatcher(self.model.embed, self.config.batcher, self._record_batch)
@@ -82,6 +94,13 @@ class Service:
         warmup = np.zeros((min(self.config.batcher.max_batch, 8), self.model.size, self.model.size, 3), np.uint8)
         await self.batcher.embed(warmup)
         self.ready = True
+
+    def without_paths(self, message: str) -> str:
+        """``message`` with the bundles' server paths replaced by what they are: clients see it."""
+        for path, name in ((self.config.model, "<model bundle>"), (self.config.index, "<index bundle>")):
+            if path is not None:
+                message = message.replace(str(Path(path).resolve()), name).replace(str(path), name)
+        return message
 
     def require_ready(self) -> None:
         if not self.ready:
@@ -103,8 +122,9 @@ class Service:
         assert self.model is not None and self.batcher is not None
         if not blobs:
             raise RequestError(422, "no images: send one or more 'images'")
-        started = time.perf_counter()
-        pixels = await asyncio.to_thread(decode_images, blobs, self.model.size, self.config.limits)
+        async with self.decodes.slot():
+            started = time.perf_counter()
+            pixels = await asyncio.to_thread(decode_images, blobs, self.model.size, self.config.limits)
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
         self.metrics.queue_depth.set(self.batcher.depth + len(pixels))
         try:
@@ -114,18 +134,25 @@ class Service:
         finally:
             self.metrics.queue_depth.set(self.batcher.depth)
 
-    async def query_vectors(self, payload: Payload) -> np.ndarray:
-        """The search queries as vectors: exactly one of images, a key, or vectors."""
-        assert self.index is not None
+    @staticmethod
+    def query_count(payload: Payload) -> int:
+        """How many queries: checks the payload holds exactly one of images, a key, or vectors."""
         given = [name for name, present in (("images", payload.images), ("key", payload.key is not None),
                                             ("vectors", payload.vectors is not None)) if present]  # fmt: skip
         if len(given) != 1:
             raise RequestError(422, f"send exactly one of images, key or vectors; got {given or 'none'}")
         if payload.key is not None:
+            return 1
+        return len(payload.vectors) if payload.vectors is not None else len(payload.images)
+
+    async def query_vectors(self, payload: Payload) -> np.ndarray:
+        """The search queries as vectors (`query_count` has checked the payload)."""
+        assert self.index is not None
+        if payload.key is not None:
             try:
                 return self.index.vector_of(payload.key)[None, :]
-            except KeyError as error:
-                raise RequestError(404, str(error.args[0])) from None
+            except KeyError:
+                raise RequestError(404, f"no sample with key {shorten(payload.key)!r} in the index") from None
         if payload.vectors is not None:
             if payload.vectors.shape[1] != self.index.dim:
                 raise RequestError(
@@ -133,6 +160,22 @@ class Service:
                 )
             return payload.vectors
         return await self.embed_images(payload.images)
+
+    def check_work(self, count: int, k: int, effort_name: str, effort: int | None) -> None:
+        """Refuse a search whose cost (queries × k × nprobe/efSearch, the tuned one unless overridden) is over budget.
+
+        Each factor has its own cap, but their product is what a search costs: 64 queries × k 1000 × ef 65536
+        took 44 s of CPU.
+        """
+        assert self.index is not None
+        used = effort or self.index.tuned_effort or 1
+        work, budget = count * k * used, self.config.limits.max_search_work
+        if work > budget:
+            raise RequestError(
+                422,
+                f"search work {count} queries × k {k} × {effort_name} {used} = {work:,} exceeds {budget:,}; "
+                f"lower k, {effort_name} or the number of queries",
+            )
 
     async def search(self, payload: Payload) -> dict[str, Any]:
         self.require_ready()
@@ -145,9 +188,11 @@ class Service:
             if name in payload.fields:
                 raise RequestError(422, f"{name!r} does not apply to this {self.index.info['index_kind']} index")
         effort = int_field(payload, effort_name, None, 1, limits.max_effort)
+        self.check_work(self.query_count(payload), k, effort_name, effort)
         vectors = await self.query_vectors(payload)
-        started = time.perf_counter()
-        hits = await asyncio.to_thread(self.index.search, vectors, k, effort)
+        async with self.searches.slot():
+            started = time.perf_counter()
+            hits = await asyncio.to_thread(self.index.search, vectors, k, effort)
         self.metrics.stage_seconds.labels(stage="search").observe(time.perf_counter() - started)
         return {
             "index": self.index.info["factory"],
@@ -204,24 +249,18 @@ def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI
         await asyncio.gather(starting, return_exceptions=True)
         await service.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI with /docs and /redoc assets served from the installed package
         title="mocoplus",
         summary="Embed images with an exported MoCo encoder (ONNX Runtime) and search a FAISS index.",
         version="1",
         lifespan=lifespan,
+        swagger_ui_parameters={"validatorUrl": None},  # Swagger UI would ask validator.swagger.io otherwise
     )
     app.state.service = service
 
+    app.add_middleware(BodyGuard, max_bytes=config.limits.max_body_bytes, timeout_s=config.limits.body_timeout_s)
     app.add_middleware(RequestMetrics, metrics=service.metrics)
-
-    @app.exception_handler(RequestError)
-    async def bad_request(request: Request, error: RequestError) -> JSONResponse:
-        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status == 503 else None
-        return JSONResponse({"error": error.reason}, status_code=error.status, headers=headers)
-
-    @app.exception_handler(IndexBundleError)
-    async def bad_search_parameter(request: Request, error: IndexBundleError) -> JSONResponse:
-        return JSONResponse({"error": str(error)}, status_code=422)
+    add_error_handlers(app, service)
 
     @app.post(
         "/v1/embed",
@@ -272,6 +311,43 @@ def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI
         return Response(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+def error_response(status: int, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The one shape of every failure: ``{"error": "<one line>"}``."""
+    return JSONResponse({"error": " ".join(reason.split())}, status_code=status, headers=headers)
+
+
+def add_error_handlers(app: FastAPI, service: Service) -> None:
+    """Every failure as `error_response`: ours, the framework's (404, 405, validation), and bugs (500)."""
+
+    @app.exception_handler(RequestError)
+    async def bad_request(request: Request, error: RequestError) -> JSONResponse:
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if error.status == 503 else {}
+        if error.close:
+            headers["Connection"] = "close"
+        return error_response(error.status, error.reason, headers)
+
+    @app.exception_handler(IndexBundleError)
+    async def bad_search_parameter(request: Request, error: IndexBundleError) -> JSONResponse:
+        return error_response(422, service.without_paths(str(error)))
+
+    @app.exception_handler(HTTPException)
+    async def framework_error(request: Request, error: HTTPException) -> JSONResponse:
+        where = f"{request.method} {shorten(request.url.path)}"
+        reasons = {404: f"not found: {where}", 405: f"method not allowed: {where}"}
+        return error_response(error.status_code, reasons.get(error.status_code, str(error.detail)), error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ()))
+        return error_response(422, f"invalid request: {where} {shorten(str(first.get('msg', '')))}".strip())
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, error: Exception) -> JSONResponse:
+        # Starlette logs the traceback after this answer; the client gets no internals
+        return error_response(500, "internal server error; the server log has the details")
 
 
 def config_to_json(config: ServiceConfig) -> str:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from datasets import write_fashion_mnist_slice
 
+from pipeline.embed import EmbedConfig, embed
 from pipeline.export import ExportConfig, export
 from pipeline.fashion_mnist import DEFAULT_DIR, ENV_VAR, find_fashion_mnist
+from pipeline.index import IndexConfig, build_index
 from pipeline.ingest import IngestConfig, ingest
 from pipeline.train import train
 
@@ -92,3 +97,20 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def corpus(bundle, fashion_test_shards, tmp_path_factory) -> dict:
+    """The 200 test images: their PNG bytes by key, their offline embeddings, and an IVF index of them."""
+    root = tmp_path_factory.mktemp("service")
+    embed(bundle, str(fashion_test_shards), root / "emb", EmbedConfig(workers=0), progress=False)
+    build_index(root / "emb", root / "index", IndexConfig(kind="ivf", queries=20), progress=False)
+    record = json.loads((root / "emb" / "part-000000.json").read_text())
+    vectors = dict(zip(record["keys"], np.load(root / "emb" / "part-000000.npy"), strict=True))
+    images = {}
+    for shard in sorted(Path(fashion_test_shards).glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                if member.name.endswith(".png"):
+                    images[member.name.removesuffix(".png")] = tar.extractfile(member).read()
+    return {"index": root / "index", "vectors": vectors, "images": images, "keys": record["keys"]}

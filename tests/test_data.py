@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import distributed_workers
@@ -44,6 +45,16 @@ def test_train_epoch_has_a_fixed_batch_count_of_normalised_view_pairs(fashion_sh
     assert not torch.equal(view1, view2)  # two independent augmentations
     assert abs(float(view1.mean())) < 1.0 and 0.3 < float(view1.std()) < 3.0  # normalised, not raw pixels
     assert sum(batch.decode_failures for batch in batches) == 0
+
+
+def test_multi_crop_adds_small_views_crop_major_with_the_same_recipe(fashion_shards):
+    augment = replace(small_grayscale_preset(), small_crops=2, small_size=16, small_scale=(0.2, 0.4))
+    batch = next(iter(TrainStream(fashion_shards, augment, SMALL).epoch(0)))
+    assert batch.view1.shape == batch.view2.shape == (32, 3, 32, 32)
+    assert batch.small is not None and batch.small.shape == (64, 3, 16, 16) and batch.small.dtype == torch.float32
+    assert abs(float(batch.small.mean())) < 1.0 and 0.3 < float(batch.small.std()) < 3.0  # normalised alike
+    assert not torch.equal(batch.small[:32], batch.small[32:])  # two independent small crops per image
+    assert next(iter(TrainStream(fashion_shards, small_grayscale_preset(), SMALL).epoch(0))).small is None
 
 
 def test_train_batches_are_reproducible_per_seed_and_differ_per_epoch_rank_and_seed(fashion_shards):

@@ -211,6 +211,11 @@ def test_a_device_is_refused_not_read_until_memory_runs_out():
         read_regular_file("/dev/zero")
 
 
+def test_a_folder_is_refused_as_a_folder(tmp_path):
+    with pytest.raises(UnreadableFileError, match=r"^is a folder, not a file$"):
+        read_regular_file(tmp_path)
+
+
 def test_the_size_cap_holds_for_a_file_that_lies_about_nothing(tmp_path):
     path = tmp_path / "big.bin"
     path.write_bytes(bytes(1001))

@@ -9,6 +9,7 @@ from collections import deque
 import pytest
 import torch
 import torchvision
+from reference import naive_info_nce
 from torch import nn
 from torch.nn import functional as F
 
@@ -204,6 +205,33 @@ def test_warmup_uses_every_negative_then_the_selection():
     plain = MoCoConfig(**TINY)
     torch.testing.assert_close(first_loss(config, epoch=1), first_loss(plain, epoch=1))
     assert first_loss(config, epoch=2) < first_loss(plain, epoch=2)  # 8 negatives instead of 50
+
+
+def test_small_crops_are_extra_anchors_with_the_second_views_key_against_the_naive_reference():
+    """Multi-crop: loss = mean over [q1; small crops] of l(anchor, k2, queue), each crop weighing as much as q1."""
+    torch.manual_seed(0)
+    model = tiny_model().eval()  # eval: BN with running statistics, so encoding apart and together agree
+    x1, x2, small = images(4), images(4, seed=1), images(8, size=8, seed=2)
+    queue = model.queue.keys.clone()
+
+    out = model(x1, x2, small=small)
+
+    with torch.no_grad():
+        anchors = torch.cat([model.encode_queries(x1), model.encode_queries(small)]).double()
+        key = F.normalize(model.key_encoder(x2), dim=1).double()
+        expected = naive_info_nce(anchors, key.repeat(3, 1), queue.double(), model.config.temperature)
+    torch.testing.assert_close(out.loss.double(), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="small views must be n × the batch of 4"):
+        model(x1, x2, small=images(6, size=8))
+
+
+def test_small_crops_get_gradient_and_the_queue_takes_only_the_global_keys():
+    torch.manual_seed(0)
+    model = tiny_model()
+    small = images(8, size=8, seed=2).requires_grad_(True)
+    model(images(4), images(4, seed=1), small=small).loss.backward()
+    assert small.grad is not None and small.grad.abs().sum() > 0
+    assert int(model.queue.pointer) == 4  # keys of view2 only: small crops are never keys
 
 
 @pytest.mark.parametrize(

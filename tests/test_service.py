@@ -9,7 +9,6 @@ import json
 import signal
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 from pathlib import Path
@@ -21,36 +20,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from processes import free_port, stop
 
-from pipeline.embed import EmbedConfig, embed
-from pipeline.index import IndexConfig, build_index
 from serving.batcher import BatcherConfig, MicroBatcher, QueueFullError
 from serving.index import INDEX_JSON
 from serving.payloads import Limits
 from serving.service import Service, ServiceConfig, create_app
 
-QUIET = {"progress": False}
 
-
-@pytest.fixture(scope="module")
-def corpus(bundle, fashion_test_shards, tmp_path_factory) -> dict:
-    """The 200 test images: their PNG bytes by key, their offline embeddings, and an index of them."""
-    root = tmp_path_factory.mktemp("service")
-    embed(bundle, str(fashion_test_shards), root / "emb", EmbedConfig(workers=0), **QUIET)
-    build_index(root / "emb", root / "index", IndexConfig(kind="ivf", queries=20), **QUIET)
-    record = json.loads((root / "emb" / "part-000000.json").read_text())
-    vectors = dict(zip(record["keys"], np.load(root / "emb" / "part-000000.npy"), strict=True))
-    images = {}
-    for shard in sorted(Path(fashion_test_shards).glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                if member.name.endswith(".png"):
-                    images[member.name.removesuffix(".png")] = tar.extractfile(member).read()
-    return {"index": root / "index", "vectors": vectors, "images": images, "keys": record["keys"]}
-
-
-def make_client(bundle: Path, index: Path | None, **overrides) -> TestClient:
+def make_client(bundle: Path, index: Path | None, *, raise_server_exceptions: bool = True, **overrides) -> TestClient:
     config = ServiceConfig(model=bundle, index=index, **overrides)
-    return TestClient(create_app(config))
+    return TestClient(create_app(config), raise_server_exceptions=raise_server_exceptions)
 
 
 def wait_ready(client: TestClient | httpx.Client, seconds: float = 60) -> None:

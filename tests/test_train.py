@@ -69,6 +69,20 @@ def test_a_short_run_logs_every_step_checkpoints_and_monitors_knn(fashion_shards
     assert load_config(tmp_path / "run" / "config.json") == config and saved["train"]["max_steps"] == 6
 
 
+def test_a_time_budget_ends_the_schedule_when_the_budget_is_spent(fashion_shards, tmp_path, monkeypatch):
+    """A clock on which every step takes one second: a 50 s budget must end at step 50 with the LR at its end."""
+    monkeypatch.setattr(Trainer, "_now", lambda self: float(self.step))
+    config = tiny_config(fashion_shards, "train.epochs=100", "train.time_budget=50", "train.checkpoint_every=100")
+
+    result = train(config, tmp_path / "run", progress=False)
+
+    assert result.steps == 50  # not the 100 epochs' cap
+    rates = [record["lr"] for record in read_metrics(tmp_path / "run") if "lr" in record]
+    assert rates[0] == pytest.approx(config.lr)  # 20 steps before the first re-plan: the cap's cosine, barely moved
+    assert rates[-1] < 0.01 * config.lr  # the cosine reached its end at the budget, not at the 100 epochs' cap
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run", "last"))["total_steps"] == 50
+
+
 def test_a_checkpoint_holds_everything_needed_to_resume(fashion_shards, tmp_path):
     train(tiny_config(fashion_shards, "train.max_steps=2"), tmp_path / "run", progress=False)
     state = load_checkpoint(resolve_checkpoint(tmp_path / "run", "last"))

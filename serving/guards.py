@@ -1,0 +1,105 @@
+"""Budgets the service keeps whatever a client does: the request body, and how much work runs at once.
+
+`BodyGuard` holds every request body to a byte cap counted as the bytes arrive
+(a chunked upload, or one whose Content-Length lies, has no size to check up
+front) and to a time limit (a body shorter than its Content-Length would
+otherwise be waited for forever). `Gate` bounds the decodes and searches in
+flight: a few run, a bounded number wait, the rest get 503 with Retry-After at
+once instead of a thread each. What must hold before a request reaches the app
+(its head) is `serving.protocol`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from serving.payloads import RequestError
+
+
+class BodyGuard:
+    """Pure ASGI middleware: the app reads the body through a `receive` that refuses past the budgets.
+
+    Past ``max_bytes`` or ``timeout_s`` the wrapped ``receive`` raises `RequestError` (413 or 408, with
+    ``close``) before the app sees another byte, so nothing more is buffered; the service answers it as
+    JSON and the server closes the connection instead of reading the rest.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        reader = _BodyReader(receive, self.max_bytes, self.timeout_s, _declared_length(scope))
+        await self.app(scope, reader.receive, send)
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length" and value.isdigit():
+            return int(value)
+    return None
+
+
+class _BodyReader:
+    """One request's body budget: bytes so far, and a deadline set by the app's first read."""
+
+    def __init__(self, receive: Receive, max_bytes: int, timeout_s: float, declared: int | None) -> None:
+        self._receive, self.max_bytes, self.timeout_s, self.declared = receive, max_bytes, timeout_s, declared
+        self.received = 0
+        self.complete = False
+        self.deadline: float | None = None
+
+    async def receive(self) -> Message:
+        if self.complete:  # after the body the app only waits for a disconnect: not ours to time
+            return await self._receive()
+        if self.declared is not None and self.declared > self.max_bytes:
+            raise self._too_large(f"request body of {self.declared:,} bytes")
+        loop = asyncio.get_running_loop()
+        self.deadline = self.deadline or loop.time() + self.timeout_s
+        try:
+            message = await asyncio.wait_for(self._receive(), max(0.0, self.deadline - loop.time()))
+        except asyncio.TimeoutError:
+            reason = f"request body not received within {self.timeout_s:g} s"
+            raise RequestError(408, reason, close=True) from None
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.max_bytes:
+                raise self._too_large("request body")
+            self.complete = not message.get("more_body", False)
+        return message
+
+    def _too_large(self, what: str) -> RequestError:
+        return RequestError(413, f"{what} exceeds the limit of {self.max_bytes:,} bytes", close=True)
+
+
+class Gate:
+    """At most ``slots`` holders at once and ``queue`` more waiting; beyond that, `RequestError` 503 at once.
+
+    A `Service` owns one per kind of work, so limits belong to the app instance, not the process.
+    """
+
+    def __init__(self, what: str, slots: int, queue: int) -> None:
+        self.what, self.slots, self.queue = what, slots, queue
+        self._semaphore = asyncio.Semaphore(slots)
+        self.waiting = 0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        if self._semaphore.locked() and self.waiting >= self.queue:
+            reason = f"overloaded: {self.slots} {self.what} running and {self.queue} waiting; retry later"
+            raise RequestError(503, reason)
+        self.waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._semaphore.release()

@@ -1,0 +1,156 @@
+"""The HTTP/1.1 connection under the app: the limits that must hold before a request reaches it.
+
+uvicorn's httptools protocol bounds nothing before the app runs: one 100 MiB
+header is buffered whole (13 s with the event loop blocked), any number of
+headers is accepted, a client that trickles its request head, or opens a
+connection and sends nothing, holds it forever (the keep-alive timeout is
+re-armed only after a response), and its own refusals are plain text.
+`GuardedHttpToolsProtocol` adds, per connection: a cap on the bytes and the
+number of headers of a request head (431), a deadline for the head once a
+connection opens or a request's first byte arrives (408, or a silent close for a
+connection that sent nothing), a cap on open connections (503), and JSON
+bodies for all of those and for malformed requests (400). `mocoplus serve`
+hands it to uvicorn with `protocol_factory`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+RETRY_AFTER_SECONDS = 1  # what every 503, the app's and the connection's, tells a client to wait
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_head_bytes: int = 64 << 10  # request line and headers; a chunk more may be parsed before the check
+    max_headers: int = 100
+    head_timeout_s: float = 10.0  # from the connection's opening, or a request's first byte, to its last header
+    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
+    max_connections: int = 1024  # open at once, per server process; beyond, 503
+
+    def __post_init__(self) -> None:
+        if (
+            min(self.max_head_bytes, self.max_headers, self.head_timeout_s, self.keep_alive_s, self.max_connections)
+            <= 0
+        ):
+            raise ValueError(f"connection limits must be > 0; got {self}")
+
+
+class _HeadRefusedError(Exception):
+    """Raised from a parser callback to stop parsing; `GuardedHttpToolsProtocol.send_400_response` answers it."""
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with `ConnectionLimits` (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: ConnectionLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits
+        self._head_timer: asyncio.TimerHandle | None = None  # armed while a request head is awaited
+        self._head_bytes = 0
+        self._head_begun = False  # a request line has started since the head was awaited
+        self._header_count = 0
+        self._refusal: tuple[int, str] | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.limits.max_connections:
+            self._refuse(503, f"too many connections (the limit is {self.limits.max_connections}); retry later")
+            return
+        self._await_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_received()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        """Count the bytes that arrive while a head is awaited: what httptools would buffer without a bound."""
+        awaiting = self._head_timer is not None
+        super().data_received(data)
+        if awaiting and self._head_timer is not None and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.limits.max_head_bytes:
+                self._refuse(431, f"request head exceeds {self.limits.max_head_bytes:,} bytes")
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:  # a pipelined request, or one after a response on a keep-alive connection
+            self._await_head()
+        self._head_begun = True
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
+            self._refusal = (431, f"more than {self.limits.max_headers} request headers")
+            raise _HeadRefusedError
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._head_received()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        idle = self.cycle is None or self.cycle.response_complete  # no pipelined request started instead
+        if idle and not self.transport.is_closing():
+            self._await_head()
+
+    def send_400_response(self, msg: str) -> None:
+        """httptools stopped: a malformed request (400), or a callback's `_HeadRefusedError`; JSON either way."""
+        status, reason = self._refusal or (400, "malformed HTTP request")
+        self._refuse(status, reason)
+
+    def _await_head(self) -> None:
+        self._head_received()
+        self._head_bytes, self._head_begun, self._header_count = 0, False, 0
+        self._head_timer = self.loop.call_later(self.limits.head_timeout_s, self._head_timed_out)
+
+    def _head_received(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if self.transport.is_closing():
+            return
+        if not self._head_begun:
+            self.transport.close()  # nothing to answer: no request was started (an idle or silent connection)
+            return
+        self._refuse(408, f"request head not received within {self.limits.head_timeout_s:g} s")
+
+    def _refuse(self, status: int, reason: str) -> None:
+        """Answer ``status`` with a JSON ``{"error": reason}`` and close, without the app."""
+        self._head_received()
+        if self.transport.is_closing():
+            return
+        body = json.dumps({"error": reason}).encode()
+        headers = [*self.server_state.default_headers, (b"content-type", b"application/json")]
+        headers += [(b"content-length", str(len(body)).encode()), (b"connection", b"close")]
+        if status == 503:
+            headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
+        head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        self.transport.write(STATUS_LINE[status] + head + b"\r\n" + body)
+        self.transport.close()
+
+
+def protocol_factory(limits: ConnectionLimits) -> Callable[..., GuardedHttpToolsProtocol]:
+    """What to pass as uvicorn's ``http=``: picklable, so ``--workers`` processes get it too."""
+    return functools.partial(GuardedHttpToolsProtocol, limits=limits)
