@@ -98,15 +98,17 @@ class IngestConfig:
             raise ValueError(f"shard name may hold only letters, digits, '_' and '-'; got {self.name!r}")
 
     def output_options(self) -> dict[str, Any]:
-        return {
+        options = {
             "shard_size": self.shard_size,
             "shard_bytes": self.shard_bytes,
             "format": self.image_format,
             "max_side": self.max_side,
             "max_pixels": self.max_pixels,
-            "max_file_bytes": self.max_file_bytes,
             "name": self.name,
         }
+        if self.max_file_bytes != MAX_FILE_BYTES:  # at its default it is left out: shard sets made before the
+            options["max_file_bytes"] = self.max_file_bytes  # option existed stay "already up to date"
+        return options
 
 
 @dataclass(frozen=True)

@@ -176,31 +176,34 @@ def _walk_files(root: Path) -> tuple[list[Path], list[SkippedInput]]:
     real_root = root.resolve()
     found: list[Path] = []
     skipped: list[SkippedInput] = []
-    visited: dict[tuple[int, int], str] = {}
-
-    def walk(folder: Path, relative: str) -> None:
+    info = root.stat()
+    visited: dict[tuple[int, int], str] = {(info.st_dev, info.st_ino): "."}
+    pending: list[tuple[Path, str]] = [(root, "")]  # a stack, not recursion: any depth of folders is fine
+    while pending:
+        folder, relative = pending.pop()
         try:
             with os.scandir(folder) as listing:
                 entries = sorted((entry for entry in listing if not _is_hidden(entry.name)), key=lambda e: e.name)
         except OSError as error:
             skipped.append(SkippedInput(f"{relative}/", f"unreadable folder ({error.strerror or error})"))
-            return
+            continue
+        subfolders: list[tuple[Path, str]] = []
         for entry in entries:
             path, name = folder / entry.name, f"{relative}/{entry.name}" if relative else entry.name
             if not _is_folder(entry):
                 found.append(path)
                 continue
-            reason = _why_not_walk(path, entry, real_root, visited) if entry.is_symlink() else None
+            reason = _why_not_walk(path, real_root, visited) if entry.is_symlink() else ""
+            try:
+                info = path.stat()
+            except OSError as error:
+                reason = reason or f"unreadable folder ({error.strerror or error})"
             if reason:
                 skipped.append(SkippedInput(f"{name}/", reason))
                 continue
-            info = path.stat()
             visited.setdefault((info.st_dev, info.st_ino), name)
-            walk(path, name)
-
-    info = root.stat()
-    visited[(info.st_dev, info.st_ino)] = "."
-    walk(root, "")
+            subfolders.append((path, name))
+        pending.extend(reversed(subfolders))  # depth-first in name order, as os.walk would go
     return sorted(found, key=lambda path: path.relative_to(root).as_posix()), skipped
 
 
@@ -211,7 +214,7 @@ def _is_folder(entry: os.DirEntry[str]) -> bool:
         return False  # a link loop that the OS itself refuses to resolve: listed as a file, rejected as unreadable
 
 
-def _why_not_walk(path: Path, entry: os.DirEntry[str], real_root: Path, visited: dict[tuple[int, int], str]) -> str:
+def _why_not_walk(path: Path, real_root: Path, visited: dict[tuple[int, int], str]) -> str:
     """Why the folder that the link ``path`` leads to must not be walked, or ``""`` when it may."""
     try:
         target, info = path.resolve(strict=True), path.stat()
@@ -220,6 +223,8 @@ def _why_not_walk(path: Path, entry: os.DirEntry[str], real_root: Path, visited:
     if target == real_root or real_root in target.parents:
         where = f"{target.relative_to(real_root).as_posix()}/" if target != real_root else "its root"
         return f"link to a folder inside the source ({where}), whose files are ingested there: not followed"
+    if target in real_root.parents:
+        return "link to a folder that holds the source (a loop through it): not followed"
     seen = visited.get((info.st_dev, info.st_ino))
     if seen is not None:
         return f"link to a folder already ingested as {seen}/ (a loop or a second link): not followed"

@@ -35,8 +35,19 @@ class BodyGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        reader = _BodyReader(receive, self.max_bytes, self.timeout_s, _declared_length(scope))
-        await self.app(scope, reader.receive, send)
+        declared = _declared_length(scope)
+        reader = _BodyReader(receive, self.max_bytes, self.timeout_s, declared)
+        has_body = bool(declared) or _is_chunked(scope)
+
+        async def send_closing_if_unread(message: Message) -> None:
+            """An answer given before the body was read (415, 404, 503...) closes the connection: the unread
+            rest of the body would otherwise be parsed as the next request's head."""
+            if message["type"] == "http.response.start" and has_body and not reader.complete:
+                headers = [(name, value) for name, value in message.get("headers", []) if name != b"connection"]
+                message = {**message, "headers": [*headers, (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, reader.receive, send_closing_if_unread)
 
 
 def _declared_length(scope: Scope) -> int | None:
@@ -44,6 +55,10 @@ def _declared_length(scope: Scope) -> int | None:
         if name == b"content-length" and value.isdigit():
             return int(value)
     return None
+
+
+def _is_chunked(scope: Scope) -> bool:
+    return any(name == b"transfer-encoding" and b"chunked" in value.lower() for name, value in scope["headers"])
 
 
 class _BodyReader:

@@ -37,6 +37,7 @@ from PIL import Image, ImageMode, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 × 8000: above any camera's output, far below a bomb's canvas
 MAX_BYTES_PER_PIXEL = 4  # the most Pillow holds a pixel in (RGBA, I, F; RGB is padded to 4)
+_CONVERTED_THROUGH_RGB = frozenset({"P", "PA"})  # decoded at 1-2 bytes a pixel, converted to RGB(A) before use
 _EXIF_ORIENTATION = 0x0112
 FORMAT_EXTENSIONS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp"}  # what shards store
 
@@ -68,11 +69,14 @@ def decoded_bytes(width: int, height: int, mode: str) -> int:
     """What Pillow allocates to hold a ``width`` × ``height`` image of ``mode``: known from the header alone.
 
     Multi-band modes take 4 bytes a pixel (Pillow pads RGB to 32 bits); single-band ones their sample size
-    (16-bit gray 2, ``I``/``F`` 4). A mode Pillow does not describe is charged the most, 4.
+    (16-bit gray 2, ``I``/``F`` 4). Palette modes, whose conversion goes through RGB or RGBA, are
+    charged as what they become, 4; so is a mode Pillow does not describe.
     """
     try:
         descriptor = ImageMode.getmode(mode)
     except KeyError:
+        return width * height * MAX_BYTES_PER_PIXEL
+    if mode in _CONVERTED_THROUGH_RGB:
         return width * height * MAX_BYTES_PER_PIXEL
     per_pixel = MAX_BYTES_PER_PIXEL if len(descriptor.bands) > 1 else np.dtype(descriptor.typestr).itemsize
     return width * height * per_pixel

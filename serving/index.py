@@ -21,7 +21,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from serving.jsonfile import read_json
+from serving.files import read_npy, read_regular_file
+from serving.jsonfile import MAX_JSON_BYTES, read_json
 
 INDEX_FORMAT = 1
 INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
@@ -67,6 +68,11 @@ def read_index_json(path: Path) -> dict[str, Any]:
     info = read_json(info_path, IndexBundleError, f"{path} is not an index bundle: no {INDEX_JSON}")
     if info.get("kind") != INDEX_KIND or info.get("format") != INDEX_FORMAT:
         raise IndexBundleError(f"{info_path} is not a format-{INDEX_FORMAT} mocoplus index description")
+    for name, kind, least in (("count", int, 0), ("dim", int, 1), ("bundle_hash", str, None)):
+        value = info.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (least is not None and value < least):
+            rule = f"an integer >= {least}" if least is not None else "a string"
+            raise IndexBundleError(f"{info_path}: {name!r} must be {rule}; got {str(value)[:40]!r}")
     return info
 
 
@@ -78,11 +84,13 @@ class IndexBundle:
         self.info = read_index_json(self.path)
         self.index = _read_faiss(self.path / INDEX_FILE, mmap)
         try:
-            self.keys: list[str] = json.loads((self.path / KEYS_FILE).read_text())
-            self.labels: np.ndarray = np.load(self.path / LABELS_FILE)
-            self.rows: np.ndarray = np.load(self.path / ROWS_FILE)
-        except (OSError, ValueError) as error:
-            raise IndexBundleError(f"{self.path}: id map unreadable ({error})") from None
+            self.keys: list[str] = json.loads(read_regular_file(self.path / KEYS_FILE, MAX_JSON_BYTES))
+            self.labels: np.ndarray = read_npy(self.path / LABELS_FILE, MAX_JSON_BYTES)
+            self.rows: np.ndarray = read_npy(self.path / ROWS_FILE, MAX_JSON_BYTES)
+        except (ValueError, RecursionError) as error:  # UnreadableFileError and JSONDecodeError are ValueErrors
+            raise IndexBundleError(f"{self.path}: id map unreadable ({str(error)[:200]})") from None
+        if not isinstance(self.keys, list):
+            raise IndexBundleError(f"{self.path}: id map unreadable ({KEYS_FILE} is not a list)")
         if not (len(self.keys) == len(self.labels) == len(self.rows) == self.index.ntotal == self.info["count"]):
             raise IndexBundleError(
                 f"{self.path}: {self.index.ntotal} vectors, {len(self.keys)} keys, {len(self.labels)} labels, "

@@ -105,16 +105,19 @@ async def _read_multipart(request: Request, limits: Limits) -> Payload:
     except HTTPException as error:  # how Starlette reports a malformed body or a passed limit
         raise _multipart_error(str(error.detail), limits) from None
     payload = Payload()
-    for name, value in form.multi_items():
-        if isinstance(value, UploadFile):
-            if name != "images":
-                raise RequestError(422, f"unexpected file field {shorten(name)!r}: send images as 'images'")
-            if value.size is not None and value.size > limits.max_image_bytes:
-                position = len(payload.images)
-                raise RequestError(413, f"image {position} exceeds {limits.max_image_bytes:,} bytes")
-            payload.images.append(await value.read())
-        else:
-            payload.fields[name] = value
+    try:
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name != "images":
+                    raise RequestError(422, f"unexpected file field {shorten(name)!r}: send images as 'images'")
+                if value.size is not None and value.size > limits.max_image_bytes:
+                    position = len(payload.images)
+                    raise RequestError(413, f"image {position} exceeds {limits.max_image_bytes:,} bytes")
+                payload.images.append(await value.read())
+            else:
+                payload.fields[name] = value
+    finally:
+        await form.close()  # uploads over 1 MiB spill to temp files: free them now, not at garbage collection
     payload.key = payload.fields.pop("key", None)
     return payload
 

@@ -68,6 +68,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_begun = False  # a request line has started since the head was awaited
         self._header_count = 0
         self._refusal: tuple[int, str] | None = None
+        self._in_body = False  # between a request's last header and its end: only body and framing expected
+        self._after_head = 0  # bytes received since the head ended (an overcount by at most the head's own)
+        self._body_total = 0  # of which body, as httptools passed it on
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -81,13 +84,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        """Count the bytes that arrive while a head is awaited: what httptools would buffer without a bound."""
+        """Count the bytes httptools would buffer without a bound: a request head while one is awaited, and
+        what arrives inside a message that is not body — chunk framing (a few bytes a chunk) and a chunked
+        request's trailers, headers after the body that httptools collects whole."""
         awaiting = self._head_timer is not None
         super().data_received(data)
-        if awaiting and self._head_timer is not None and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if awaiting and self._head_timer is not None:
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_head_bytes:
                 self._refuse(431, f"request head exceeds {self.limits.max_head_bytes:,} bytes")
+        if self._in_body:  # still inside a message: this call's bytes, minus body, are framing or trailers
+            self._after_head += len(data)
+            framing = self._after_head - self._body_total
+            allowed = 2 * self.limits.max_head_bytes + self._body_total // 16  # the head's share, trailers, chunks
+            if framing > allowed:
+                self._refuse(431, f"request trailers or chunk framing exceed {self.limits.max_head_bytes:,} bytes")
+
+    def on_body(self, body: bytes) -> None:
+        self._body_total += len(body)
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -104,6 +125,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._head_received()
+        self._in_body, self._after_head, self._body_total = True, 0, 0
         super().on_headers_complete()
 
     def on_response_complete(self) -> None:

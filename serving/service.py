@@ -42,6 +42,8 @@ from serving.metrics import ServiceMetrics
 from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, read_payload, shorten
 from serving.protocol import RETRY_AFTER_SECONDS
 
+FAISS_DEFAULT_EFFORT = {"ef": 16, "nprobe": 1}  # what FAISS searches with when an index was never tuned
+
 CONFIG_ENV = "MOCOPLUS_SERVE_CONFIG"  # how `mocoplus serve --workers N` hands the config to each worker process
 
 
@@ -168,7 +170,7 @@ class Service:
         took 44 s of CPU.
         """
         assert self.index is not None
-        used = effort or self.index.tuned_effort or 1
+        used = effort or self.index.tuned_effort or FAISS_DEFAULT_EFFORT.get(effort_name, 1)
         work, budget = count * k * used, self.config.limits.max_search_work
         if work > budget:
             raise RequestError(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import write_image
+from test_verify import edit_manifest
 from typer.testing import CliRunner
 
 from flows.cli import app
@@ -39,6 +40,7 @@ def labelled_tree(root: Path) -> Path:
     (root / "A" / "extra").symlink_to("../../outside")  # outside the source: followed once
     (root / "B" / "extra-again").symlink_to("../../outside")  # the same outside folder a second time
     (root / "self").symlink_to(".")  # a top-level loop is not a class
+    (root / "A" / "grand").symlink_to("../..")  # a loop through the folder that holds the source
     return root
 
 
@@ -63,11 +65,12 @@ def test_link_loops_and_repeated_links_write_each_image_once_under_its_own_label
     assert manifest.class_names == ("A", "B")
     assert labels_by_key(tmp_path / "out") == {"A/a0": 0, "A/a1": 0, "A/extra/o": 0, "B/b0": 1}
     skipped = {item.input: item.reason for item in manifest.skipped}
-    assert set(skipped) == {"A/up/", "B/up/", "B/to-a/", "B/extra-again/", "self/"}
+    assert set(skipped) == {"A/up/", "B/up/", "B/to-a/", "B/extra-again/", "self/", "A/grand/"}
+    assert "holds the source" in skipped["A/grand/"]
     assert "inside the source (its root)" in skipped["A/up/"]
     assert "inside the source (A/)" in skipped["B/to-a/"]
     assert "already ingested as A/extra/" in skipped["B/extra-again/"]
-    assert manifest.inputs == manifest.written + len(manifest.skipped) == 9
+    assert manifest.inputs == manifest.written + len(manifest.skipped) == 10
     assert verify(tmp_path / "out", progress=False).ok
 
 
@@ -96,6 +99,16 @@ def test_a_folder_that_cannot_be_listed_is_a_skipped_input(tmp_path, monkeypatch
         ("A/locked/", "unreadable folder (Permission denied)")
     ]
     assert source.inputs == 2
+
+
+def test_folders_nested_deeper_than_the_recursion_limit_are_walked(tmp_path):
+    deep = tmp_path / "src"
+    for _ in range(1100):  # one by one: pathlib's mkdir(parents=True) itself recurses
+        deep = deep / "d"
+        deep.mkdir(parents=deep.parent == tmp_path / "src")
+    write_image(deep / "bottom.png")
+    source = folder_source(tmp_path / "src")
+    assert [item.label for item in source.items] == [0] and source.class_names == ("d",)
 
 
 def test_a_file_over_the_size_cap_is_skipped_before_it_is_read(tmp_path):
@@ -138,13 +151,6 @@ def shard_set(tmp_path: Path) -> Path:
         write_image(tmp_path / "src" / ("a" if index < 3 else "b") / f"{index}.png", seed=index)
     ingest(str(tmp_path / "src"), tmp_path / "shards", IngestConfig(workers=1, shard_size=2), progress=False)
     return tmp_path / "shards"
-
-
-def edit_manifest(folder: Path, edit) -> None:
-    path = folder / MANIFEST_NAME
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
 
 
 def test_verify_fails_on_tars_the_manifest_does_not_list(shard_set):

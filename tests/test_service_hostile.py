@@ -103,6 +103,15 @@ def test_a_chunked_body_over_the_cap_is_refused_before_the_rest_is_read(client, 
     assert sum(pulled) <= LIMITS.max_body_bytes + len(chunk) and len(pulled) < chunks
 
 
+@pytest.mark.parametrize("content_type", ["text/plain", "application/json"])
+def test_an_answer_given_before_the_body_is_read_closes_the_connection(client, content_type):
+    """A 415 (or 404, 503) leaves the body unread: the connection must close, or the server would take the
+    unread rest for the next request's head. A body that was read keeps the connection open."""
+    status, headers, answer = client.portal.call(asgi_post, client.app, "/v1/embed", content_type, iter([b"{}"]))
+    assert status == (415 if content_type == "text/plain" else 422), answer
+    assert headers.get("connection") == ("close" if content_type == "text/plain" else None)
+
+
 def test_a_declared_length_over_the_cap_is_refused_without_reading(client):
     answer = post_json(client, b"{" + b" " * LIMITS.max_body_bytes + b"}")
     assert_error(answer, 413, f"request body of {LIMITS.max_body_bytes + 2:,} bytes exceeds")
@@ -491,6 +500,18 @@ def test_a_request_head_over_64_kib_gets_431_without_waiting_for_the_rest(two_co
         start = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: "
         sock.sendall(start + b"a" * ((64 << 10) + 1 - len(start)))  # one byte over, and the head not ended
         assert_refused(sock, 431, "request head exceeds 65,536 bytes")
+
+
+def test_a_chunked_requests_trailers_over_64_kib_get_431(two_connections):
+    with connect(two_connections) as sock:
+        head = b"POST /v1/embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(
+            head + b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\nX-Trailer: "
+        )  # the body ends; a trailer begins and never ends
+        with contextlib.suppress(OSError):  # the server may close while we still send
+            for _ in range(8):
+                sock.sendall(b"a" * (16 << 10))
+        assert_refused(sock, 431, "request trailers or chunk framing exceed 65,536 bytes")
 
 
 def test_more_than_100_headers_get_431(two_connections):
