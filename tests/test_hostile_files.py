@@ -102,13 +102,20 @@ def test_a_folder_that_cannot_be_listed_is_a_skipped_input(tmp_path, monkeypatch
 
 
 def test_folders_nested_deeper_than_the_recursion_limit_are_walked(tmp_path):
-    deep = tmp_path / "src"
+    folders = [tmp_path / "src" / "d"]
     for _ in range(1100):  # one by one: pathlib's mkdir(parents=True) itself recurses
-        deep = deep / "d"
-        deep.mkdir(parents=deep.parent == tmp_path / "src")
-    write_image(deep / "bottom.png")
-    source = folder_source(tmp_path / "src")
-    assert [item.label for item in source.items] == [0] and source.class_names == ("d",)
+        folders.append(folders[-1] / "d")
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True)
+        write_image(folders[-1] / "bottom.png")
+        source = folder_source(tmp_path / "src")
+        assert [item.label for item in source.items] == [0] and source.class_names == ("d",)
+    finally:  # bottom up: shutil.rmtree (pytest's clean-up of tmp_path) recurses too
+        (folders[-1] / "bottom.png").unlink(missing_ok=True)
+        for folder in reversed(folders):
+            if folder.exists():
+                folder.rmdir()
 
 
 def test_a_file_over_the_size_cap_is_skipped_before_it_is_read(tmp_path):
