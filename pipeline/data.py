@@ -223,7 +223,9 @@ class _TrainEpoch(IterableDataset):
         _one_thread_per_worker()
         for crops1, crops2, *small_crops in pipeline:
             view1, view2 = augment.after_crop(crops1, generator), augment.after_crop(crops2, generator)
-            small_views = small.after_crop(torch.cat(small_crops), generator) if small and small_crops else None
+            small_views = (
+                small.after_crop(torch.cat(small_crops), generator) if small is not None and small_crops else None
+            )
             yield TrainBatch(view1, view2, failures.take(), small_views)
 
 
@@ -254,7 +256,7 @@ def _crop_views(
     """Decode each sample and cut two RandomResizedCrops to the output size (uint8 ``[C, S, S]`` each),
     then ``small_crops`` smaller ones to the small size."""
     mode = augment.config.input_mode
-    cutters = [augment, augment] + [small] * (augment.config.small_crops if small else 0)
+    cutters = [augment, augment] + [small] * (augment.config.small_crops if small is not None else 0)
     run_limit = max(1000, 10 * config.batch_size)
     failed_in_a_row = 0
     for sample in samples:

@@ -368,10 +368,12 @@ class Trainer:
 
     def _train_step(self, batch, epoch: int) -> dict[str, float]:
         layout = self.precision.memory_format()
-        view1 = batch.view1.to(self.device, non_blocking=True).contiguous(memory_format=layout)
-        view2 = batch.view2.to(self.device, non_blocking=True).contiguous(memory_format=layout)
-        small = None if batch.small is None else batch.small.to(self.device, non_blocking=True)
-        small = None if small is None else small.contiguous(memory_format=layout)
+
+        def placed(views: torch.Tensor) -> torch.Tensor:
+            return views.to(self.device, non_blocking=True).contiguous(memory_format=layout)
+
+        view1, view2 = placed(batch.view1), placed(batch.view2)
+        small = None if batch.small is None else placed(batch.small)
         with self.precision.autocast():
             out = self.network(
                 view1, view2, small=small, epoch=epoch, progress=self.step / self.total_steps, step=self.step
