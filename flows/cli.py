@@ -138,12 +138,15 @@ def demo(
     table.add_column("measure")
     table.add_column("value", justify="right")
     table.add_row(f"kNN top-1 (key encoder, {report['planned_steps']} steps)", f"{report['knn_top1']:.2%}")
-    table.add_row("linear probe top-1", f"{report['linear_top1']:.2%}")
+    if report.get("linear_top1") is not None:
+        table.add_row("linear probe top-1", f"{report['linear_top1']:.2%}")
     table.add_row(f"recall@10 ({report['index']})", f"{report['recall_at_10']:.3f}")
     console = Console()
     console.print(table)
     if report.get("retrieval"):
-        console.print(_retrieval_table("retrieval on the 10,000 test images, 60,000 training images as memory", [
+        whitened = ", encoder PCA-whitened" if report.get("whitening") == "pca" else ""
+        title = f"retrieval on the 10,000 test images, 60,000 training images as memory{whitened}"
+        console.print(_retrieval_table(title, [
             (name, scores, None) for name, scores in report["retrieval"].items()
         ]))  # fmt: skip
     search = report["search"]
@@ -345,13 +348,31 @@ def evaluate(
     grid: Annotated[
         int | None, typer.Option(min=1, help="Pool the embedding over a grid×grid grid (default: the run's).")
     ] = None,
+    whiten: Annotated[
+        bool | None,
+        typer.Option(
+            "--whiten/--no-whiten",
+            help="PCA-whiten the embedding, fitted on the memory set; baselines are then scored both ways "
+            "(default: the run's model.embedding_whitening).",
+        ),
+    ] = None,
+    linear: Annotated[bool, typer.Option(help="Fit the linear probe (minutes for wide embeddings).")] = True,
 ) -> None:
     """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines."""
     from pipeline.evaluate import evaluate as run_evaluate
 
     names = tuple(name.strip() for name in baselines.split(",") if name.strip())
     result = run_evaluate(
-        run, data, eval_shards, checkpoint=checkpoint, workers=workers, baselines=names, progress=progress, grid=grid
+        run,
+        data,
+        eval_shards,
+        checkpoint=checkpoint,
+        workers=workers,
+        baselines=names,
+        progress=progress,
+        grid=grid,
+        whiten=whiten,
+        linear=linear,
     )
     if as_json:
         typer.echo(json.dumps(result.to_json()))
@@ -359,6 +380,7 @@ def evaluate(
     title = (
         f"{result.checkpoint} (step {result.step}): {result.train_samples:,} images as memory, "
         f"{result.eval_samples:,} held-out queries, cosine similarity"
+        + (", encoders PCA-whitened (fitted on the memory set)" if result.whitening == "pca" else "")
     )
     rows = [
         (f"{name} encoder", scores.retrieval.as_dict(), scores.linear_top1) for name, scores in result.encoders.items()
@@ -368,20 +390,25 @@ def evaluate(
 
 
 def _retrieval_table(title: str, rows: list[tuple[str, dict[str, float], float | None]]) -> Table:
-    """The retrieval suite side by side: one column per feature set (name, scores, linear probe or None).
+    """The retrieval suite side by side: one row per feature set (name, scores, linear probe or None).
 
-    Scores are rows, so four feature sets fit an 80-column terminal or log.
+    Scores are short-headed columns in %, so six feature sets and the probe fit an 80-column terminal or log.
     """
-    from pipeline.retrieval import SCORE_LABELS
+    from pipeline.retrieval import SCORE_HEADERS
 
-    table = Table(title=title)
-    table.add_column("score")
-    for name, _, _ in rows:
-        table.add_column(name, justify="right")
-    for key, label in SCORE_LABELS.items():
-        table.add_row(label, *(f"{scores[key]:.2%}" for _, scores, _ in rows))
-    if any(linear is not None for _, _, linear in rows):
-        table.add_row("linear probe", *("—" if linear is None else f"{linear:.2%}" for _, _, linear in rows))
+    probe = any(linear is not None for _, _, linear in rows)
+    table = Table(
+        title=f"{title} (%)",
+        caption="kNN-200: weighted kNN-200 (τ 0.1) · P@10: precision@10" + (" · linear: linear probe" if probe else ""),
+    )
+    table.add_column("features", no_wrap=True)
+    for header in [*SCORE_HEADERS.values(), *(["linear"] if probe else [])]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for name, scores, linear in rows:
+        values = [f"{scores[key]:.2%}".removesuffix("%") for key in SCORE_HEADERS]
+        if probe:
+            values.append("—" if linear is None else f"{linear:.2%}".removesuffix("%"))
+        table.add_row(name, *values)
     return table
 
 
@@ -418,6 +445,17 @@ def export(
     grid: Annotated[
         int | None, typer.Option(min=1, help="Pool the embedding over a grid×grid grid (default: the run's).")
     ] = None,
+    whiten: Annotated[
+        bool | None,
+        typer.Option(
+            "--whiten/--no-whiten",
+            help="PCA-whiten the embedding in the graph, fitted on --whiten-data (default: the run's "
+            "model.embedding_whitening).",
+        ),
+    ] = None,
+    whiten_data: Annotated[
+        str, typer.Option(help="Shards the whitening is fitted on (default: the run's training shards).")
+    ] = "",
 ) -> None:
     """Export a run's encoder to TorchScript and ONNX with its model.json."""
     from pipeline.export import ExportConfig
@@ -431,6 +469,8 @@ def export(
         calibration=calibration,
         quantize=quantize,
         grid=grid,
+        whiten=whiten,
+        whiten_data=whiten_data,
     )
     result = run_export(run, out, config, progress=progress)
     info = result.model_json
@@ -443,7 +483,7 @@ def export(
     parity = info["parity"]
     typer.echo(
         f"{result.bundle}: {info['encoder']} encoder, uint8 {info['input']['shape']} → float32 "
-        f"[N, {info['output']['dim']}]"
+        f"[N, {info['output']['dim']}]{', PCA-whitened' if info.get('whitening') else ''}"
         f" ({info['precision']}), bundle {info['bundle_hash'][:12]}; parity on {parity['images']} images: "
         f"TorchScript {parity['torchscript_max_abs_diff']:.1e}, ONNX Runtime {parity['onnxruntime_max_abs_diff']:.1e}"
         f" (mean cosine {parity['onnxruntime_mean_cosine']:.5f})"

@@ -44,12 +44,13 @@ def end_to_end(
     nproc: int = 1,
     shares: int = 2,
     baselines: list[str] | None = None,
+    linear_probe: bool = True,
 ) -> dict[str, Any]:
     """Everything under ``out``: shards/, run/, model/, corpus/ (embeddings + index)."""
     root = Path(out)
     trained = pretrain(
         source, str(root / "shards" / "train"), str(root / "run"), str(root / "model"),
-        eval_source, str(root / "shards" / "test"), config, overrides, nproc, baselines,
+        eval_source, str(root / "shards" / "test"), config, overrides, nproc, baselines, linear_probe,
     )  # fmt: skip
     indexed = index_corpus(trained["model"], trained["shards"], str(root / "corpus"), shares=shares)
     smoke = search_smoke(trained["model"], indexed["index"], trained["eval_shards"] or trained["shards"])

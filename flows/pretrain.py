@@ -71,12 +71,26 @@ def train_run(data: str, eval_shards: str | None, run_dir: str, config: str, ove
 
 
 @task
-def evaluate_run(run_dir: str, train_shards: str, eval_shards: str, baselines: list[str]) -> dict[str, Any]:
-    """The retrieval suite and linear probe of both encoders, beside ``baselines`` (pixels, hog), as an artifact."""
+def evaluate_run(
+    run_dir: str, train_shards: str, eval_shards: str, baselines: list[str], linear_probe: bool = True
+) -> dict[str, Any]:
+    """The retrieval suite (and linear probe) of the key encoder (the exported one), beside ``baselines``.
+
+    Written as a Prefect artifact. The run's ``model.embedding_whitening`` decides whether the encoder is
+    whitened, as its export is.
+    """
     from pipeline.evaluate import evaluate
     from pipeline.retrieval import SCORE_LABELS
 
-    result = evaluate(Path(run_dir), train_shards, eval_shards, workers=0, baselines=tuple(baselines)).to_json()
+    result = evaluate(
+        Path(run_dir),
+        train_shards,
+        eval_shards,
+        workers=0,
+        baselines=tuple(baselines),
+        linear=linear_probe,
+        encoders=("key",),
+    ).to_json()
     rows = [
         (f"{name} encoder", scores["retrieval"], scores["linear_top1"]) for name, scores in result["encoders"].items()
     ]
@@ -100,6 +114,7 @@ def evaluate_run(run_dir: str, train_shards: str, eval_shards: str, baselines: l
         "step": result["step"],
         "knn_top1": key["knn_top1"],
         "linear_top1": key["linear_top1"],
+        "whitening": result["whitening"],
         "retrieval": {"key encoder": key["retrieval"], **result["baselines"]},
     }
 
@@ -127,14 +142,16 @@ def pretrain(
     overrides: list[str] | None = None,
     nproc: int = 1,
     baselines: list[str] | None = None,
+    linear_probe: bool = True,
 ) -> dict[str, Any]:
     """Shards from ``source`` (if missing) → a trained run → its evaluation (with held-out shards) → a bundle.
 
-    ``baselines`` (``pixels``, ``hog``) are scored by the same retrieval suite beside the encoder.
+    ``baselines`` (``pixels``, ``hog``) are scored by the same retrieval suite beside the encoder;
+    ``linear_probe=False`` skips the probe (the demo's budget).
     """
     data = ingest_if_missing(source, shards)
     held_out = ingest_if_missing(eval_source, eval_shards) if eval_source and eval_shards else None
     run = train_run(data, held_out, run_dir, config, list(overrides or []), nproc)
-    scores = evaluate_run(run, data, held_out, list(baselines or [])) if held_out else {}
+    scores = evaluate_run(run, data, held_out, list(baselines or []), linear_probe) if held_out else {}
     model = export_run(run, model_dir)
     return {"shards": data, "eval_shards": held_out, "run": run, "model": model, **scores}

@@ -14,12 +14,14 @@ DualView = Literal["none", "symmetric", "key-anchor"]
 Negatives = Literal["all", "topk", "band", "threshold", "debiased", "hard-weighted"]
 KeyBatchNorm = Literal["auto", "shuffle", "sync", "split", "plain"]
 MomentumSchedule = Literal["constant", "cosine"]
+EmbeddingWhitening = Literal["none", "pca"]
 
 ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
 DUAL_VIEWS: tuple[str, ...] = ("none", "symmetric", "key-anchor")
 NEGATIVES: tuple[str, ...] = ("all", "topk", "band", "threshold", "debiased", "hard-weighted")
 KEY_BATCH_NORMS: tuple[str, ...] = ("auto", "shuffle", "sync", "split", "plain")
 MOMENTUM_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
+EMBEDDING_WHITENINGS: tuple[str, ...] = ("none", "pca")
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -98,6 +100,8 @@ class MoCoConfig:
     hidden_dim: int | None = None
     embedding_dim: int = 128
     embedding_grid: int = 1  # the embedding: the backbone's last map pooled to grid × grid (1: global pool)
+    # "pca": evaluate and export whiten the embedding, fitted on the memory (training) set's features
+    embedding_whitening: EmbeddingWhitening = "none"
     head_bn: bool = False
     # key encoder and queue
     queue_size: int = 65536
@@ -124,6 +128,7 @@ class MoCoConfig:
         _require_choice("dual_view", self.dual_view, DUAL_VIEWS)
         _require_choice("key_bn", self.key_bn, KEY_BATCH_NORMS)
         _require_choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
+        _require_choice("embedding_whitening", self.embedding_whitening, EMBEDDING_WHITENINGS)
         if not self.width > 0:  # `not >` also refuses NaN
             raise ValueError(f"width must be > 0; got {self.width}")
         if self.embedding_dim < 1 or (self.hidden_dim is not None and self.hidden_dim < 1) or self.embedding_grid < 1:

@@ -15,7 +15,11 @@ together:
 
 ``baselines`` (``pixels``, ``hog``; `pipeline.baselines`) are scored by the
 same suite on the very images the encoder saw, so the table compares like
-with like.
+with like. With ``whiten`` (the run's ``model.embedding_whitening = "pca"``
+by default) each encoder's features are PCA-whitened, fitted on the memory
+set (`mocoplus.whitening`), as the exported model does; the baselines are
+then scored both as they are and whitened the same way, so the post-processing
+is offered to every feature alike.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from torch.nn import functional as F
 
 from mocoplus import MoCoPlus
 from mocoplus.backbones import GridEmbedding
+from mocoplus.whitening import PcaWhitening
 from pipeline.augment import eval_transform
 from pipeline.baselines import BASELINES, baseline_features
 from pipeline.checkpoints import load_checkpoint, resolve_checkpoint
@@ -44,10 +49,13 @@ ENCODERS = ("query", "key")
 
 @dataclass(frozen=True)
 class EncoderScores:
-    """``knn_top1``: the run's own kNN rule (``eval.knn_k``, ``eval.knn_temperature``), as the monitor scores it."""
+    """``knn_top1``: the run's own kNN rule (``eval.knn_k``, ``eval.knn_temperature``), as the monitor scores it.
+
+    ``linear_top1`` is None when the linear probe was not asked for.
+    """
 
     knn_top1: float
-    linear_top1: float
+    linear_top1: float | None
     retrieval: RetrievalScores
 
 
@@ -59,21 +67,22 @@ class Evaluation:
     eval_samples: int
     encoders: dict[str, EncoderScores]
     baselines: dict[str, RetrievalScores]
+    whitening: str = "none"  # "pca": encoders whitened, and each baseline also scored whitened ("<name>, whitened")
 
     def to_json(self) -> dict[str, object]:
         return asdict(self)
 
 
-class _BothBackbones(nn.Module):
-    """Query and key embeddings side by side: one decode of each image gives both encoders' features."""
+class _Backbones(nn.Module):
+    """The chosen encoders' embeddings side by side: one decode of each image gives all their features."""
 
-    def __init__(self, model: MoCoPlus, grid: int) -> None:
+    def __init__(self, model: MoCoPlus, grid: int, encoders: tuple[str, ...]) -> None:
         super().__init__()
-        self.query = GridEmbedding(model.query_encoder.backbone, grid)
-        self.key = GridEmbedding(model.key_encoder.backbone, grid)
+        backbones = {"query": model.query_encoder.backbone, "key": model.key_encoder.backbone}
+        self.embeddings = nn.ModuleList(GridEmbedding(backbones[name], grid) for name in encoders)
 
     def forward(self, images: Tensor) -> Tensor:
-        return torch.cat([self.query(images), self.key(images)], dim=1)
+        return torch.cat([embedding(images) for embedding in self.embeddings], dim=1)
 
 
 def load_run(run_dir: Path, checkpoint: str = "auto") -> tuple[MoCoPlus, dict, Path]:
@@ -177,22 +186,30 @@ def evaluate(
     baselines: tuple[str, ...] = (),
     progress: bool = True,
     grid: int | None = None,
+    whiten: bool | None = None,
+    linear: bool = True,
+    encoders: tuple[str, ...] = ENCODERS,
 ) -> Evaluation:
     """The retrieval suite, kNN and linear-probe top-1 of both encoders of a run, and of ``baselines``.
 
     ``train_shards`` are the memory and the probe's training set, ``eval_shards`` the queries.
-    ``grid`` overrides the run's ``model.embedding_grid`` (the pooling of the embedding).
+    ``grid`` and ``whiten`` override the run's ``model.embedding_grid`` and ``model.embedding_whitening``;
+    ``linear=False`` skips the linear probe (minutes for wide embeddings on a CPU); ``encoders`` picks
+    ``query`` and/or ``key`` (the exported one).
     """
     unknown = sorted(set(baselines) - set(BASELINES))
     if unknown:
         raise ValueError(f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    if not encoders or set(encoders) - set(ENCODERS) or len(set(encoders)) != len(encoders):
+        raise ValueError(f"encoders must be distinct names from {', '.join(ENCODERS)}; got {encoders}")
     model, state, path = load_run(run_dir, checkpoint)
     config = config_from_dict(state["config"])
+    whitening = whiten if whiten is not None else config.model.embedding_whitening == "pca"
     target = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
     augment = config.augmentation
-    network = _BothBackbones(model, grid or config.model.embedding_grid).to(target)
+    network = _Backbones(model, grid or config.model.embedding_grid, encoders).to(target)
     options = {
         "size": config.data.image_size,
         "mode": augment.input_mode,
@@ -205,29 +222,59 @@ def evaluate(
     with stage_progress(progress) as bar:
         train = _features(network, train_shards, bar=bar, **options)
         test = _features(network, eval_shards, bar=bar, **options)
-        task = bar.task("scoring", total=len(ENCODERS) + len(baselines), unit="feature sets")
+        task = bar.task("scoring", total=len(encoders) + len(baselines), unit="feature sets")
         classes = int(max(train.labels.max(), test.labels.max())) + 1
-        scores = _score_encoders(train, test, config, classes, bar, task)
+        scores = _score_encoders(train, test, config, classes, bar, task, encoders, whiten=whitening, linear=linear)
         baseline_scores = {}
         for name in baselines:
             bar.update(task, status=name)
             bank, queries = baseline_features(name, train.images, test.images)
             baseline_scores[name] = retrieval_scores(bank, train.labels, queries, test.labels, num_classes=classes)
+            if whitening:
+                bank, queries = whitened(bank, queries)
+                baseline_scores[f"{name}, whitened"] = retrieval_scores(
+                    bank, train.labels, queries, test.labels, num_classes=classes
+                )
             bar.advance(task)
         bar.finish(task, status="done")
-    return Evaluation(str(path), int(state["step"]), len(train.labels), len(test.labels), scores, baseline_scores)
+    return Evaluation(
+        str(path),
+        int(state["step"]),
+        len(train.labels),
+        len(test.labels),
+        scores,
+        baseline_scores,
+        "pca" if whitening else "none",
+    )
+
+
+def whitened(bank: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sets PCA-whitened with the map fitted on the memory set ``bank`` (never on the queries)."""
+    whitening = PcaWhitening.fit(bank.split(4096))  # streamed: no float64 copy of the whole memory set
+    return whitening(bank), whitening(queries)
 
 
 def _score_encoders(
-    train: _Split, test: _Split, config, classes: int, bar: StageProgress, task: int
+    train: _Split,
+    test: _Split,
+    config,
+    classes: int,
+    bar: StageProgress,
+    task: int,
+    encoders: tuple[str, ...],
+    *,
+    whiten: bool,
+    linear: bool,
 ) -> dict[str, EncoderScores]:
     """The suite, the run's kNN rule and the linear probe for each encoder (features side by side in one tensor)."""
-    width = train.features.shape[1] // 2
+    width = train.features.shape[1] // len(encoders)
     scores = {}
-    for index, name in enumerate(ENCODERS):
+    for index, name in enumerate(encoders):
         bar.update(task, status=f"{name} encoder")
         part = slice(index * width, (index + 1) * width)
         bank, queries = train.features[:, part], test.features[:, part]
+        if whiten:
+            bank, queries = whitened(bank, queries)
         knn = knn_top1(
             bank,
             train.labels,
@@ -237,8 +284,8 @@ def _score_encoders(
             k=config.eval.knn_k,
             temperature=config.eval.knn_temperature,
         )
-        linear = linear_probe(bank, train.labels, queries, test.labels)
+        probe = linear_probe(bank, train.labels, queries, test.labels) if linear else None
         suite = retrieval_scores(bank, train.labels, queries, test.labels, num_classes=classes)
-        scores[name] = EncoderScores(knn, linear, suite)
+        scores[name] = EncoderScores(knn, probe, suite)
         bar.advance(task)
     return scores

@@ -16,6 +16,12 @@ images, and the training normalisation itself; it returns
 resized by the policy `serving.images.fit_square` implements (shorter side to
 H, bilinear, centre crop), which `model.json` spells out.
 
+With whitening (``--whiten``, or the run's ``model.embedding_whitening =
+"pca"``) the graph also holds a PCA whitening of the features before the L2
+normalisation, fitted at export on the training shards through this very
+graph's preprocessing and backbone (`mocoplus.whitening`); ``model.json``
+says what it was fitted on.
+
 Before the bundle appears, torch eager, TorchScript and ONNX Runtime embed
 the same real images (the run's held-out shards, or ``--calibration``) at
 several batch sizes; a difference above the tolerance (1e-4) fails the export
@@ -39,12 +45,13 @@ from torch.nn import functional as F
 
 from mocoplus.backbones import GridEmbedding
 from mocoplus.heads import Encoder
+from mocoplus.whitening import CovarianceAccumulator, PcaWhitening, WhiteningConfig
 from pipeline.artifacts import TEMP_PREFIX, building_dir, package_version, reusable_output, sha256_file
 from pipeline.augment import AugmentConfig
 from pipeline.checkpoints import resolve_checkpoint
 from pipeline.data import EvalStream, StreamConfig
 from pipeline.evaluate import load_run
-from pipeline.progress import stage_progress
+from pipeline.progress import StageProgress, stage_progress
 from pipeline.quantize import quantize_int8
 from pipeline.run_config import config_from_dict
 from serving.bundle import (
@@ -83,6 +90,9 @@ class ExportConfig:
     min_cosine: float = 0.99  # int8: least mean cosine to eager fp32
     name: str = ""  # default: the run folder's name
     grid: int | None = None  # embedding pooling grid; default: the run's model.embedding_grid
+    whiten: bool | None = None  # PCA-whiten the embedding; default: the run's model.embedding_whitening == "pca"
+    whiten_data: str = ""  # shards the whitening is fitted on; default: the run's training shards
+    whiten_images: int = 0  # fit on at most this many images (0: all of them)
 
     def __post_init__(self) -> None:
         if self.encoder not in ("key", "query") or self.head not in ("none", "projection"):
@@ -93,6 +103,8 @@ class ExportConfig:
             raise ValueError(f"need parity_images >= {max(PARITY_BATCH_SIZES)} and tolerance > 0")
         if self.quantize not in ("none", "int8") or self.calibration_images < 1 or not 0 < self.min_cosine <= 1:
             raise ValueError(f"quantize must be none or int8, calibration_images >= 1, 0 < min_cosine <= 1; got {self}")
+        if self.whiten_images < 0 or (self.whiten and self.head == "projection"):
+            raise ValueError("whiten_images must be >= 0, and whitening applies to backbone features (head none)")
 
     @property
     def precision(self) -> str:
@@ -105,7 +117,8 @@ class EmbeddingModel(nn.Module):
     ``augment`` says what training fed the network: for gray-trained models
     the RGB input is reduced to luma (exact for gray images, whose three
     channels are equal) and replicated to the network's channels; then the
-    training mean and std.
+    training mean and std. ``whitening`` (fitted on `features`) maps the
+    features before the normalisation.
     """
 
     def __init__(self, encoder: Encoder, augment: AugmentConfig, *, projection: bool, grid: int = 1) -> None:
@@ -119,16 +132,41 @@ class EmbeddingModel(nn.Module):
         self.register_buffer("luma", torch.tensor(LUMA_WEIGHTS).view(1, 3, 1, 1))
         self.register_buffer("mean", torch.tensor(augment.mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(augment.std).view(1, -1, 1, 1))
+        self.whitening: PcaWhitening | None = None
 
-    def forward(self, images: Tensor) -> Tensor:
+    def features(self, images: Tensor) -> Tensor:
+        """The network's features of uint8 RGB images, before whitening and normalisation."""
         x = images.permute(0, 3, 1, 2).float() / 255.0
         if self.gray:
             x = (x * self.luma).sum(dim=1, keepdim=True).expand(-1, self.channels, -1, -1)
         x = (x - self.mean) / self.std
         features = self.backbone(x)
-        if self.head is not None:
-            features = self.head(features)
+        return features if self.head is None else self.head(features)
+
+    def forward(self, images: Tensor) -> Tensor:
+        features = self.features(images)
+        if self.whitening is not None:
+            features = self.whitening(features)
         return F.normalize(features, dim=1)
+
+
+def fit_whitening(
+    model: EmbeddingModel, shards: str, size: int, limit: int, bar: StageProgress, config: WhiteningConfig
+) -> tuple[PcaWhitening, int]:
+    """PCA whitening of ``model``'s features over (the first ``limit`` or all) images of ``shards``."""
+    stream = EvalStream(shards, size, "RGB", StreamConfig(batch_size=256, workers=2), rank=0, world_size=1)
+    total = min(limit, stream.shards.samples) if limit else stream.shards.samples
+    task = bar.task("whitening", total=total, unit="images")
+    accumulator = CovarianceAccumulator()
+    with torch.no_grad():
+        for batch in stream:
+            images = batch.images.permute(0, 2, 3, 1)[: total - accumulator.count]
+            accumulator.add(model.features(images.contiguous()))
+            bar.advance(task, len(images))
+            if accumulator.count >= total:
+                break
+    bar.finish(task, status=f"fitted on {accumulator.count:,} images")
+    return PcaWhitening.from_accumulator(accumulator, config), accumulator.count
 
 
 @dataclass(frozen=True)
@@ -233,7 +271,9 @@ def _strip_stack_traces(path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _contract(augment: AugmentConfig, size: int, dim: int, config: ExportConfig) -> dict[str, Any]:
+def _contract(
+    augment: AugmentConfig, size: int, dim: int, config: ExportConfig, whitening: dict[str, Any] | None
+) -> dict[str, Any]:
     """The part of ``model.json`` that defines the embedding function (and so the bundle hash)."""
     return {
         "input": {
@@ -255,6 +295,7 @@ def _contract(augment: AugmentConfig, size: int, dim: int, config: ExportConfig)
             "std": list(augment.std),
         },
         "output": {"name": OUTPUT_NAME, "dtype": "float32", "dim": dim, "normalized": "l2"},
+        "whitening": whitening,  # None, or the PCA whitening before the normalisation and what it was fitted on
         "encoder": config.encoder,
         "head": config.head,
         "opset": config.opset,
@@ -306,6 +347,9 @@ def export(
     encoder = moco.key_encoder if config.encoder == "key" else moco.query_encoder
     grid = config.grid or (1 if config.head == "projection" else run_config.model.embedding_grid)
     model = EmbeddingModel(encoder, augment, projection=config.head == "projection", grid=grid).eval()
+    whiten = config.whiten
+    if whiten is None:
+        whiten = config.head == "none" and run_config.model.embedding_whitening == "pca"
     size = run_config.data.image_size
     images = parity_images(
         config.calibration or run_config.data.eval_queries or run_config.data.train, size, config.parity_images
@@ -315,6 +359,17 @@ def export(
         calibration = parity_images(config.calibration or run_config.data.train, size, config.calibration_images)
 
     with building_dir(out_dir) as work, stage_progress(progress) as bar:
+        whitening = None
+        if whiten:
+            fitted_on, whitening_config = config.whiten_data or run_config.data.train, WhiteningConfig()
+            model.whitening, fitted = fit_whitening(model, fitted_on, size, config.whiten_images, bar, whitening_config)
+            whitening = {
+                "method": "pca",
+                **asdict(whitening_config),
+                "input_dim": model.whitening.in_dim,
+                "fitted_on": fitted_on,
+                "images": fitted,
+            }
         task = bar.task("export", total=2, unit="steps")
         bar.update(task, status="TorchScript and ONNX" + (", int8 calibration" if calibration is not None else ""))
         example = torch.from_numpy(images[:2])
@@ -322,7 +377,7 @@ def export(
         bar.update(task, completed=1, status=f"parity on {len(images)} images")
         with torch.no_grad():
             dim = int(model(example).shape[1])
-        contract = _contract(augment, size, dim, config)
+        contract = _contract(augment, size, dim, config, whitening)
         info: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
             "name": config.name or run_dir.resolve().name,

@@ -49,6 +49,8 @@ SCORE_LABELS = {
     "nn20": "20-NN",
     "precision_at_10": "precision@10",
 }
+# column headers where many feature sets share one 80-column table
+SCORE_HEADERS = {"weighted_knn200": "kNN-200", "nn1": "1-NN", "nn5": "5-NN", "nn20": "20-NN", "precision_at_10": "P@10"}
 
 
 def majority_vote(neighbour_labels: Tensor, num_classes: int) -> Tensor:

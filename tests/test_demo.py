@@ -17,7 +17,9 @@ from flows.cli import app
 def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path):
     """As a user runs it: a fresh process on Prefect's ephemeral API (its own PREFECT_HOME)."""
     out = tmp_path / "demo"
-    overrides = [argument for override in TINY for argument in ("--set", override)]
+    # the tiny network, with the preset's whitened embedding (fitted at export on all the training images)
+    tiny = [*TINY, "model.embedding_whitening=pca"]
+    overrides = [argument for override in tiny for argument in ("--set", override)]
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect")}
     env.pop("PREFECT_SERVER_ANALYTICS_ENABLED", None)  # the demo turns telemetry off itself
     # a 1-minute budget is below what the stages after training need: the plan falls back to one step
@@ -29,9 +31,13 @@ def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path
     assert 0 <= report["knn_top1"] <= 1 and report["recall_at_10"] >= 0.95
     assert report["search"]["query"].startswith("test") and len(report["search"]["neighbours"]) == 5
     assert all((out / name).exists() for name in ("shards/train", "shards/test", "run", "model", "corpus/index"))
-    for text in ("kNN top-1", "recall@10", "search: test", "weighted kNN-200", "key encoder", "pixels", "hog"):
+    for text in ("kNN top-1", "recall@10", "search: test", "kNN-200", "P@10", "key encoder", "pixels", "hog"):
         assert text in result.stdout
-    assert set(report["retrieval"]) == {"key encoder", "pixels", "hog"}
+    assert set(report["retrieval"]) == {"key encoder", "pixels", "pixels, whitened", "hog", "hog, whitened"}
+    assert report["whitening"] == "pca" and "PCA-whitened" in result.stdout and "linear probe" not in result.stdout
+    model = json.loads((out / "model" / "model.json").read_text())
+    written = json.loads((out / "shards" / "train" / "manifest.json").read_text())["counts"]["written"]
+    assert model["whitening"]["images"] == written and model["whitening"]["fitted_on"].endswith("shards/train")
     for stage in ("demo: 1/3 ingest", "demo: 2/3 calibration", "demo: 3/3 the end-to-end flow", "demo: done"):
         assert stage in result.stderr
     assert "telemetry" not in result.stderr.lower()

@@ -119,6 +119,33 @@ def test_a_grid_pooled_embedding_is_exported_with_its_dimension_and_parity(bundl
         export(trained_run, tmp_path / "bad", ExportConfig(parity_images=64, head="projection", grid=2))
 
 
+def test_a_whitened_embedding_matches_a_naive_pca_whitening_of_the_training_features(
+    bundle, trained_run, fashion_shards, tmp_path, images
+):
+    """Naive reference: eager features of all training images → numpy covariance and eigh → whiten → normalise."""
+    export(trained_run, tmp_path / "white", ExportConfig(parity_images=64, grid=2, whiten=True))
+    info = read_info(tmp_path / "white")
+    assert info["whitening"]["method"] == "pca" and info["whitening"]["images"] == 600
+    assert info["whitening"]["fitted_on"] == str(fashion_shards)
+    assert info["parity"]["onnxruntime_max_abs_diff"] <= 1e-4
+    assert read_info(bundle)["whitening"] is None
+    model, _, _ = load_run(trained_run)
+    eager = EmbeddingModel(model.key_encoder, tiny_config(Path("unused")).augmentation, projection=False, grid=2)
+    with torch.no_grad():
+        train_features = eager.eval().features(torch.from_numpy(parity_images(str(fashion_shards), 28, 10_000)))
+        query_features = eager.features(torch.from_numpy(images)).double().numpy()
+    bank = train_features.double().numpy()
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(bank, rowvar=False, bias=True))
+    kept = eigenvalues > 1e-6 * eigenvalues.max()
+    whitened = (query_features - bank.mean(axis=0)) @ eigenvectors[:, kept] / np.sqrt(eigenvalues[kept])
+    reference = whitened / np.linalg.norm(whitened, axis=1, keepdims=True)
+    ours = ModelBundle(tmp_path / "white").embed(images)
+    assert ours.shape == (len(images), int(kept.sum())) == (len(images), info["output"]["dim"])
+    np.testing.assert_allclose(ours @ ours.T, reference @ reference.T, atol=2e-3)  # eigenvector signs are free
+    with pytest.raises(ValueError, match="head none"):
+        ExportConfig(whiten=True, head="projection")
+
+
 @pytest.mark.parametrize(
     ("batch", "message"),
     [
