@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from pipeline.ingest import IngestConfig, ingest
+from pipeline.data.ingest import IngestConfig, ingest
 
 PRESET = "fashion-mnist-cpu"
 
@@ -70,7 +70,7 @@ def measure_ingest(source: str, out: Path, workers: int, **options: object) -> d
 
 def measure_stream(shards: Path, workers: int, batches: int, batch_size: int) -> float:
     """Images/s of two-view batches, after the first two batches (worker start-up) are out."""
-    from pipeline.data import StreamConfig, TrainStream
+    from pipeline.data.streams import StreamConfig, TrainStream
 
     stream = TrainStream(shards, _preset().augmentation, StreamConfig(batch_size=batch_size, workers=workers))
     iterator = iter(stream.epoch(0))
@@ -84,7 +84,7 @@ def measure_stream(shards: Path, workers: int, batches: int, batch_size: int) ->
 
 def _preset():
     """The `fashion-mnist-cpu` preset: the demo's model and augmentation."""
-    from pipeline.run_config import load_config
+    from pipeline.train.run_config import load_config
 
     return load_config(PRESET, [])
 
@@ -94,8 +94,8 @@ class TrainStep:
 
     def __init__(self) -> None:
         from mocoplus import MoCoPlus
-        from pipeline.optim import build_optimizer
-        from pipeline.precision import resolve_precision
+        from pipeline.train.optim import build_optimizer
+        from pipeline.train.precision import resolve_precision
 
         config = _preset()
         self.precision = resolve_precision(config.train.precision)
@@ -113,7 +113,7 @@ class TrainStep:
 
 def measure_training(shards: Path, steps: int, batch_size: int, workers: int) -> tuple[float, float, str]:
     """Training images/s on one fixed batch, and fed live by the stream; both after a warm-up step."""
-    from pipeline.data import StreamConfig, TrainStream
+    from pipeline.data.streams import StreamConfig, TrainStream
 
     step = TrainStep()
     stream = TrainStream(shards, _preset().augmentation, StreamConfig(batch_size=batch_size, workers=workers))

@@ -10,7 +10,7 @@ side in one process, round-robin per repeat so machine load hits both alike:
    shard set; it includes loading the bundle and starting the workers, as a
    real run does. After the warm-up the shards sit in the page cache, so this
    is decode-bound, not disk-bound.
-2. ``model_only``: `serving.bundle.ModelBundle.embed` on images decoded once up
+2. ``model_only``: `artifacts.model_bundle.ModelBundle.embed` on images decoded once up
    front the way `embed` decodes them (`decode_sample` + `fit_square`), in
    batches of the same size and with the same ONNX Runtime threads: the ceiling.
 
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import numpy as np
 
-    from serving.bundle import ModelBundle
+    from artifacts.model_bundle import ModelBundle
 
 # torch, ONNX Runtime and the pipeline load inside the functions that need them: embed's
 # data-loader workers may be spawned, and a spawned worker re-imports this script (as any `__main__`).
@@ -60,9 +60,9 @@ def decode_images(shards: str, size: int, limit: int | None) -> np.ndarray:
     import numpy as np
     import webdataset as wds
 
-    from pipeline.data import decode_sample
-    from pipeline.shards import resolve_shards
-    from serving.images import DEFAULT_MAX_PIXELS, InvalidImageError, fit_square
+    from artifacts.images import DEFAULT_MAX_PIXELS, InvalidImageError, fit_square
+    from artifacts.shard_set import resolve_shards
+    from pipeline.data.streams import decode_sample
 
     images: list[np.ndarray] = []
     for url in resolve_shards(shards).urls:
@@ -81,7 +81,7 @@ def decode_images(shards: str, size: int, limit: int | None) -> np.ndarray:
 
 def end_to_end(model: Path, shards: str, config: Any) -> tuple[float, int]:
     """Seconds for one full `embed` run into a fresh temp folder, and the samples it embedded."""
-    from pipeline.embed import embed
+    from pipeline.embed.embed import embed
 
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as out:
         start = time.perf_counter()
@@ -133,9 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="cap on the images decoded for model-only")
     args = parser.parse_args(argv)
 
-    from pipeline.embed import EmbedConfig
-    from pipeline.shards import resolve_shards
-    from serving.bundle import ModelBundle
+    from artifacts.model_bundle import ModelBundle
+    from artifacts.shard_set import resolve_shards
+    from pipeline.embed.config import EmbedConfig
 
     config = EmbedConfig(batch_size=args.batch_size, workers=args.workers, threads=args.threads)
     shard_count = len(resolve_shards(args.data).urls)

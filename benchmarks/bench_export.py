@@ -7,7 +7,7 @@ all alike, the median of ``--repeats`` calls at each batch size:
 - ``torch_fp32``: eager PyTorch, fp32 (the model with its in-graph preprocessing);
 - ``torch_bf16``: eager PyTorch, bf16 autocast + channels_last (where the CPU has native bf16);
 - ``torchscript``: the bundle's ``encoder.pt``;
-- ``onnxruntime_fp32`` / ``onnxruntime_int8``: the bundles through `serving.bundle.ModelBundle`.
+- ``onnxruntime_fp32`` / ``onnxruntime_int8``: the bundles through `artifacts.model_bundle.ModelBundle`.
 
 Also reports FLOPs per image (torch's FLOP counter, 2 per multiply-add) and
 each variant's share of this CPU's fp32 GEMM peak, measured here with a
@@ -39,14 +39,14 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from artifacts.model_bundle import TORCHSCRIPT_FILE, ModelBundle
 from mocoplus import MoCoPlus
-from pipeline.checkpoints import save_checkpoint
-from pipeline.evaluate import load_run
-from pipeline.export import EmbeddingModel, ExportConfig, export, parity_images
-from pipeline.knn import knn_top1
-from pipeline.precision import resolve_precision
-from pipeline.run_config import config_from_dict, load_config
-from serving.bundle import TORCHSCRIPT_FILE, ModelBundle
+from pipeline.evaluate.knn import knn_top1
+from pipeline.export.config import ExportConfig
+from pipeline.export.export import EmbeddingModel, export, parity_images
+from pipeline.train.checkpoints import load_run, save_checkpoint
+from pipeline.train.precision import resolve_precision
+from pipeline.train.run_config import config_from_dict, load_config
 
 
 def untrained_run(preset: str, overrides: list[str], folder: Path) -> Path:
@@ -104,7 +104,7 @@ def variants(model: torch.nn.Module, folder: Path) -> dict[str, Callable[[np.nda
 
 
 def embed_all(function: Callable[[np.ndarray], np.ndarray], shards: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.data import EvalStream, StreamConfig
+    from pipeline.data.streams import EvalStream, StreamConfig
 
     stream = EvalStream(shards, size, "RGB", StreamConfig(batch_size=256, workers=2), rank=0, world_size=1)
     vectors, labels = [], []

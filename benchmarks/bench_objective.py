@@ -47,7 +47,7 @@ from torch.nn import functional as F
 from mocoplus import MoCoConfig, MoCoPlus
 from mocoplus.config import NEGATIVES, NegativeSampling
 from mocoplus.losses import contrastive_loss
-from pipeline.precision import bf16_is_native, resolve_precision
+from pipeline.train.precision import bf16_is_native, resolve_precision
 
 SELECTION_BUDGET = 0.10  # the issue's target: selection adds at most 10% to a step
 REFERENCE_BATCH = 256  # the batch the objective is always timed at, whatever the step batch
@@ -139,7 +139,7 @@ def summarise(samples_ms: Sequence[float]) -> dict[str, float | int]:
 def resolve_step_precision(settings: Settings, device: torch.device) -> tuple[torch.dtype, bool, dict[str, object]]:
     """(autocast dtype, channels_last, detection report) for the training step, as the trainer picks them.
 
-    ``auto`` is `pipeline.precision`'s rule: bf16 autocast + channels_last where
+    ``auto`` is `pipeline.train.precision`'s rule: bf16 autocast + channels_last where
     bf16 is native on the device (detected through oneDNN / CUDA), else fp32.
     """
     precision = resolve_precision(settings.step_dtype, device)
@@ -148,7 +148,7 @@ def resolve_step_precision(settings: Settings, device: torch.device) -> tuple[to
     report = {
         "bf16_native": bf16_is_native(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "decided_by": "pipeline.precision.resolve_precision",
+        "decided_by": "pipeline.train.precision.resolve_precision",
     }
     return dtype, channels_last, report
 

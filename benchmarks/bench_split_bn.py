@@ -19,7 +19,7 @@ import time
 import torch
 
 from mocoplus import MoCoConfig, MoCoPlus
-from pipeline.precision import resolve_precision
+from pipeline.train.precision import resolve_precision
 
 
 def make_step(key_bn: str, batch: int, precision_name: str):

@@ -42,9 +42,9 @@ import torch
 from lightly_peer import lightly_moco_step  # benchmarks/ is the script's folder, first on sys.path
 
 from mocoplus import MoCoPlus
-from pipeline.optim import build_optimizer
-from pipeline.precision import resolve_precision
-from pipeline.run_config import load_config
+from pipeline.train.optim import build_optimizer
+from pipeline.train.precision import resolve_precision
+from pipeline.train.run_config import load_config
 
 
 def make_step(variant: str, preset: str, batch: int):

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
 
-from pipeline.artifacts import package_version
+from artifacts.atomic import package_version
 
 EXPECTED_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError)
 
@@ -127,7 +127,7 @@ def demo(
 ) -> None:
     """Ingest, pretrain, evaluate, export, embed, index and search Fashion-MNIST on the CPU (the end-to-end flow)."""
     from flows.demo import DemoConfig, run_demo
-    from pipeline.fashion_mnist import CLASS_NAMES
+    from pipeline.data.fashion_mnist import CLASS_NAMES
 
     report = run_demo(out, DemoConfig(minutes=minutes, overrides=overrides or []))
 
@@ -208,8 +208,8 @@ def ingest(
     progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
 ) -> None:
     """Write images as WebDataset shards with a manifest; bad inputs are skipped and listed, never fatal."""
-    from pipeline.ingest import IngestConfig
-    from pipeline.ingest import ingest as run_ingest
+    from pipeline.data.ingest import IngestConfig
+    from pipeline.data.ingest import ingest as run_ingest
 
     settings = {"workers": workers} if workers is not None else {}
     config = IngestConfig(
@@ -257,7 +257,7 @@ def verify(
     progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
 ) -> None:
     """Check every shard's sha256 and count against the manifest and decode every sample."""
-    from pipeline.verify import verify as run_verify
+    from pipeline.data.verify import verify as run_verify
 
     report = run_verify(shards, quick=quick, progress=progress)
     for problem in report.problems:
@@ -302,9 +302,9 @@ def train(
     ] = True,
 ) -> None:
     """Pretrain MoCoPlus on shards: one CPU/GPU, or every process of a torchrun launch."""
-    from pipeline.run_config import load_config, with_data
-    from pipeline.train import CONFIG_NAME
-    from pipeline.train import train as run_train
+    from pipeline.train.run_config import load_config, with_data
+    from pipeline.train.trainer import CONFIG_NAME
+    from pipeline.train.trainer import train as run_train
 
     spec = config if config or not resume else str(out / CONFIG_NAME)
     if resume and not config and not (out / CONFIG_NAME).is_file():
@@ -347,7 +347,7 @@ def evaluate(
     ] = None,
 ) -> None:
     """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines."""
-    from pipeline.evaluate import evaluate as run_evaluate
+    from pipeline.evaluate.evaluate import evaluate as run_evaluate
 
     names = tuple(name.strip() for name in baselines.split(",") if name.strip())
     result = run_evaluate(
@@ -372,7 +372,7 @@ def _retrieval_table(title: str, rows: list[tuple[str, dict[str, float], float |
 
     Scores are rows, so four feature sets fit an 80-column terminal or log.
     """
-    from pipeline.retrieval import SCORE_LABELS
+    from pipeline.evaluate.retrieval import SCORE_LABELS
 
     table = Table(title=title)
     table.add_column("score")
@@ -420,8 +420,8 @@ def export(
     ] = None,
 ) -> None:
     """Export a run's encoder to TorchScript and ONNX with its model.json."""
-    from pipeline.export import ExportConfig
-    from pipeline.export import export as run_export
+    from pipeline.export.config import ExportConfig
+    from pipeline.export.export import export as run_export
 
     config = ExportConfig(
         checkpoint=checkpoint,
@@ -477,8 +477,8 @@ def embed(
     progress: Annotated[bool, typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")] = True,
 ) -> None:
     """Embed a shard set with a model bundle."""
-    from pipeline.embed import EmbedConfig
-    from pipeline.embed import embed as run_embed
+    from pipeline.embed.embed import embed as run_embed
+    from pipeline.embed.config import EmbedConfig
 
     config = EmbedConfig(
         batch_size=batch_size,
@@ -526,8 +526,8 @@ def build_index(
     as_json: Annotated[bool, typer.Option("--json", help="Print index.json instead of a summary.")] = False,
 ) -> None:
     """Build, tune and write a FAISS index for an embedding set."""
-    from pipeline.index import IndexConfig
-    from pipeline.index import build_index as run_index
+    from pipeline.index.build import build_index as run_index
+    from pipeline.index.config import IndexConfig
 
     config = IndexConfig(
         kind=kind,
@@ -585,9 +585,9 @@ def search(
     """Search an index with images, keys or vectors."""
     import numpy as np
 
-    from serving.bundle import ModelBundle
-    from serving.index import IndexBundle
-    from serving.queries import resolve_queries
+    from artifacts.index_bundle import IndexBundle
+    from artifacts.model_bundle import ModelBundle
+    from pipeline.search import resolve_queries
 
     bundle = ModelBundle(model, provider=provider)
     searcher = IndexBundle(index, gpu=gpu)
@@ -673,10 +673,10 @@ def serve(
     """Serve the embedding and search API."""
     import uvicorn
 
+    from serving.app import CONFIG_ENV, Service, ServiceConfig, config_to_json, create_app
     from serving.batcher import BatcherConfig
     from serving.payloads import Limits
     from serving.protocol import ConnectionLimits, protocol_factory
-    from serving.service import CONFIG_ENV, Service, ServiceConfig, config_to_json, create_app
 
     limits = _given(
         max_images=max_images,
@@ -711,7 +711,7 @@ def serve(
         uvicorn.run(create_app(config, service), **options)
         return
     os.environ[CONFIG_ENV] = config_to_json(config)  # checked above; each worker process loads its own copy
-    uvicorn.run("serving.service:app_from_env", factory=True, workers=workers, **options)
+    uvicorn.run("serving.app:app_from_env", factory=True, workers=workers, **options)
 
 
 flows_app = typer.Typer(

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import prepare_out_dir, write_json_atomic
+from artifacts.atomic import prepare_out_dir, write_json_atomic
 
 # after the planned steps: final kNN ≈ 20 s, evaluate with the pixel and HOG baselines 140 s, export 10 s,
 # embed 60k 38 s, index 5 s, search and Prefect ≈ 5 s — 218 s measured on 2 cores, plus margin
@@ -41,8 +41,8 @@ class DemoConfig:
 
 def plan_steps(shards: Path, config: DemoConfig, seconds: float) -> tuple[int, float]:
     """Training steps that fit ``seconds`` on this machine (≥ 1), and the measured images/s."""
-    from pipeline.run_config import load_config, with_data
-    from pipeline.train import train
+    from pipeline.train.run_config import load_config, with_data
+    from pipeline.train.trainer import train
 
     run_config = with_data(load_config(config.config, [*config.overrides, f"train.max_steps={CALIBRATION_STEPS}"]),
                            train=str(shards), eval_queries="")  # fmt: skip

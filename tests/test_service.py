@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from processes import free_port, stop
 
+from artifacts.index_bundle import INDEX_JSON
+from serving.app import Service, ServiceConfig, create_app
 from serving.batcher import BatcherConfig, MicroBatcher, QueueFullError
-from serving.index import INDEX_JSON
 from serving.payloads import Limits
-from serving.service import Service, ServiceConfig, create_app
 
 
 def make_client(bundle: Path, index: Path | None, *, raise_server_exceptions: bool = True, **overrides) -> TestClient:

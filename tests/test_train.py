@@ -15,9 +15,9 @@ import torch
 from datasets import noise_image
 from test_data import _png, write_shard
 
-from pipeline.checkpoints import load_checkpoint, resolve_checkpoint
-from pipeline.run_config import load_config, with_data
-from pipeline.train import Trainer, state_fingerprint, train
+from pipeline.train.checkpoints import load_checkpoint, resolve_checkpoint
+from pipeline.train.run_config import load_config, with_data
+from pipeline.train.trainer import Trainer, state_fingerprint, train
 
 BIN = Path(sys.executable).parent
 TINY = [
