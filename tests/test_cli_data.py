@@ -12,7 +12,7 @@ from datasets import write_image
 from typer.testing import CliRunner, Result
 
 from artifacts.shard_set import MANIFEST_NAME, read_manifest
-from flows.cli import app
+from flows.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-progress", "--workers", "1"]

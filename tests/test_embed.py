@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from artifacts.embedding_set import EMBEDDINGS_MANIFEST as MANIFEST
 from artifacts.embedding_set import part_name
 from artifacts.model_bundle import ModelBundle
-from flows.cli import app
+from flows.cli.main import app
 from pipeline.data.streams import EvalStream, StreamConfig
 from pipeline.embed.config import EmbedConfig
 from pipeline.embed.embed import embed

@@ -9,7 +9,7 @@ import torch
 from test_train import tiny_config
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 from pipeline.evaluate.evaluate import evaluate, linear_probe
 from pipeline.train.trainer import train
 

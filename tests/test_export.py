@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 
 from artifacts.atomic import TEMP_PREFIX, sha256_file
 from artifacts.model_bundle import MODEL_JSON, ONNX_FILE, TORCHSCRIPT_FILE, BundleError, ModelBundle, bundle_hash
-from flows.cli import app
+from flows.cli.main import app
 from pipeline.data.augment import eval_transform
 from pipeline.data.streams import EvalStream, StreamConfig
 from pipeline.export.config import ExportConfig

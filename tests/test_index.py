@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from artifacts.embedding_set import EmbeddingSet, EmbeddingSetError, write_embedding_set
 from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
 from artifacts.model_bundle import ModelBundle
-from flows.cli import app
+from flows.cli.main import app
 from pipeline.embed.config import EmbedConfig
 from pipeline.embed.embed import embed
 from pipeline.index.build import build_index

@@ -40,7 +40,7 @@ def dying(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return result
 setattr(module, function_name, dying)
-from flows.cli import app
+from flows.cli.main import app
 app(sys.argv[4:])
 """
 

@@ -364,7 +364,7 @@ def test_two_worker_processes_serve_the_same_embeddings(bundle, corpus):
 def test_serve_refuses_cuda_it_cannot_have_before_listening(bundle):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", "--model", str(bundle), "--provider", "cuda", "--port", "1"])
     assert result.exit_code == 1 and "provider 'cuda' asked for" in result.stderr

@@ -214,7 +214,7 @@ def test_state_fingerprint_sees_weights_and_queue_but_not_bn_statistics(fashion_
 def test_train_cli_errors_are_one_line(fashion_shards, tmp_path, args, message):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli.main import app
 
     (tmp_path / "run").mkdir()
     base = ["train", "--data", str(fashion_shards), "--out", str(tmp_path / "run"), "--no-progress"]
@@ -227,7 +227,7 @@ def test_train_cli_errors_are_one_line(fashion_shards, tmp_path, args, message):
 def test_train_cli_needs_training_shards(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli.main import app
 
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "--config", "fashion-mnist-cpu"])
     assert result.exit_code == 1 and "no training shards" in result.stderr
