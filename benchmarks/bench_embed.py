@@ -27,16 +27,14 @@ decoded for model-only (for shard sets too big to hold decoded in memory).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from harness import emit, environment, time_once  # benchmarks/ is the script's folder, first on sys.path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,12 +45,6 @@ if TYPE_CHECKING:
 # data-loader workers may be spawned, and a spawned worker re-imports this script (as any `__main__`).
 
 TARGET_RATIO = 0.85
-
-
-def _seconds(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def decode_images(shards: str, size: int, limit: int | None) -> np.ndarray:
@@ -106,22 +98,6 @@ def summary(times: list[float], images: int) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    import onnxruntime
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cores_available": cores,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "load_average": os.getloadavg(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a bundle from `mocoplus export`")
@@ -139,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = EmbedConfig(batch_size=args.batch_size, workers=args.workers, threads=args.threads)
     shard_count = len(resolve_shards(args.data).urls)
-    bundle_load_s = _seconds(lambda: ModelBundle(args.model, threads=args.threads))
+    bundle_load_s = time_once(lambda: ModelBundle(args.model, threads=args.threads))
     bundle = ModelBundle(args.model, threads=args.threads)
     images = decode_images(args.data, bundle.size, args.limit)
 
@@ -176,15 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             "width": source.get("width"),
             "bundle_load_s": bundle_load_s,
         },
-        "machine": machine(),
+        "environment": environment(),
         "end_to_end": e2e,
         "model_only": model,
         "end_to_end_over_model_only": ratio,
         "target_ratio": TARGET_RATIO,
         "target_met": ratio >= TARGET_RATIO,
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    emit(report)
     return 0
 
 

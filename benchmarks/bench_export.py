@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import emit, environment, load_average, time_once  # benchmarks/ is the script's folder, first on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
 from artifacts.model_bundle import TORCHSCRIPT_FILE, ModelBundle
@@ -62,14 +59,8 @@ def gemm_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     """This CPU's fp32 matmul throughput (FLOP/s): the ceiling the convolutions are measured against."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    best = min(time_once(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best
-
-
-def _seconds(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def flops_per_image(model: torch.nn.Module, image: torch.Tensor) -> int:
@@ -146,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name](images[:batch])  # warm-up: kernel selection, first allocations
         for _ in range(args.repeats):
             for (name, batch), times in seconds.items():
-                times.append(_seconds(lambda name=name, batch=batch: runs[name](images[:batch])))
+                times.append(time_once(lambda name=name, batch=batch: runs[name](images[:batch])))
         results: dict[str, dict[str, object]] = {name: {} for name in runs}
         for (name, batch), times in seconds.items():
             per_second = batch / statistics.median(times)
@@ -176,16 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "export",
         "command": "python benchmarks/bench_export.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
+        "environment": environment(),
         "torch": torch.__version__,
         "network": {"arch": config.model.arch, "width": config.model.width, "image_size": size},
         "flops_per_image": flops,
         "fp32_gemm_peak_gflops": peak / 1e9,
         "variants": results,
-        "load_average": os.getloadavg(),
+        "load_average": load_average(),
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    emit(report)
     return 0
 
 

@@ -23,9 +23,6 @@ Prints one JSON object. ``speedup`` is each index's QPS over exact search's.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +30,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+from harness import emit, environment  # benchmarks/ is the script's folder, first on sys.path
 
 from artifacts.embedding_set import EmbeddingSet, write_embedding_set
 from artifacts.index_bundle import IndexBundle
@@ -155,9 +153,9 @@ def main() -> None:
         "auto_chose": {"kind": auto.kind, "factory": auto.factory, "reason": auto.reason},
         "indexes": rows,
         "threads": faiss.omp_get_max_threads(),
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "faiss": faiss.__version__},
+        "environment": environment(),
     }
-    print(json.dumps(report, indent=2))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,9 @@ import pytest
 import torch
 from datasets import write_fashion_mnist_slice
 
+from pipeline.data.config import IngestConfig
 from pipeline.data.fashion_mnist import DEFAULT_DIR, ENV_VAR, find_fashion_mnist
-from pipeline.data.ingest import IngestConfig, ingest
+from pipeline.data.ingest import ingest
 from pipeline.embed.config import EmbedConfig
 from pipeline.embed.embed import embed
 from pipeline.export.config import ExportConfig

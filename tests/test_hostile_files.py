@@ -24,8 +24,9 @@ from typer.testing import CliRunner
 from artifacts.files import FileTooLargeError, UnreadableFileError, read_npy, read_regular_file
 from artifacts.shard_set import MANIFEST_NAME, read_manifest, resolve_shards
 from flows.cli.main import app
-from pipeline.data.ingest import IngestConfig, ingest
-from pipeline.data.sources import folder_source
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
+from pipeline.data.sources.folder import folder_source
 from pipeline.data.verify import verify
 
 

@@ -16,8 +16,9 @@ from PIL import Image
 
 import pipeline.data.ingest
 from artifacts.shard_set import MANIFEST_NAME, read_manifest, resolve_shards
+from pipeline.data.config import IngestConfig
 from pipeline.data.fashion_mnist import CLASS_NAMES, load_split
-from pipeline.data.ingest import STATE_NAME, IngestConfig, ingest
+from pipeline.data.ingest import STATE_NAME, ingest
 from pipeline.data.sources import resolve_source
 
 

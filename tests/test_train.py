@@ -17,7 +17,8 @@ from test_data import _png, write_shard
 
 from pipeline.train.checkpoints import load_checkpoint, resolve_checkpoint
 from pipeline.train.run_config import load_config, with_data
-from pipeline.train.trainer import Trainer, state_fingerprint, train
+from pipeline.train.state import state_fingerprint
+from pipeline.train.trainer import Trainer, train
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -71,7 +72,7 @@ def test_a_short_run_logs_every_step_checkpoints_and_monitors_knn(fashion_shards
 
 def test_a_time_budget_ends_the_schedule_when_the_budget_is_spent(fashion_shards, tmp_path, monkeypatch):
     """A clock on which every step takes one second: a 50 s budget must end at step 50 with the LR at its end."""
-    monkeypatch.setattr(Trainer, "_now", lambda self: float(self.step))
+    monkeypatch.setattr(Trainer, "clock", lambda self: float(self.step))
     config = tiny_config(fashion_shards, "train.epochs=100", "train.time_budget=50", "train.checkpoint_every=100")
 
     result = train(config, tmp_path / "run", progress=False)

@@ -17,7 +17,8 @@ from datasets import write_image
 
 from artifacts.atomic import sha256_file
 from artifacts.shard_set import MANIFEST_NAME, read_manifest, resolve_shards
-from pipeline.data.ingest import IngestConfig, ingest
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
 from pipeline.data.verify import Problem, verify
 
 SHARDS = ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar")

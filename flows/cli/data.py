@@ -11,7 +11,7 @@ from rich.table import Table
 
 from flows.cli.errors import fail, one_line_errors
 from flows.cli.options import byte_size, byte_text, choice, progress_option
-from pipeline.data.ingest import ImageFormat, IngestConfig
+from pipeline.data.config import ImageFormat, IngestConfig
 
 commands = typer.Typer()
 

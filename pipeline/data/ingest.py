@@ -1,4 +1,6 @@
-"""`mocoplus ingest`: a source of images → a WebDataset shard set (DESIGN §3, §7).
+"""`mocoplus ingest`: a source of images → a WebDataset shard set.
+
+See docs/architecture.md, "The contracts" and "Bad input".
 
 Worker processes read, decode, validate, convert and re-encode the inputs; the
 main process writes them in input order into shards of ``shard_size`` samples
@@ -26,7 +28,6 @@ import fcntl
 import hashlib
 import json
 import multiprocessing
-import os
 import re
 import signal
 import tarfile
@@ -37,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, get_args
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -52,64 +53,15 @@ from artifacts.atomic import (
     temp_path_for,
     write_json_atomic,
 )
-from artifacts.files import MAX_FILE_BYTES
-from artifacts.images import DEFAULT_MAX_PIXELS
 from artifacts.shard_set import MANIFEST_NAME, ShardRecord, ShardSetManifest, SkippedInput, read_manifest
+from pipeline.data.config import IngestConfig
 from pipeline.data.samples import PreparedSample, SampleOptions, prepare_chunk
-from pipeline.data.sources import Source, SourceItem, resolve_source
+from pipeline.data.sources import resolve_source
+from pipeline.data.sources.base import Source, SourceItem
 from pipeline.progress import stage_progress
 
 STATE_NAME = ".ingest-state.json"
 LOCK_NAME = ".ingest.lock"
-ImageFormat = Literal["png", "jpg", "webp", "keep"]  # keep: the original bytes where the format allows
-IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
-
-
-def _default_workers() -> int:
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-@dataclass(frozen=True)
-class IngestConfig:
-    """How to write the shards. Only ``output_options`` (not workers or overwrite) affects the bytes."""
-
-    shard_size: int = 5000
-    shard_bytes: int = 512 * 2**20
-    image_format: ImageFormat = "png"
-    max_side: int | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_file_bytes: int = MAX_FILE_BYTES  # checked before a file is read: a 3 GB ".png" is skipped, not loaded
-    name: str = "shard"
-    workers: int = field(default_factory=_default_workers)
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.shard_size < 1 or self.shard_bytes < 1:
-            raise ValueError(f"shard size must be >= 1 sample and >= 1 byte; got {self.shard_size}, {self.shard_bytes}")
-        if self.image_format not in IMAGE_FORMATS:
-            raise ValueError(f"format must be one of {', '.join(IMAGE_FORMATS)}; got {self.image_format!r}")
-        if self.max_side is not None and self.max_side < 1:
-            raise ValueError(f"max side must be >= 1 pixel; got {self.max_side}")
-        if min(self.max_pixels, self.max_file_bytes, self.workers) < 1:
-            raise ValueError(
-                f"max pixels, max file bytes and workers must be >= 1; got {self.max_pixels}, "
-                f"{self.max_file_bytes}, {self.workers}"
-            )
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
-            raise ValueError(f"shard name may hold only letters, digits, '_' and '-'; got {self.name!r}")
-
-    def output_options(self) -> dict[str, Any]:
-        options = {
-            "shard_size": self.shard_size,
-            "shard_bytes": self.shard_bytes,
-            "format": self.image_format,
-            "max_side": self.max_side,
-            "max_pixels": self.max_pixels,
-            "name": self.name,
-        }
-        if self.max_file_bytes != MAX_FILE_BYTES:  # at its default it is left out: shard sets made before the
-            options["max_file_bytes"] = self.max_file_bytes  # option existed stay "already up to date"
-        return options
 
 
 @dataclass(frozen=True)

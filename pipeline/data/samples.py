@@ -22,7 +22,7 @@ from PIL import Image
 from artifacts.files import FileTooLargeError, UnreadableFileError, read_regular_file
 from artifacts.images import FORMAT_EXTENSIONS, DecodedImage, InvalidImageError, decode_image, encode_image, limit_side
 from artifacts.shard_set import SkippedInput
-from pipeline.data.sources import SourceItem
+from pipeline.data.sources.base import SourceItem
 
 TAR_MTIME = 0
 TAR_OWNER = "mocoplus"

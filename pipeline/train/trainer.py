@@ -6,6 +6,8 @@ on GPU, gloo on CPU), takes ``global_batch / world_size`` images per step and
 the model is wrapped in DistributedDataParallel; keys are all-gathered into
 one queue that every rank holds identically (`mocoplus.builder`).
 
+The loop is short on purpose: batches → the shared `TrainingStep` → hooks
+(`pipeline.train.hooks`: metrics log, progress, checkpoints, kNN monitor).
 Each step the ranks agree (one all-reduce of two flags) on whether any rank
 saw a non-finite loss or was asked to stop (SIGTERM, SIGINT): on a stop all
 ranks finish the step, rank 0 writes a checkpoint and everyone exits cleanly;
@@ -19,156 +21,36 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import hashlib
+import itertools
 import json
 import math
-import os
-import random
-import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-import numpy as np
 import torch
 from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from artifacts.atomic import prepare_out_dir, sweep_stale_temps, write_json_atomic
 from mocoplus import MoCoPlus
-from mocoplus.backbones import GridEmbedding
-from pipeline.data.augment import eval_transform
-from pipeline.data.streams import EvalStream, StreamConfig, TrainStream
-from pipeline.evaluate.knn import knn_top1, labelled_features
-from pipeline.progress import StageProgress, stage_progress
-from pipeline.train.checkpoints import checkpoint_dir, load_checkpoint, mark_best, resolve_checkpoint, save_checkpoint
+from pipeline.data.streams import StreamConfig, TrainBatch, TrainStream
+from pipeline.progress import stage_progress
+from pipeline.train.checkpoints import checkpoint_dir, load_checkpoint, resolve_checkpoint, save_checkpoint
+from pipeline.train.hooks import METRICS_NAME, Checkpointing, Hook, KnnMonitor, MetricsLog, Pace, ProgressReport
 from pipeline.train.optim import build_optimizer, build_scheduler
-from pipeline.train.precision import Precision, resolve_precision
+from pipeline.train.placement import Placement, barrier, distributed_placement, resolve_training_precision
 from pipeline.train.run_config import RunConfig, config_from_dict
+from pipeline.train.signals import StopRequest
+from pipeline.train.state import rng_state, set_rng_state, state_fingerprint
+from pipeline.train.step import TrainingStep
 
 CHECKPOINT_FORMAT = "mocoplus.checkpoint"
 CONFIG_NAME = "config.json"
-METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "train.json"
 REPLAN_AFTER_STEPS, REPLAN_EVERY_STEPS = 20, 10  # a time budget's pace: measured after 20 steps, every 10
-
-
-# --- placement ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Placement:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@contextmanager
-def distributed_placement() -> Iterator[Placement]:
-    """This process's rank and device; joins (and leaves) a process group when started by torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    joined = world_size > 1 and not dist.is_initialized()
-    if joined:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    try:
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        yield Placement(rank, dist.get_world_size() if dist.is_initialized() else 1, device)
-    finally:
-        if joined:
-            dist.destroy_process_group()
-
-
-def resolve_training_precision(name: str, device: torch.device) -> Precision:
-    """``fp16`` (GPU only, with a grad scaler) on top of `resolve_precision`'s auto/bf16/fp32."""
-    if name != "fp16":
-        return resolve_precision(name, device)
-    if device.type != "cuda":
-        raise ValueError("precision fp16 needs a GPU (it relies on a grad scaler); use bf16 or auto on the CPU")
-    return Precision(device.type, torch.float16, channels_last=True)
-
-
-# --- stopping -----------------------------------------------------------------------------------
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag the loop checks after each step; a second SIGINT interrupts at once."""
-
-    def __init__(self) -> None:
-        self.requested: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopRequest:
-        for number in (signal.SIGTERM, signal.SIGINT):
-            self._previous[number] = signal.signal(number, self._handle)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for number, handler in self._previous.items():
-            signal.signal(number, handler)
-
-    def _handle(self, number: int, frame: FrameType | None) -> None:
-        if self.requested and number == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(number).name
-
-
-# --- state ----------------------------------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states as tensors and plain data (loadable with ``weights_only``)."""
-    numpy_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].copy()), *numpy_state[2:]],
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(item) for item in value) if isinstance(value, list | tuple) else value
-
-
-def state_fingerprint(model: MoCoPlus) -> str:
-    """sha256 of every weight (query and key encoder) and the queue: what DDP ranks must agree on.
-
-    Batch-norm running statistics are left out: each rank computes them on its
-    own images (DDP re-broadcasts the query encoder's at the next forward).
-    """
-    digest = hashlib.sha256()
-    tensors = [*model.named_parameters(), *(("queue." + n, b) for n, b in model.queue.named_buffers())]
-    for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-# --- the run ----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -198,9 +80,8 @@ class Trainer:
         self.device = placement.device
         self.precision = resolve_training_precision(config.train.precision, self.device)
         self.augment = config.augmentation
-        batch = config.train.global_batch // placement.world_size
         stream_config = StreamConfig(
-            batch_size=batch,
+            batch_size=config.train.global_batch // placement.world_size,
             workers=config.data.workers,
             shuffle_buffer=config.data.shuffle_buffer,
             seed=config.train.seed,
@@ -225,12 +106,15 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.query_encoder, config)
         self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch, lambda: self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.autocast_dtype == torch.float16)
-        self.network: torch.nn.Module = self.model
+        network: torch.nn.Module = self.model
         if placement.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
-            self.network = DistributedDataParallel(self.model, device_ids=device_ids)
+            network = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.train.compile:
-            self.network = torch.compile(self.network)  # type: ignore[assignment]
+            network = torch.compile(network)  # type: ignore[assignment]
+        self.training_step = TrainingStep(
+            network, self.optimizer, self.precision, self.device, scheduler=self.scheduler, scaler=self.scaler
+        )
 
         self.step = 0
         self.started: float | None = None  # when this process's segment of the run began (perf_counter)
@@ -255,16 +139,17 @@ class Trainer:
             "step": self.step,
             "epoch": epoch,
             "best_knn_top1": self.best_knn,
-            "elapsed_s": self.elapsed_before + (self._now() - self.started if self.started is not None else 0.0),
+            "elapsed_s": self.elapsed_before + (self.clock() - self.started if self.started is not None else 0.0),
             "total_steps": self.total_steps,
             "config": self.config.to_dict(),
         }
 
-    def _save(self, epoch: int) -> Path | None:
+    def save(self, epoch: int) -> Path | None:
+        """A checkpoint of the run now (written by rank 0, every rank waits); its path on rank 0."""
         path = None
         if self.placement.is_main:
             path = save_checkpoint(self.run_dir, self._state(epoch), self.step, keep_last=self.config.train.keep_last)
-        _barrier()
+        barrier()
         return path
 
     def _resume(self) -> None:
@@ -289,113 +174,74 @@ class Trainer:
     # -- the loop --
 
     def run(self) -> TrainResult:
-        config, placement = self.config, self.placement
-        if placement.is_main:
-            prepare_out_dir(self.run_dir)
-            for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
-                sweep_stale_temps(folder)  # a checkpoint or metrics file half-written by a killed run
-            write_json_atomic(self.run_dir / CONFIG_NAME, config.to_dict())
-        _barrier()
-        metrics = open(self.run_dir / METRICS_NAME, "a") if placement.is_main else None  # noqa: SIM115
-        writer = _tensorboard(self.run_dir) if placement.is_main and config.train.tensorboard else None
-        loss_value, images, train_seconds = math.nan, 0, 0.0
-        stopped_by: str | None = None
+        self._prepare_run_dir()
+        loss, stopped_by = math.nan, None
         epoch = self.step // self.steps_per_epoch
-        self.started, first_step = self._now(), self.step
+        self.started, first_step = self.clock(), self.step
+        pace, log = Pace(self.placement.world_size), MetricsLog(self)
         try:
-            with StopRequest() as stop, stage_progress(self.progress and placement.is_main) as bar:
-                task = bar.task("pretraining", total=self.total_steps, completed=self.step, unit="steps")
+            with StopRequest() as stop, stage_progress(self.progress and self.placement.is_main) as bar:
+                progress, checkpoints = ProgressReport(self, bar), Checkpointing(self)
+                hooks: tuple[Hook, ...] = (log, progress, checkpoints, KnnMonitor(self, checkpoints, log, bar))
                 while self.step < self.total_steps and stopped_by is None:
-                    epoch, skip = divmod(self.step, self.steps_per_epoch)
-                    step_started = time.perf_counter()
-                    for index, batch in enumerate(self.stream.epoch(epoch)):
-                        if index < skip:
-                            continue  # replaying the interrupted epoch's deterministic stream up to the checkpoint
+                    epoch = self.step // self.steps_per_epoch
+                    pace.start_epoch()
+                    for batch in self._batches(epoch):
                         record = self._train_step(batch, epoch)
-                        loss_value = record["loss"]
-                        stopped_by = self._agree(record, stop.requested)
+                        loss, stopped_by = record["loss"], self._agree(record, stop.requested)
                         self.step += 1
-                        if config.train.time_budget:
+                        if self.config.train.time_budget:
                             self._replan(first_step)
-                        images += batch.view1.shape[0] * placement.world_size
-                        now = time.perf_counter()
-                        record["images_per_s"] = batch.view1.shape[0] * placement.world_size / (now - step_started)
-                        train_seconds += now - step_started
-                        step_started = now
-                        if metrics is not None and self.step % config.train.log_every == 0:
-                            metrics.write(json.dumps({"step": self.step, "epoch": epoch, **record}) + "\n")
-                            metrics.flush()
-                            if writer is not None:
-                                for name, value in record.items():
-                                    writer.add_scalar(f"train/{name}", value, self.step)
-                        bar.update(
-                            task,
-                            completed=self.step,
-                            total=self.total_steps,
-                            status=f"epoch {epoch} loss {loss_value:.3f} {record['images_per_s']:,.0f} img/s",
-                        )
-                        end_of_epoch = self.step % self.steps_per_epoch == 0
-                        if stopped_by or self.step >= self.total_steps:
+                        pace.tick(batch.view1.shape[0], record)
+                        last = stopped_by is not None or self.step >= self.total_steps
+                        for hook in hooks:
+                            hook.after_step(epoch, record, last)
+                        if last:
                             break
-                        every = config.train.checkpoint_every
-                        if every and self.step % every == 0 and not end_of_epoch:
-                            self._save(epoch)
-                    if stopped_by is None:
-                        self._end_of_epoch(epoch, bar)
-                    else:  # a stop only checkpoints: no kNN pass between SIGTERM and the kill that follows it
-                        self._save(epoch)
-                bar.finish(task, status=f"loss {loss_value:.3f}" + (f", stopped by {stopped_by}" if stopped_by else ""))
+                    for hook in hooks:
+                        hook.after_epoch(epoch, stopped_by)
+                progress.finish(loss, stopped_by)
         finally:
-            if metrics is not None:
-                metrics.close()
-            if writer is not None:
-                writer.close()
-        identical = self._replicas_identical()
+            log.close()
         result = TrainResult(
             self.run_dir,
             self.step,
             epoch,
-            loss_value,
-            images / max(train_seconds, 1e-9),
+            loss,
+            pace.images_per_s,
             self.last_knn,
             self.best_knn,
             stopped_by,
-            identical,
+            self._replicas_identical(),
         )
-        if placement.is_main:
+        if self.placement.is_main:
             write_json_atomic(self.run_dir / SUMMARY_NAME, {**asdict(result), "run_dir": str(self.run_dir)})
         return result
 
-    def _train_step(self, batch, epoch: int) -> dict[str, float]:
-        layout = self.precision.memory_format()
+    def _prepare_run_dir(self) -> None:
+        if self.placement.is_main:
+            prepare_out_dir(self.run_dir)
+            for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
+                sweep_stale_temps(folder)  # a checkpoint or metrics file half-written by a killed run
+            write_json_atomic(self.run_dir / CONFIG_NAME, self.config.to_dict())
+        barrier()
 
-        def placed(views: torch.Tensor) -> torch.Tensor:
-            return views.to(self.device, non_blocking=True).contiguous(memory_format=layout)
+    def _batches(self, epoch: int) -> Iterator[TrainBatch]:
+        """The epoch's deterministic batch stream, from the step a resumed run stopped at (earlier ones replayed)."""
+        return itertools.islice(self.stream.epoch(epoch), self.step - epoch * self.steps_per_epoch, None)
 
-        view1, view2 = placed(batch.view1), placed(batch.view2)
-        small = None if batch.small is None else placed(batch.small)
-        with self.precision.autocast():
-            out = self.network(
-                view1, view2, small=small, epoch=epoch, progress=self.step / self.total_steps, step=self.step
-            )
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(out.loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        stats = out.stats
-        return {
-            "loss": out.loss.item(),
-            "lr": lr,
-            "momentum": out.momentum,
-            "positive_similarity": stats.positive_similarity.item(),
-            "negative_similarity": stats.negative_similarity.item(),
-            "selected_negative_similarity": stats.selected_negative_similarity.item(),
-            "decode_failures": float(batch.decode_failures),
-        }
+    def _train_step(self, batch: TrainBatch, epoch: int) -> dict[str, float]:
+        result = self.training_step(
+            batch.view1,
+            batch.view2,
+            small=batch.small,
+            epoch=epoch,
+            progress=self.step / self.total_steps,
+            step=self.step,
+        )
+        return {**result.record(), "decode_failures": float(batch.decode_failures)}
 
-    def _now(self) -> float:
+    def clock(self) -> float:
         """The clock of the time budget (seconds)."""
         return time.perf_counter()
 
@@ -412,7 +258,7 @@ class Trainer:
         if done < REPLAN_AFTER_STEPS or done % REPLAN_EVERY_STEPS:
             return
         assert self.started is not None
-        elapsed = self._now() - self.started
+        elapsed = self.clock() - self.started
         left = self.config.train.time_budget - self.elapsed_before - elapsed - self.knn_seconds
         planned = min(self.step + max(0, int(left * done / max(elapsed, 1e-9))), self.step_cap)
         if self.placement.world_size > 1:
@@ -433,58 +279,6 @@ class Trainer:
             )
         return (stop or "stop request on another rank") if flags[1] > 0 else None
 
-    def _end_of_epoch(self, epoch: int, bar: StageProgress) -> None:
-        path = self._save(epoch)
-        config = self.config
-        if not config.data.eval_queries or ((epoch + 1) % config.eval.every_epochs and self.step < self.total_steps):
-            return
-        if self.placement.is_main:
-            started = self._now()
-            self.last_knn = self.knn_monitor(bar)
-            self.knn_seconds = self._now() - started
-            if self.best_knn is None or self.last_knn > self.best_knn:
-                self.best_knn = self.last_knn
-                assert path is not None
-                mark_best(self.run_dir, path, {"step": self.step, "epoch": epoch, "knn_top1": self.last_knn})
-            with open(self.run_dir / METRICS_NAME, "a") as metrics:
-                metrics.write(json.dumps({"step": self.step, "epoch": epoch, "knn_top1": self.last_knn}) + "\n")
-        _barrier()
-
-    def knn_monitor(self, bar: StageProgress) -> float:
-        """Weighted kNN top-1 of the key encoder's pooled features: memory = training shards, queries = eval."""
-        config = self.config
-        stream_config = StreamConfig(batch_size=config.eval.batch_size, workers=config.data.workers)
-        mode = self.augment.input_mode
-        size, memory_shards = config.data.image_size, config.data.eval_memory or config.data.train
-        memory = EvalStream(memory_shards, size, mode, stream_config, rank=0, world_size=1)
-        queries = EvalStream(config.data.eval_queries, size, mode, stream_config, rank=0, world_size=1)
-        known = (memory.shards.samples, queries.shards.samples)
-        task = bar.task("kNN monitor", total=sum(known) if all(known) else None, unit="images")
-        embedding = GridEmbedding(self.model.key_encoder.backbone, config.model.embedding_grid)
-        (bank, bank_labels), (query, query_labels) = (
-            labelled_features(
-                embedding,
-                stream,
-                transform=lambda x: eval_transform(x, self.augment),
-                device=self.device,
-                precision=self.precision,
-                on_batch=lambda count: bar.advance(task, count),
-            )
-            for stream in (memory, queries)
-        )
-        classes = int(max(bank_labels.max(), query_labels.max())) + 1
-        accuracy = knn_top1(
-            bank,
-            bank_labels,
-            query,
-            query_labels,
-            num_classes=classes,
-            k=config.eval.knn_k,
-            temperature=config.eval.knn_temperature,
-        )
-        bar.finish(task, status=f"top-1 {accuracy:.2%}", hide=True)
-        return accuracy
-
     def _replicas_identical(self) -> bool | None:
         if not dist.is_initialized():
             return None
@@ -498,25 +292,12 @@ def _has_checkpoints(run_dir: Path) -> bool:
     return folder.is_dir() and any(folder.glob("*.pt"))
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after ``step`` (the run is replayed from there)."""
     if not path.is_file():
         return
     kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(f"{line}\n" for line in kept))
-
-
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as error:
-        raise ValueError(f"train.tensorboard needs the tensorboard package ({error})") from None
-    return SummaryWriter(str(run_dir / "tensorboard"))
 
 
 def train(config: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
