@@ -1,4 +1,6 @@
-"""Writing artifacts so that a reader never mistakes half of one for all of it (DESIGN §3).
+"""Writing artifacts so that a reader never mistakes half of one for all of it.
+
+See docs/architecture.md, "The contracts".
 
 Every stage writes its files under a temporary name and renames them into
 place when complete: a rename within one folder is atomic on POSIX, so a crash

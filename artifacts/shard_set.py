@@ -1,4 +1,6 @@
-"""The shard set artifact (DESIGN §3): WebDataset tars plus ``manifest.json``, and shard URLs.
+"""The shard set artifact: WebDataset tars plus ``manifest.json``, and shard URLs.
+
+See docs/architecture.md, "The contracts".
 
 A shard set is a folder of ``NAME-000000.tar`` files, each holding samples
 ``KEY.png|jpg|webp`` (the image), ``KEY.cls`` (integer label, when labelled)

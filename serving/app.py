@@ -1,4 +1,6 @@
-"""`mocoplus serve`: the ONNX Runtime embedding and FAISS search service (DESIGN §2, §5) — no torch.
+"""`mocoplus serve`: the ONNX Runtime embedding and FAISS search service — no torch.
+
+See docs/architecture.md, "Packages and what each may import".
 
 FastAPI on uvicorn. Images from concurrent requests are decoded off the event
 loop, then coalesced by the `MicroBatcher` into one ONNX Runtime call; search

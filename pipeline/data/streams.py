@@ -1,4 +1,6 @@
-"""Streaming shards into training and evaluation (DESIGN §3, §6, §7).
+"""Streaming shards into training and evaluation.
+
+See docs/architecture.md, "The contracts", "How data flows through a run" and "Bad input".
 
 **Training** (`TrainStream`) is an endless WebDataset pipeline per data-loader
 worker: resampled shards (drawn with replacement) → tar samples → shuffle

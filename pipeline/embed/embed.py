@@ -1,4 +1,6 @@
-"""`mocoplus embed`: a shard set through a model bundle into an embedding set (DESIGN §3).
+"""`mocoplus embed`: a shard set through a model bundle into an embedding set.
+
+See docs/architecture.md, "The contracts".
 
 Decoding and resizing run in data-loader worker processes, one input shard
 per worker at a time, while the main process feeds ONNX Runtime: the two

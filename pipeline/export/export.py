@@ -1,4 +1,6 @@
-"""`mocoplus export`: a run's encoder as a self-describing model bundle (DESIGN §3).
+"""`mocoplus export`: a run's encoder as a self-describing model bundle.
+
+See docs/architecture.md, "The contracts".
 
 The bundle is what everything downstream of training loads — the embedding
 jobs, the index builder and the service — without PyTorch:

@@ -1,4 +1,6 @@
-"""`mocoplus index`: an embedding set → a tuned, searchable FAISS index bundle (DESIGN §3).
+"""`mocoplus index`: an embedding set → a tuned, searchable FAISS index bundle.
+
+See docs/architecture.md, "The contracts".
 
 The steps, each timed into ``index.json``:
 

@@ -1,4 +1,6 @@
-"""Checkpoints of a run dir (DESIGN §3): atomic files, the last K kept, the best by kNN, pointers.
+"""Checkpoints of a run dir: atomic files, the last K kept, the best by kNN, pointers.
+
+See docs/architecture.md, "The contracts".
 
 ``RUN/checkpoints/step-00001234.pt`` holds everything a resumed run needs
 (model incl. key encoder and queue, optimizer, scheduler, grad scaler, RNG
