@@ -33,6 +33,7 @@ RUN python3 -m venv /opt/venv
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY mocoplus ./mocoplus
+COPY artifacts ./artifacts
 COPY pipeline ./pipeline
 COPY flows ./flows
 COPY serving ./serving

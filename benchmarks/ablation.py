@@ -27,9 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipeline.evaluate import evaluate
-from pipeline.run_config import load_config, with_data
-from pipeline.train import train
+from pipeline.evaluate.evaluate import evaluate
+from pipeline.train.run_config import load_config, with_data
+from pipeline.train.trainer import train
 
 VARIANTS = {
     "MoCo v2": ["model.dual_view=none", "model.negatives=all"],

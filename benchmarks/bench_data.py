@@ -23,9 +23,7 @@ small machine, where loader workers and training share the cores).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -33,14 +31,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from harness import emit, environment  # benchmarks/ is the script's folder, first on sys.path
 from PIL import Image
 
-from pipeline.ingest import IngestConfig, ingest
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
 
 PRESET = "fashion-mnist-cpu"
 
 if TYPE_CHECKING:
-    from torch import Tensor
+    pass
 
 # torch and the model load inside the functions that need them: ingest's worker processes are
 # spawned, and a spawned worker re-imports this script (as any `__main__`) before it starts working.
@@ -70,7 +70,7 @@ def measure_ingest(source: str, out: Path, workers: int, **options: object) -> d
 
 def measure_stream(shards: Path, workers: int, batches: int, batch_size: int) -> float:
     """Images/s of two-view batches, after the first two batches (worker start-up) are out."""
-    from pipeline.data import StreamConfig, TrainStream
+    from pipeline.data.streams import StreamConfig, TrainStream
 
     stream = TrainStream(shards, _preset().augmentation, StreamConfig(batch_size=batch_size, workers=workers))
     iterator = iter(stream.epoch(0))
@@ -84,38 +84,29 @@ def measure_stream(shards: Path, workers: int, batches: int, batch_size: int) ->
 
 def _preset():
     """The `fashion-mnist-cpu` preset: the demo's model and augmentation."""
-    from pipeline.run_config import load_config
+    from pipeline.train.run_config import load_config
 
     return load_config(PRESET, [])
 
 
-class TrainStep:
-    """The preset's model, optimiser and precision: one step on given views."""
+def preset_step():
+    """The preset's model, optimiser and precision as the shared training step (views placed in its layout)."""
+    from mocoplus import MoCoPlus
+    from pipeline.train.optim import build_optimizer
+    from pipeline.train.precision import resolve_precision
+    from pipeline.train.step import TrainingStep
 
-    def __init__(self) -> None:
-        from mocoplus import MoCoPlus
-        from pipeline.optim import build_optimizer
-        from pipeline.precision import resolve_precision
-
-        config = _preset()
-        self.precision = resolve_precision(config.train.precision)
-        self.model = MoCoPlus(config.model).to(memory_format=self.precision.memory_format()).train()
-        self.optimizer = build_optimizer(self.model.query_encoder, config)
-
-    def __call__(self, view1: Tensor, view2: Tensor) -> None:
-        layout = self.precision.memory_format()
-        with self.precision.autocast():
-            out = self.model(view1.contiguous(memory_format=layout), view2.contiguous(memory_format=layout))
-        self.optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        self.optimizer.step()
+    config = _preset()
+    precision = resolve_precision(config.train.precision)
+    model = MoCoPlus(config.model).to(memory_format=precision.memory_format()).train()
+    return TrainingStep(model, build_optimizer(model.query_encoder, config), precision)
 
 
 def measure_training(shards: Path, steps: int, batch_size: int, workers: int) -> tuple[float, float, str]:
     """Training images/s on one fixed batch, and fed live by the stream; both after a warm-up step."""
-    from pipeline.data import StreamConfig, TrainStream
+    from pipeline.data.streams import StreamConfig, TrainStream
 
-    step = TrainStep()
+    step = preset_step()
     stream = TrainStream(shards, _preset().augmentation, StreamConfig(batch_size=batch_size, workers=workers))
     batches = iter(stream.epoch(0))
     first = next(batches)
@@ -152,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         alone, live, precision = measure_training(shards, args.train_steps, args.batch_size, args.workers)
     report = {
         "benchmark": "data",
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": cores,
-            "python": platform.python_version(),
-        },
+        "environment": environment(),
         "ingest_fashion_mnist_train": fashion,
         "ingest_fashion_mnist_speedup_all_cores": fashion[-1]["images_per_s"] / fashion[0]["images_per_s"],
         "ingest_photo_folder": photos,
@@ -167,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         "live_over_alone": live / alone,
         "target_stream_over_training": 3.0,
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    emit(report)
     return 0
 
 

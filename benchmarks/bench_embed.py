@@ -10,7 +10,7 @@ side in one process, round-robin per repeat so machine load hits both alike:
    shard set; it includes loading the bundle and starting the workers, as a
    real run does. After the warm-up the shards sit in the page cache, so this
    is decode-bound, not disk-bound.
-2. ``model_only``: `serving.bundle.ModelBundle.embed` on images decoded once up
+2. ``model_only``: `artifacts.model_bundle.ModelBundle.embed` on images decoded once up
    front the way `embed` decodes them (`decode_sample` + `fit_square`), in
    batches of the same size and with the same ONNX Runtime threads: the ceiling.
 
@@ -27,21 +27,19 @@ decoded for model-only (for shard sets too big to hold decoded in memory).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from harness import emit, environment, time_once  # benchmarks/ is the script's folder, first on sys.path
 
 if TYPE_CHECKING:
     import numpy as np
 
-    from serving.bundle import ModelBundle
+    from artifacts.model_bundle import ModelBundle
 
 # torch, ONNX Runtime and the pipeline load inside the functions that need them: embed's
 # data-loader workers may be spawned, and a spawned worker re-imports this script (as any `__main__`).
@@ -49,20 +47,14 @@ if TYPE_CHECKING:
 TARGET_RATIO = 0.85
 
 
-def _seconds(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
 def decode_images(shards: str, size: int, limit: int | None) -> np.ndarray:
     """Up to ``limit`` (default: all) images of ``shards``, uint8 RGB ``[N, size, size, 3]``, decoded as embed does."""
     import numpy as np
     import webdataset as wds
 
-    from pipeline.data import decode_sample
-    from pipeline.shards import resolve_shards
-    from serving.images import DEFAULT_MAX_PIXELS, InvalidImageError, fit_square
+    from artifacts.images import DEFAULT_MAX_PIXELS, InvalidImageError, fit_square
+    from artifacts.shard_set import resolve_shards
+    from pipeline.data.streams import decode_sample
 
     images: list[np.ndarray] = []
     for url in resolve_shards(shards).urls:
@@ -81,7 +73,7 @@ def decode_images(shards: str, size: int, limit: int | None) -> np.ndarray:
 
 def end_to_end(model: Path, shards: str, config: Any) -> tuple[float, int]:
     """Seconds for one full `embed` run into a fresh temp folder, and the samples it embedded."""
-    from pipeline.embed import embed
+    from pipeline.embed.embed import embed
 
     with tempfile.TemporaryDirectory(prefix="bench-embed-") as out:
         start = time.perf_counter()
@@ -106,22 +98,6 @@ def summary(times: list[float], images: int) -> dict[str, Any]:
     }
 
 
-def machine() -> dict[str, Any]:
-    import onnxruntime
-    import torch
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return {
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "cores_available": cores,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "load_average": os.getloadavg(),
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True, help="a bundle from `mocoplus export`")
@@ -133,13 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="cap on the images decoded for model-only")
     args = parser.parse_args(argv)
 
-    from pipeline.embed import EmbedConfig
-    from pipeline.shards import resolve_shards
-    from serving.bundle import ModelBundle
+    from artifacts.model_bundle import ModelBundle
+    from artifacts.shard_set import resolve_shards
+    from pipeline.embed.config import EmbedConfig
 
     config = EmbedConfig(batch_size=args.batch_size, workers=args.workers, threads=args.threads)
     shard_count = len(resolve_shards(args.data).urls)
-    bundle_load_s = _seconds(lambda: ModelBundle(args.model, threads=args.threads))
+    bundle_load_s = time_once(lambda: ModelBundle(args.model, threads=args.threads))
     bundle = ModelBundle(args.model, threads=args.threads)
     images = decode_images(args.data, bundle.size, args.limit)
 
@@ -176,15 +152,14 @@ def main(argv: list[str] | None = None) -> int:
             "width": source.get("width"),
             "bundle_load_s": bundle_load_s,
         },
-        "machine": machine(),
+        "environment": environment(),
         "end_to_end": e2e,
         "model_only": model,
         "end_to_end_over_model_only": ratio,
         "target_ratio": TARGET_RATIO,
         "target_met": ratio >= TARGET_RATIO,
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    emit(report)
     return 0
 
 

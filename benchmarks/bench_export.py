@@ -7,7 +7,7 @@ all alike, the median of ``--repeats`` calls at each batch size:
 - ``torch_fp32``: eager PyTorch, fp32 (the model with its in-graph preprocessing);
 - ``torch_bf16``: eager PyTorch, bf16 autocast + channels_last (where the CPU has native bf16);
 - ``torchscript``: the bundle's ``encoder.pt``;
-- ``onnxruntime_fp32`` / ``onnxruntime_int8``: the bundles through `serving.bundle.ModelBundle`.
+- ``onnxruntime_fp32`` / ``onnxruntime_int8``: the bundles through `artifacts.model_bundle.ModelBundle`.
 
 Also reports FLOPs per image (torch's FLOP counter, 2 per multiply-add) and
 each variant's share of this CPU's fp32 GEMM peak, measured here with a
@@ -25,28 +25,25 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import emit, environment, load_average, time_once  # benchmarks/ is the script's folder, first on sys.path
 from torch.utils.flop_counter import FlopCounterMode
 
+from artifacts.model_bundle import TORCHSCRIPT_FILE, ModelBundle
 from mocoplus import MoCoPlus
-from pipeline.checkpoints import save_checkpoint
-from pipeline.evaluate import load_run
-from pipeline.export import EmbeddingModel, ExportConfig, export, parity_images
-from pipeline.knn import knn_top1
-from pipeline.precision import resolve_precision
-from pipeline.run_config import config_from_dict, load_config
-from serving.bundle import TORCHSCRIPT_FILE, ModelBundle
+from pipeline.evaluate.knn import knn_top1
+from pipeline.export.config import ExportConfig
+from pipeline.export.export import EmbeddingModel, export, parity_images
+from pipeline.train.checkpoints import load_run, save_checkpoint
+from pipeline.train.precision import resolve_precision
+from pipeline.train.run_config import config_from_dict, load_config
 
 
 def untrained_run(preset: str, overrides: list[str], folder: Path) -> Path:
@@ -62,14 +59,8 @@ def gemm_peak_flops(size: int = 2048, repeats: int = 5) -> float:
     """This CPU's fp32 matmul throughput (FLOP/s): the ceiling the convolutions are measured against."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    best = min(_seconds(lambda: a @ b) for _ in range(repeats))
+    best = min(time_once(lambda: a @ b) for _ in range(repeats))
     return 2 * size**3 / best
-
-
-def _seconds(function: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def flops_per_image(model: torch.nn.Module, image: torch.Tensor) -> int:
@@ -104,7 +95,7 @@ def variants(model: torch.nn.Module, folder: Path) -> dict[str, Callable[[np.nda
 
 
 def embed_all(function: Callable[[np.ndarray], np.ndarray], shards: str, size: int) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.data import EvalStream, StreamConfig
+    from pipeline.data.streams import EvalStream, StreamConfig
 
     stream = EvalStream(shards, size, "RGB", StreamConfig(batch_size=256, workers=2), rank=0, world_size=1)
     vectors, labels = [], []
@@ -146,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             runs[name](images[:batch])  # warm-up: kernel selection, first allocations
         for _ in range(args.repeats):
             for (name, batch), times in seconds.items():
-                times.append(_seconds(lambda name=name, batch=batch: runs[name](images[:batch])))
+                times.append(time_once(lambda name=name, batch=batch: runs[name](images[:batch])))
         results: dict[str, dict[str, object]] = {name: {} for name in runs}
         for (name, batch), times in seconds.items():
             per_second = batch / statistics.median(times)
@@ -176,16 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "export",
         "command": "python benchmarks/bench_export.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
+        "environment": environment(),
         "torch": torch.__version__,
         "network": {"arch": config.model.arch, "width": config.model.width, "image_size": size},
         "flops_per_image": flops,
         "fp32_gemm_peak_gflops": peak / 1e9,
         "variants": results,
-        "load_average": os.getloadavg(),
+        "load_average": load_average(),
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    emit(report)
     return 0
 
 

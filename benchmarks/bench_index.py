@@ -3,7 +3,7 @@
 Why: `mocoplus index --kind auto` promises the smallest search effort that
 keeps recall@k at the target; this shows what each kind costs and gives on
 one corpus, in one run, and what ``auto`` picked. Every index is built with
-the real stage (`pipeline.index.build_index`: train on a sample, add in
+the real stage (`pipeline.index.build.build_index`: train on a sample, add in
 chunks, tune nprobe/efSearch on held-out corpus queries) and then measured
 on separate held-out queries that are not in the corpus at all, against
 exact search (`IndexFlatIP`) timed in the same run.
@@ -23,9 +23,6 @@ Prints one JSON object. ``speedup`` is each index's QPS over exact search's.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -33,13 +30,14 @@ from typing import Any
 
 import faiss
 import numpy as np
+from harness import emit, environment  # benchmarks/ is the script's folder, first on sys.path
 
-from pipeline.embed import write_embedding_set
-from pipeline.index import IndexConfig, build_index
-from pipeline.index_plan import plan_index
-from pipeline.index_tune import queries_per_second, recall_at_k
-from serving.embedding_set import EmbeddingSet
-from serving.index import IndexBundle
+from artifacts.embedding_set import EmbeddingSet, write_embedding_set
+from artifacts.index_bundle import IndexBundle
+from pipeline.index.build import build_index
+from pipeline.index.config import IndexConfig
+from pipeline.index.plan import plan_index
+from pipeline.index.tune import queries_per_second, recall_at_k
 
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 
@@ -155,9 +153,9 @@ def main() -> None:
         "auto_chose": {"kind": auto.kind, "factory": auto.factory, "reason": auto.reason},
         "indexes": rows,
         "threads": faiss.omp_get_max_threads(),
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version(), "faiss": faiss.__version__},
+        "environment": environment(),
     }
-    print(json.dumps(report, indent=2))
+    emit(report)
 
 
 if __name__ == "__main__":

@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import signal
 import socket
@@ -35,6 +33,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from harness import emit, environment  # benchmarks/ is the script's folder, first on sys.path
 
 SETTINGS = {"micro-batching": ["--max-batch", "64", "--max-wait-ms", "5"], "batch-1": ["--max-batch", "1"]}
 
@@ -180,9 +179,9 @@ def main() -> None:
             "malformed_all_4xx": all(r["malformed"] == r["malformed_answered_4xx"] for r in results.values()),
             "ratio_at_least_3": batched["requests_per_s"] >= 3 * single["requests_per_s"],
         },
-        "machine": {"cpu_count": os.cpu_count(), "python": platform.python_version()},
+        "environment": environment(),
     }
-    print(json.dumps(report, indent=2))
+    emit(report)
 
 
 if __name__ == "__main__":

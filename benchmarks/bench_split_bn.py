@@ -11,15 +11,16 @@ with the medians and their ratio.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 
 import torch
+from harness import emit, report, time_interleaved  # benchmarks/ is the script's folder, first on sys.path
 
 from mocoplus import MoCoConfig, MoCoPlus
-from pipeline.precision import resolve_precision
+from pipeline.train.precision import resolve_precision
+from pipeline.train.step import TrainingStep
 
 
 def make_step(key_bn: str, batch: int, precision_name: str):
@@ -32,14 +33,8 @@ def make_step(key_bn: str, batch: int, precision_name: str):
     views = [torch.randn(batch, 3, 32, 32, generator=generator).contiguous(memory_format=precision.memory_format())]
     views.append(views[0].flip(-1).contiguous(memory_format=precision.memory_format()))
 
-    def step() -> None:
-        with precision.autocast():
-            out = model(*views)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-
-    return step, precision.name
+    step = TrainingStep(model, optimizer, precision)
+    return (lambda: step(*views)), precision.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,32 +45,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     steps = {}
     for key_bn in ("split", "plain"):
         steps[key_bn], precision = make_step(key_bn, args.batch, args.precision)
-        steps[key_bn]()  # warm-up: oneDNN picks its kernels on the first call
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(args.repeats):  # round-robin: machine load hits both alike
-        for name, step in steps.items():
-            start = time.perf_counter()
-            step()
-            seconds[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in seconds.items()}
-    print(
-        json.dumps(
-            {
-                "benchmark": "split-BN vs plain BN, ResNet-18 MoCoPlus training step",
-                "command": "python benchmarks/bench_split_bn.py " + " ".join(sys.argv[1:] if argv is None else argv),
-                "batch": args.batch,
-                "threads": args.threads,
-                "precision": precision,
-                "median_s": {name: round(value, 3) for name, value in medians.items()},
-                "split_over_plain": round(medians["split"] / medians["plain"], 3),
-                "torch": torch.__version__,
-            },
-            indent=2,
-        )
-    )
+    # one warm-up call each (oneDNN picks its kernels on the first), then round-robin: load hits both alike
+    samples = time_interleaved(steps, warmup=1, repeats=args.repeats)
+    medians = {name: statistics.median(values) / 1e3 for name, values in samples.items()}
+    results = {
+        "command": "python benchmarks/bench_split_bn.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "batch": args.batch,
+        "threads": args.threads,
+        "precision": precision,
+        "median_s": {name: round(value, 3) for name, value in medians.items()},
+        "split_over_plain": round(medians["split"] / medians["plain"], 3),
+    }
+    emit(report("split-BN vs plain BN, ResNet-18 MoCoPlus training step", results, started=started))
     return 0
 
 

@@ -30,21 +30,20 @@ full-width network on the same CPU.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import time
 from dataclasses import replace
 
 import torch
-from lightly_peer import lightly_moco_step  # benchmarks/ is the script's folder, first on sys.path
+from harness import emit, report, time_interleaved  # benchmarks/ is the script's folder, first on sys.path
+from lightly_peer import lightly_moco_step
 
 from mocoplus import MoCoPlus
-from pipeline.optim import build_optimizer
-from pipeline.precision import resolve_precision
-from pipeline.run_config import load_config
+from pipeline.train.optim import build_optimizer
+from pipeline.train.precision import resolve_precision
+from pipeline.train.run_config import load_config
+from pipeline.train.step import TrainingStep
 
 
 def make_step(variant: str, preset: str, batch: int):
@@ -75,14 +74,8 @@ def make_step(variant: str, preset: str, batch: int):
         for _ in range(2)
     ]
 
-    def step() -> None:
-        with precision.autocast():
-            out = model(*views, epoch=1)
-        optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
-        optimizer.step()
-
-    return step, (2 if model_config.dual_view == "symmetric" else 1), precision.name
+    step = TrainingStep(model, optimizer, precision)
+    return (lambda: step(*views, epoch=1)), (2 if model_config.dual_view == "symmetric" else 1), precision.name
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,16 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batch = args.batch or load_config(args.config).train.global_batch
     variants = ("preset", "enhanced", "moco_v2", "enhanced_fp32", *(("lightly_moco",) if _has_lightly() else ()))
+    started = time.perf_counter()
     steps, views, precisions = {}, {}, {}
     for name in variants:
         steps[name], views[name], precisions[name] = make_step(name, args.config, batch)
-        steps[name]()  # warm-up: oneDNN picks its kernels on the first call
-    seconds: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name in variants:
-            start = time.perf_counter()
-            steps[name]()
-            seconds[name].append(time.perf_counter() - start)
+    # one warm-up call each (oneDNN picks its kernels on the first), then round-robin
+    samples = time_interleaved(steps, warmup=1, repeats=args.repeats)
+    seconds = {name: [ms / 1e3 for ms in values] for name, values in samples.items()}
     results = {}
     for name in variants:
         median = statistics.median(seconds[name])
@@ -115,11 +105,8 @@ def main(argv: list[str] | None = None) -> int:
             "view_images_per_s": batch * views[name] / median,
         }
     per_view_cost = results["moco_v2"]["view_images_per_s"] / results["enhanced"]["view_images_per_s"]
-    report = {
-        "benchmark": "train",
+    results_report = {
         "command": "python benchmarks/bench_train.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"cpu": platform.machine(), "cores": os.cpu_count(), "threads": torch.get_num_threads()},
-        "torch": torch.__version__,
         "config": args.config,
         "batch": batch,
         "variants": results,
@@ -138,10 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             if "lightly_moco" in results
             else None
         ),
-        "load_average": os.getloadavg(),
     }
-    json.dump(report, sys.stdout, indent=2)
-    print()
+    emit(report("train", results_report, started=started))
     return 0
 
 

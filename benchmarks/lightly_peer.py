@@ -17,8 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pipeline.precision import Precision
-from pipeline.run_config import RunConfig
+from pipeline.train.precision import Precision
+from pipeline.train.run_config import RunConfig
 
 
 def lightly_moco_step(config: RunConfig, precision: Precision, views: list[Tensor]) -> Callable[[], None]:

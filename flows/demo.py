@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import prepare_out_dir, write_json_atomic
+from artifacts.atomic import prepare_out_dir, write_json_atomic
 
 # after the planned steps, on 2 cores: final kNN ≈ 25 s; evaluate (key encoder, 4×4 grid, whitened, with the
 # pixel and HOG baselines as they are and whitened, no linear probe) ≈ 150 s; export with the whitening fitted
@@ -42,8 +42,8 @@ class DemoConfig:
 
 def plan_steps(shards: Path, config: DemoConfig, seconds: float) -> tuple[int, float]:
     """Training steps that fit ``seconds`` on this machine (≥ 1), and the measured images/s."""
-    from pipeline.run_config import load_config, with_data
-    from pipeline.train import train
+    from pipeline.train.run_config import load_config, with_data
+    from pipeline.train.trainer import train
 
     run_config = with_data(load_config(config.config, [*config.overrides, f"train.max_steps={CALIBRATION_STEPS}"]),
                            train=str(shards), eval_queries="")  # fmt: skip

@@ -20,9 +20,9 @@ from flows.pretrain import pretrain
 @task
 def search_smoke(model: str, index: str, query_shards: str, k: int = 5) -> dict[str, Any]:
     """The first held-out image searched through the bundle and the index: its key, label and neighbours."""
-    from pipeline.data import EvalStream, StreamConfig
-    from serving.bundle import ModelBundle
-    from serving.index import IndexBundle
+    from artifacts.index_bundle import IndexBundle
+    from artifacts.model_bundle import ModelBundle
+    from pipeline.data.streams import EvalStream, StreamConfig
 
     bundle, searcher = ModelBundle(Path(model)), IndexBundle(Path(index))
     searcher.check_model(bundle.hash, model)

@@ -1,7 +1,7 @@
 """The ``index-corpus`` Prefect flow: embed a shard set in parallel shares, index it, check recall.
 
 Orchestration only: the stages are `pipeline.embed.embed` and
-`pipeline.index.build_index`. Embedding is mapped over ``shares`` Prefect
+`pipeline.index.build.build_index`. Embedding is mapped over ``shares`` Prefect
 tasks, share i taking input shards i, i + n, ... (the same split as
 ``mocoplus embed --shard-index i --num-shards n``), so with a distributed task
 runner each share runs on its own worker; the default is a thread pool.
@@ -26,7 +26,8 @@ EMBEDDINGS, INDEX = "embeddings", "index"
 @task(retries=2, retry_delay_seconds=[2, 10], task_run_name="embed share {share} of {shares}")
 def embed_share(model: str, data: str, out: str, share: int, shares: int, batch_size: int = 256) -> dict[str, Any]:
     """One share of the input shards through the model; finished parts are skipped (resume)."""
-    from pipeline.embed import EmbedConfig, embed
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.embed import embed
 
     # workers=0: no forked loader processes from a task thread; the shares themselves run in parallel
     config = EmbedConfig(batch_size=batch_size, workers=0, shard_index=share, num_shards=shares)
@@ -41,7 +42,8 @@ def embed_share(model: str, data: str, out: str, share: int, shares: int, batch_
 @task(retries=1, retry_delay_seconds=5)
 def index_embeddings(embeddings: str, out: str, kind: str, target_recall: float) -> dict[str, Any]:
     """Build the index (up to date when ``out`` already indexes exactly this embedding set with these options)."""
-    from pipeline.index import IndexConfig, build_index
+    from pipeline.index.build import build_index
+    from pipeline.index.config import IndexConfig
 
     config = IndexConfig(kind=kind, target_recall=target_recall)
     result = build_index(Path(embeddings), Path(out), config)

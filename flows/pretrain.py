@@ -19,14 +19,14 @@ from typing import Any
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from pipeline.shards import MANIFEST_NAME
+from artifacts.shard_set import MANIFEST_NAME
 
 
 def ensure_shards(source: str, shards: str) -> bool:
     """Ingest ``source`` into ``shards`` unless the shard set's manifest is there; True if it ingested."""
     if (Path(shards) / MANIFEST_NAME).is_file():
         return False
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     ingest(source, Path(shards))
     return True
@@ -79,8 +79,8 @@ def evaluate_run(
     Written as a Prefect artifact. The run's ``model.embedding_whitening`` decides whether the encoder is
     whitened, as its export is.
     """
-    from pipeline.evaluate import evaluate
-    from pipeline.retrieval import SCORE_LABELS
+    from pipeline.evaluate.evaluate import evaluate
+    from pipeline.evaluate.retrieval import SCORE_LABELS
 
     result = evaluate(
         Path(run_dir),
@@ -122,7 +122,7 @@ def evaluate_run(
 @task(retries=1, retry_delay_seconds=10)
 def export_run(run_dir: str, model_dir: str) -> str:
     """Export the run's best checkpoint (up to date when ``model_dir`` already holds exactly that export)."""
-    from pipeline.export import export
+    from pipeline.export.export import export
 
     result = export(Path(run_dir), Path(model_dir))
     if result.up_to_date:

@@ -7,21 +7,22 @@ before any tensor is allocated, not as a shape error deep inside a step.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+from mocoplus.negatives import NEGATIVE_MODES, NEGATIVES, Negatives
 
 Arch = Literal["resnet18", "resnet34", "resnet50"]
 DualView = Literal["none", "symmetric", "key-anchor"]
-Negatives = Literal["all", "topk", "band", "threshold", "debiased", "hard-weighted"]
 KeyBatchNorm = Literal["auto", "shuffle", "sync", "split", "plain"]
 MomentumSchedule = Literal["constant", "cosine"]
 EmbeddingWhitening = Literal["none", "pca"]
 
-ARCHS: tuple[str, ...] = ("resnet18", "resnet34", "resnet50")
-DUAL_VIEWS: tuple[str, ...] = ("none", "symmetric", "key-anchor")
-NEGATIVES: tuple[str, ...] = ("all", "topk", "band", "threshold", "debiased", "hard-weighted")
-KEY_BATCH_NORMS: tuple[str, ...] = ("auto", "shuffle", "sync", "split", "plain")
-MOMENTUM_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
-EMBEDDING_WHITENINGS: tuple[str, ...] = ("none", "pca")
+# each choice spelt once, in its Literal (negatives: in the `NEGATIVE_MODES` table)
+ARCHS: tuple[str, ...] = get_args(Arch)
+DUAL_VIEWS: tuple[str, ...] = get_args(DualView)
+KEY_BATCH_NORMS: tuple[str, ...] = get_args(KeyBatchNorm)
+MOMENTUM_SCHEDULES: tuple[str, ...] = get_args(MomentumSchedule)
+EMBEDDING_WHITENINGS: tuple[str, ...] = get_args(EmbeddingWhitening)
 
 
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -31,7 +32,7 @@ def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 @dataclass(frozen=True)
 class NegativeSampling:
-    """Which queue entries serve as negatives for each anchor (DESIGN §1).
+    """Which queue entries serve as negatives for each anchor (docs/architecture.md, "The method").
 
     ``mode``: ``all`` (the whole queue, MoCo), ``topk`` (the ``k`` most similar),
     ``band`` (drop the ``skip`` most similar — or the most similar
@@ -60,14 +61,13 @@ class NegativeSampling:
             raise ValueError(f"skip_fraction must lie in [0, 1) and not be combined with skip; got {self}")
         if not 0.0 <= self.tau_plus < 1.0 or not self.beta >= 0.0:
             raise ValueError(f"tau_plus must lie in [0, 1) and beta be >= 0; got {self.tau_plus}, {self.beta}")
-        if self.mode == "topk" and self.k is None:
-            raise ValueError("negatives='topk' needs k (the number of negatives to keep)")
+        for name, meaning in NEGATIVE_MODES[self.mode].requires.items():
+            if getattr(self, name) is None:
+                raise ValueError(f"negatives={self.mode!r} needs {name} ({meaning})")
         if self.k is not None and self.k < 1:
             raise ValueError(f"k must be a positive number of negatives; got {self.k}")
         if self.skip < 0:
             raise ValueError(f"skip must be >= 0; got {self.skip}")
-        if self.mode == "threshold" and self.threshold is None:
-            raise ValueError("negatives='threshold' needs threshold (a cosine similarity)")
 
     def skip_count(self, queue_size: int) -> int:
         """How many of the most similar entries ``band`` drops from a queue of ``queue_size``."""
@@ -76,7 +76,7 @@ class NegativeSampling:
     @property
     def reweights(self) -> bool:
         """Whether the loss re-estimates the negatives' sum (``debiased``, ``hard-weighted``)."""
-        return self.mode in ("debiased", "hard-weighted")
+        return NEGATIVE_MODES[self.mode].reweights
 
 
 ALL_NEGATIVES = NegativeSampling()

@@ -1,5 +1,5 @@
 """The contrastive objective: InfoNCE over a queue, hard-negative selection and
-the dual-view modes (DESIGN §1).
+the dual-view modes (docs/architecture.md, "The method"); the selection itself is `mocoplus.negatives`.
 
     l(a, p, N) = -log( e^{a·p/τ} / (e^{a·p/τ} + Σ_{n∈N} e^{a·n/τ}) )
 
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from mocoplus.config import ALL_NEGATIVES, DUAL_VIEWS, NegativeSampling
+from mocoplus.negatives import NEGATIVE_MODES, select_negatives
 
 
 @dataclass(frozen=True)
@@ -33,39 +34,6 @@ class ContrastiveResult:
     positive_similarity: Tensor
     negative_similarity: Tensor
     selected_negative_similarity: Tensor
-
-
-def select_negatives(
-    scores: Tensor, sampling: NegativeSampling, *, scale: float = 1.0
-) -> tuple[Tensor | None, Tensor | None]:
-    """Pick each anchor's negatives from its row of queue scores.
-
-    ``scores`` are similarities a·n times a positive ``scale`` (the logits
-    a·n/τ with ``scale=1/τ``): ordering does not change, and the threshold is
-    scaled to match, so no extra pass over the [B, K] matrix is needed.
-    Returns ``(indices, valid)``, both ``[B, M]``: queue columns and whether the
-    slot holds a real negative (False marks padding). ``(None, None)`` means
-    "the whole queue". Runs under no_grad; callers gather with gradient.
-    """
-    queue_size = scores.shape[1]
-    with torch.no_grad():
-        if sampling.mode == "all" or sampling.reweights:
-            return None, None
-        if sampling.mode == "topk":
-            indices = scores.topk(min(sampling.k, queue_size), dim=1).indices
-            return indices, None
-        if sampling.mode == "band":
-            skip = sampling.skip_count(queue_size)
-            keep = queue_size if sampling.k is None else sampling.k
-            end = min(skip + keep, queue_size)
-            indices = scores.topk(end, dim=1).indices[:, skip:]
-            return indices, None
-        # threshold: entries above it are presumed false negatives
-        allowed = scores <= sampling.threshold * scale
-        if sampling.k is None:
-            return None, allowed
-        values, indices = torch.where(allowed, scores, float("-inf")).topk(min(sampling.k, queue_size), dim=1)
-        return indices, torch.isfinite(values)
 
 
 def _log_negative_sum(negatives: Tensor, positive: Tensor, sampling: NegativeSampling, temperature: float) -> Tensor:
@@ -84,7 +52,8 @@ def _log_negative_sum(negatives: Tensor, positive: Tensor, sampling: NegativeSam
     if not sampling.reweights:
         return torch.logsumexp(negatives, dim=1)
     count = negatives.shape[1]
-    beta = sampling.beta if sampling.mode == "hard-weighted" else 0.0
+    concentration = NEGATIVE_MODES[sampling.mode].concentration
+    beta = concentration(sampling) if concentration is not None else 0.0
     log_weighted_sum = (
         torch.logsumexp((1.0 + beta) * negatives, dim=1) - torch.logsumexp(beta * negatives, dim=1) + math.log(count)
     )

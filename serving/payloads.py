@@ -8,7 +8,7 @@ optional ``nprobe``/``ef`` override (form fields or JSON members).
 Every limit is checked before the expensive step it protects: the body's bytes
 as they arrive (`serving.guards.BodyGuard`), the JSON's punctuation and nesting
 before parsing it, the number of images before decoding any, the pixel count and
-decoded size from the header before decoding pixels (`serving.images`).
+decoded size from the header before decoding pixels (`artifacts.images`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
-from serving.images import InvalidImageError, decode_image, fit_square, to_mode
+from artifacts.images import InvalidImageError, decode_image, fit_square, to_mode
 
 SHORT = 80  # characters of a client's string that an error message quotes
 

@@ -12,12 +12,16 @@ import pytest
 import torch
 from datasets import write_fashion_mnist_slice
 
-from pipeline.embed import EmbedConfig, embed
-from pipeline.export import ExportConfig, export
-from pipeline.fashion_mnist import DEFAULT_DIR, ENV_VAR, find_fashion_mnist
-from pipeline.index import IndexConfig, build_index
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.train import train
+from pipeline.data.config import IngestConfig
+from pipeline.data.fashion_mnist import DEFAULT_DIR, ENV_VAR, find_fashion_mnist
+from pipeline.data.ingest import ingest
+from pipeline.embed.config import EmbedConfig
+from pipeline.embed.embed import embed
+from pipeline.export.config import ExportConfig
+from pipeline.export.export import export
+from pipeline.index.build import build_index
+from pipeline.index.config import IndexConfig
+from pipeline.train.trainer import train
 
 SMALL_EXPORT = ExportConfig(parity_images=64)  # parity on 64 images: enough to catch a mismatch, quick
 

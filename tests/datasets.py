@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.fashion_mnist import load_split
+from pipeline.data.fashion_mnist import load_split
 
 
 def idx_bytes(array: np.ndarray, *, dims: tuple[int, ...] | None = None, magic: bytes | None = None) -> bytes:

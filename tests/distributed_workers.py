@@ -67,8 +67,8 @@ def shuffle_bn_step(rank: int, world: int, store: Path, out: Path) -> None:
 
 def streams_per_rank(rank: int, world: int, store: Path, out: Path) -> None:
     """Each rank streams the shard set in ``out/shards`` with 2 loader workers, ranks from the process group."""
-    from pipeline.augment import small_grayscale_preset
-    from pipeline.data import EvalStream, StreamConfig, TrainStream
+    from pipeline.data.augment import small_grayscale_preset
+    from pipeline.data.streams import EvalStream, StreamConfig, TrainStream
 
     _init(rank, world, store)
     config = StreamConfig(batch_size=32, workers=2, shuffle_buffer=50)

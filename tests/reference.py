@@ -1,4 +1,6 @@
-"""Naive, loop-based references for the objective (DESIGN §1), in float64.
+"""Naive, loop-based references for the objective, in float64.
+
+See docs/architecture.md, "The method".
 
 One anchor at a time, Python sorting for the selection: slow and obviously
 right, which is the point.

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from pipeline.augment import AugmentConfig, RandomAugment, TwoViewAugment, eval_transform, small_grayscale_preset
+from pipeline.data.augment import AugmentConfig, RandomAugment, TwoViewAugment, eval_transform, small_grayscale_preset
 
 PRESET = small_grayscale_preset()
 # every random choice switched off: a view must then be exactly the eval transform

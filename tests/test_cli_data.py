@@ -11,8 +11,8 @@ import pytest
 from datasets import write_image
 from typer.testing import CliRunner, Result
 
-from flows.cli import app
-from pipeline.shards import MANIFEST_NAME, read_manifest
+from artifacts.shard_set import MANIFEST_NAME, read_manifest
+from flows.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--no-progress", "--workers", "1"]

@@ -13,9 +13,9 @@ import torch.multiprocessing as mp
 import webdataset as wds
 from datasets import noise_image
 
-from pipeline.augment import AugmentConfig, small_grayscale_preset
-from pipeline.data import EvalStream, StreamConfig, TrainStream, stream_seed
-from pipeline.fashion_mnist import load_split
+from pipeline.data.augment import AugmentConfig, small_grayscale_preset
+from pipeline.data.fashion_mnist import load_split
+from pipeline.data.streams import EvalStream, StreamConfig, TrainStream, stream_seed
 
 
 def _png(image) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 from test_train import TINY
 from typer.testing import CliRunner
 
-from flows.cli import app
+from flows.cli.main import app
 
 
 def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path):

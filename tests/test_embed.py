@@ -14,10 +14,13 @@ from PIL import Image
 from test_data import _png, write_shard
 from typer.testing import CliRunner
 
-from flows.cli import app
-from pipeline.data import EvalStream, StreamConfig
-from pipeline.embed import MANIFEST, EmbedConfig, embed, part_name
-from serving.bundle import ModelBundle
+from artifacts.embedding_set import EMBEDDINGS_MANIFEST as MANIFEST
+from artifacts.embedding_set import part_name
+from artifacts.model_bundle import ModelBundle
+from flows.cli.main import app
+from pipeline.data.streams import EvalStream, StreamConfig
+from pipeline.embed.config import EmbedConfig
+from pipeline.embed.embed import embed
 
 QUIET = {"progress": False}
 
@@ -69,14 +72,15 @@ def test_rerun_skips_done_parts_and_redoes_missing_or_foreign_ones(bundle, fashi
 
 KILLED_AFTER_FIRST_PART = """
 import os, signal, sys
-import pipeline.embed as stage
+import artifacts.embedding_set as contract
+import pipeline.embed.embed as stage
 finished = []
-def write_and_maybe_die(path, data, real=stage.write_json_atomic):
+def write_and_maybe_die(path, data, real=contract.write_json_atomic):
     real(path, data)
     finished.append(path)
     if len(finished) == 1:  # the first part is complete: die as a killed job does, with no clean-up
         os.kill(os.getpid(), signal.SIGKILL)
-stage.write_json_atomic = write_and_maybe_die
+contract.write_json_atomic = write_and_maybe_die
 stage.embed(sys.argv[1], sys.argv[2], sys.argv[3], stage.EmbedConfig(workers=0), progress=False)
 """
 

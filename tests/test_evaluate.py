@@ -9,9 +9,9 @@ import torch
 from test_train import tiny_config
 from typer.testing import CliRunner
 
-from flows.cli import app
-from pipeline.evaluate import evaluate, linear_probe
-from pipeline.train import train
+from flows.cli.main import app
+from pipeline.evaluate.evaluate import evaluate, linear_probe
+from pipeline.train.trainer import train
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ from test_train import tiny_config
 from torch.nn import functional as F
 from typer.testing import CliRunner
 
-from flows.cli import app
-from pipeline.artifacts import TEMP_PREFIX, sha256_file
-from pipeline.augment import eval_transform
-from pipeline.data import EvalStream, StreamConfig
-from pipeline.evaluate import load_run
-from pipeline.export import EmbeddingModel, ExportConfig, ExportError, export, parity_images
-from serving.bundle import MODEL_JSON, ONNX_FILE, TORCHSCRIPT_FILE, BundleError, ModelBundle, bundle_hash
+from artifacts.atomic import TEMP_PREFIX, sha256_file
+from artifacts.model_bundle import MODEL_JSON, ONNX_FILE, TORCHSCRIPT_FILE, BundleError, ModelBundle, bundle_hash
+from flows.cli.main import app
+from pipeline.data.augment import eval_transform
+from pipeline.data.streams import EvalStream, StreamConfig
+from pipeline.export.config import ExportConfig
+from pipeline.export.export import EmbeddingModel, ExportError, export, parity_images
+from pipeline.train.checkpoints import load_run
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ def test_serving_loader_works_where_torch_cannot_be_imported(bundle, images, tmp
     script = (
         "import sys; sys.modules['torch'] = None\n"
         "import numpy as np\n"
-        "from serving.bundle import ModelBundle\n"
+        "from artifacts.model_bundle import ModelBundle\n"
         f"out = ModelBundle({str(bundle)!r}).embed(np.load({str(tmp_path / 'images.npy')!r}))\n"
         "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
         "print(out.shape)\n"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from datasets import idx_bytes, write, write_split
 
-from pipeline.fashion_mnist import (
+from pipeline.data.fashion_mnist import (
     CLASS_NAMES,
     DEFAULT_DIR,
     ENV_VAR,

@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.embed import EmbedConfig, embed
+from pipeline.embed.config import EmbedConfig
+from pipeline.embed.embed import embed
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -29,7 +30,7 @@ def test_index_corpus_embeds_in_shares_indexes_and_skips_what_is_done(bundle, fa
 
 
 def test_a_task_that_fails_once_is_retried_and_the_flow_completes(bundle, fashion_test_shards, tmp_path, monkeypatch):
-    import pipeline.embed as stage
+    import pipeline.embed.embed as stage
     from flows import index_corpus as module
 
     real, calls = stage.embed, []

@@ -21,12 +21,13 @@ from datasets import write_image
 from test_verify import edit_manifest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.shards import MANIFEST_NAME, read_manifest, resolve_shards
-from pipeline.sources import folder_source
-from pipeline.verify import verify
-from serving.files import FileTooLargeError, UnreadableFileError, read_npy, read_regular_file
+from artifacts.files import FileTooLargeError, UnreadableFileError, read_npy, read_regular_file
+from artifacts.shard_set import MANIFEST_NAME, read_manifest, resolve_shards
+from flows.cli.main import app
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
+from pipeline.data.sources.folder import folder_source
+from pipeline.data.verify import verify
 
 
 def labelled_tree(root: Path) -> Path:
@@ -285,8 +286,10 @@ def test_a_huge_shape_claim_is_refused_by_arithmetic_not_allocation(tmp_path):
 
 @pytest.fixture(scope="module")
 def flat_index(bundle, fashion_shards, tmp_path_factory) -> Path:
-    from pipeline.embed import EmbedConfig, embed
-    from pipeline.index import IndexConfig, build_index
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.embed import embed
+    from pipeline.index.build import build_index
+    from pipeline.index.config import IndexConfig
 
     folder = tmp_path_factory.mktemp("hostile-search")
     embed(bundle, str(fashion_shards), folder / "emb", EmbedConfig(workers=0), progress=False)

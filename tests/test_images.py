@@ -11,7 +11,7 @@ import pytest
 from datasets import noise_image
 from PIL import Image
 
-from serving.images import (
+from artifacts.images import (
     DEFAULT_MAX_PIXELS,
     InvalidImageError,
     decode_image,

@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from flows.cli import app
-from pipeline.embed import EmbedConfig, embed, write_embedding_set
-from pipeline.index import IndexConfig, build_index
-from pipeline.index_plan import FLAT_MAX, HNSW_MAX, list_count, plan_index
-from pipeline.index_tune import recall_at_k, tune
-from serving.bundle import ModelBundle
-from serving.embedding_set import EmbeddingSet, EmbeddingSetError
-from serving.index import INDEX_JSON, IndexBundle, IndexBundleError
+from artifacts.embedding_set import EmbeddingSet, EmbeddingSetError, write_embedding_set
+from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
+from artifacts.model_bundle import ModelBundle
+from flows.cli.main import app
+from pipeline.embed.config import EmbedConfig
+from pipeline.embed.embed import embed
+from pipeline.index.build import build_index
+from pipeline.index.config import IndexConfig
+from pipeline.index.plan import FLAT_MAX, HNSW_MAX, list_count, plan_index
+from pipeline.index.tune import recall_at_k, tune
 
 QUIET = {"progress": False}
 

@@ -14,11 +14,12 @@ import webdataset as wds
 from datasets import noise_image, write_image
 from PIL import Image
 
-import pipeline.ingest
-from pipeline.fashion_mnist import CLASS_NAMES, load_split
-from pipeline.ingest import STATE_NAME, IngestConfig, ingest
-from pipeline.shards import MANIFEST_NAME, read_manifest, resolve_shards
-from pipeline.sources import resolve_source
+import pipeline.data.ingest
+from artifacts.shard_set import MANIFEST_NAME, read_manifest, resolve_shards
+from pipeline.data.config import IngestConfig
+from pipeline.data.fashion_mnist import CLASS_NAMES, load_split
+from pipeline.data.ingest import STATE_NAME, ingest
+from pipeline.data.sources import resolve_source
 
 
 def run(source: Path | str, out: Path, **options):
@@ -570,7 +571,7 @@ def test_changed_input_file_is_not_up_to_date(labelled_folder, tmp_path):
 
 def interrupt_on_commit(monkeypatch, call: int, *, after: bool) -> None:
     """Make the ``call``-th `ShardFile.commit` raise KeyboardInterrupt, before or after its rename."""
-    original = pipeline.ingest.ShardFile.commit
+    original = pipeline.data.ingest.ShardFile.commit
     calls = {"count": 0}
 
     def commit(self):
@@ -582,7 +583,7 @@ def interrupt_on_commit(monkeypatch, call: int, *, after: bool) -> None:
             raise KeyboardInterrupt
         return record
 
-    monkeypatch.setattr(pipeline.ingest.ShardFile, "commit", commit)
+    monkeypatch.setattr(pipeline.data.ingest.ShardFile, "commit", commit)
 
 
 @pytest.mark.parametrize("after", [False, True], ids=["before-rename", "after-rename"])

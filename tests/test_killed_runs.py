@@ -3,7 +3,7 @@
 A killed process cannot clean up after itself, so each stage removes the
 leftovers of its own killed builds when it starts again: temp files and
 folders carry their writer's host and pid in their name, and only those whose
-writer is gone are removed (`pipeline.artifacts.sweep_stale_temps`).
+writer is gone are removed (`artifacts.atomic.sweep_stale_temps`).
 Finished outputs rerun with the same inputs are "up to date".
 """
 
@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from test_train import TINY, losses
 
-from pipeline.artifacts import building_dir, reusable_output, sweep_stale_temps, temp_path_for
-from pipeline.embed import write_embedding_set
+from artifacts.atomic import building_dir, reusable_output, sweep_stale_temps, temp_path_for
+from artifacts.embedding_set import write_embedding_set
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,7 +40,7 @@ def dying(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     return result
 setattr(module, function_name, dying)
-from flows.cli import app
+from flows.cli.main import app
 app(sys.argv[4:])
 """
 
@@ -116,7 +116,7 @@ def test_killed_index_build_reruns_to_the_uninterrupted_bundle_and_leaves_nothin
 
 def test_killed_export_reruns_and_a_second_rerun_is_up_to_date(trained_run, tmp_path):
     out = tmp_path / "models" / "m"
-    killed("pipeline.export", "_write_models", 1, "export", str(trained_run), "--out", str(out))
+    killed("pipeline.export.export", "_write_models", 1, "export", str(trained_run), "--out", str(out))
     assert not out.exists() and len(hidden(out.parent)) == 1
     first = mocoplus("export", str(trained_run), "--out", str(out))
     assert first.returncode == 0, first.stderr
@@ -149,8 +149,8 @@ def test_killed_ingest_resumes_to_the_same_bytes_without_leftovers(fashion_mnist
     args = ("fashion-mnist:train", "--shard-size", "100", "--workers", "1", "--no-progress")
     # dies right after the second shard is committed (renamed), before the resume state is saved
     done = subprocess.run(
-        [sys.executable, "-c", KILL_AFTER, "pipeline.ingest", "commit_file", "2", "ingest", args[0], "--out", str(out),
-         *args[1:]],
+        [sys.executable, "-c", KILL_AFTER, "pipeline.data.ingest", "commit_file", "2", "ingest", args[0],
+         "--out", str(out), *args[1:]],
         capture_output=True, text=True, cwd=ROOT, env=env, timeout=600,
     )  # fmt: skip
     assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]

@@ -127,8 +127,8 @@ def make_sandbox(root: Path, fashion_mnist_slice: Path) -> dict[str, str]:
     """The files the examples name, and the environment they run in."""
     from PIL import Image
 
-    from pipeline.embed import write_embedding_set
-    from pipeline.fashion_mnist import ENV_VAR, load_split
+    from artifacts.embedding_set import write_embedding_set
+    from pipeline.data.fashion_mnist import ENV_VAR, load_split
 
     root.mkdir(parents=True)
     home = root / "home"

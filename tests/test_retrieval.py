@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.baselines import BASELINES, baseline_features, hog_features, standardise
-from pipeline.retrieval import RetrievalScores, majority_vote, retrieval_scores
+from pipeline.evaluate.baselines import BASELINES, baseline_features, hog_features, standardise
+from pipeline.evaluate.retrieval import RetrievalScores, majority_vote, retrieval_scores
 
 
 def naive_scores(bank: np.ndarray, bank_labels: np.ndarray, queries: np.ndarray, labels: np.ndarray) -> dict:

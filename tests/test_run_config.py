@@ -17,16 +17,16 @@ import torch
 from torch import nn
 
 from mocoplus.config import MoCoConfig
-from pipeline.augment import PRESETS as AUGMENT_PRESETS
-from pipeline.checkpoints import (
+from pipeline.data.augment import PRESETS as AUGMENT_PRESETS
+from pipeline.train.checkpoints import (
     checkpoint_dir,
     load_checkpoint,
     mark_best,
     resolve_checkpoint,
     save_checkpoint,
 )
-from pipeline.optim import LARS, build_optimizer, build_scheduler, lr_multiplier, parameter_groups
-from pipeline.run_config import (
+from pipeline.train.optim import LARS, build_optimizer, build_scheduler, lr_multiplier, parameter_groups
+from pipeline.train.run_config import (
     PRESET_DIR,
     DataConfig,
     EvalConfig,

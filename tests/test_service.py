@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from processes import free_port, stop
 
+from artifacts.index_bundle import INDEX_JSON
+from serving.app import Service, ServiceConfig, create_app
 from serving.batcher import BatcherConfig, MicroBatcher, QueueFullError
-from serving.index import INDEX_JSON
 from serving.payloads import Limits
-from serving.service import Service, ServiceConfig, create_app
 
 
 def make_client(bundle: Path, index: Path | None, *, raise_server_exceptions: bool = True, **overrides) -> TestClient:
@@ -364,7 +364,7 @@ def test_two_worker_processes_serve_the_same_embeddings(bundle, corpus):
 def test_serve_refuses_cuda_it_cannot_have_before_listening(bundle):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli.main import app
 
     result = CliRunner().invoke(app, ["serve", "--model", str(bundle), "--provider", "cuda", "--port", "1"])
     assert result.exit_code == 1 and "provider 'cuda' asked for" in result.stderr

@@ -26,13 +26,13 @@ from PIL import Image, ImageFile
 from processes import stop
 from test_service import make_client, png, start_server, upload, wait_ready
 
+import serving.app
 import serving.payloads
-import serving.service
+from artifacts.images import InvalidImageError, decode_image
+from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
+from serving.app import ServiceConfig, create_app
 from serving.guards import Gate
-from serving.images import InvalidImageError, decode_image
-from serving.index import INDEX_JSON, IndexBundle, IndexBundleError
 from serving.payloads import Limits, RequestError
-from serving.service import ServiceConfig, create_app
 
 LIMITS = Limits(max_images=8, max_image_bytes=200_000, max_body_bytes=1 << 20, max_json_tokens=100_000)
 SECONDS = 30  # the generous bound on anything the server must do "soon"
@@ -187,14 +187,14 @@ def test_a_gate_lets_slots_run_queues_a_few_and_refuses_the_rest():
 
 def test_decodes_beyond_the_slots_and_queue_get_503_with_retry_after(bundle, corpus, monkeypatch):
     entered, release = threading.Event(), threading.Event()
-    real_decode = serving.service.decode_images
+    real_decode = serving.app.decode_images
 
     def held_decode(*args):
         entered.set()
         release.wait(SECONDS)
         return real_decode(*args)
 
-    monkeypatch.setattr(serving.service, "decode_images", held_decode)
+    monkeypatch.setattr(serving.app, "decode_images", held_decode)
     limits = Limits(max_images=8, max_concurrent_decodes=1, max_waiting=1)
     image = upload(corpus["images"][corpus["keys"][0]])
     with make_client(bundle, None, limits=limits) as small:
@@ -292,7 +292,7 @@ def test_a_bug_is_a_one_line_500_without_internals(client, corpus, monkeypatch):
     async def broken(self, payload):
         raise RuntimeError(f"secret {corpus['index']}\nTraceback (most recent call last)")
 
-    monkeypatch.setattr(serving.service.Service, "search", broken)
+    monkeypatch.setattr(serving.app.Service, "search", broken)
     error = assert_error(client.post("/v1/search", json={"key": "x"}), 500, "internal server error")
     assert "secret" not in error and "Traceback" not in error
 

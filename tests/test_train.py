@@ -15,9 +15,10 @@ import torch
 from datasets import noise_image
 from test_data import _png, write_shard
 
-from pipeline.checkpoints import load_checkpoint, resolve_checkpoint
-from pipeline.run_config import load_config, with_data
-from pipeline.train import Trainer, state_fingerprint, train
+from pipeline.train.checkpoints import load_checkpoint, resolve_checkpoint
+from pipeline.train.run_config import load_config, with_data
+from pipeline.train.state import state_fingerprint
+from pipeline.train.trainer import Trainer, train
 
 BIN = Path(sys.executable).parent
 TINY = [
@@ -73,7 +74,7 @@ def test_a_short_run_logs_every_step_checkpoints_and_monitors_knn(fashion_shards
 
 def test_a_time_budget_ends_the_schedule_when_the_budget_is_spent(fashion_shards, tmp_path, monkeypatch):
     """A clock on which every step takes one second: a 50 s budget must end at step 50 with the LR at its end."""
-    monkeypatch.setattr(Trainer, "_now", lambda self: float(self.step))
+    monkeypatch.setattr(Trainer, "clock", lambda self: float(self.step))
     config = tiny_config(fashion_shards, "train.epochs=100", "train.time_budget=50", "train.checkpoint_every=100")
 
     result = train(config, tmp_path / "run", progress=False)
@@ -216,7 +217,7 @@ def test_state_fingerprint_sees_weights_and_queue_but_not_bn_statistics(fashion_
 def test_train_cli_errors_are_one_line(fashion_shards, tmp_path, args, message):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli.main import app
 
     (tmp_path / "run").mkdir()
     base = ["train", "--data", str(fashion_shards), "--out", str(tmp_path / "run"), "--no-progress"]
@@ -229,7 +230,7 @@ def test_train_cli_errors_are_one_line(fashion_shards, tmp_path, args, message):
 def test_train_cli_needs_training_shards(tmp_path):
     from typer.testing import CliRunner
 
-    from flows.cli import app
+    from flows.cli.main import app
 
     result = CliRunner().invoke(app, ["train", "--out", str(tmp_path / "run"), "--config", "fashion-mnist-cpu"])
     assert result.exit_code == 1 and "no training shards" in result.stderr

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from datasets import write_image
 
-from pipeline.artifacts import sha256_file
-from pipeline.ingest import IngestConfig, ingest
-from pipeline.shards import MANIFEST_NAME, read_manifest, resolve_shards
-from pipeline.verify import Problem, verify
+from artifacts.atomic import sha256_file
+from artifacts.shard_set import MANIFEST_NAME, read_manifest, resolve_shards
+from pipeline.data.config import IngestConfig
+from pipeline.data.ingest import ingest
+from pipeline.data.verify import Problem, verify
 
 SHARDS = ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar")
 # 12 images in class folders a (img00..img05) and b (img06..img11), 5 per shard, in sorted order

@@ -1,0 +1,224 @@
+"""The embedding set contract: its reader and its writer (`mocoplus embed`) — no torch here.
+
+An embedding set is a folder of parts, one per input shard (``part-N.npy``: a
+float32 or float16 matrix; ``part-N.json``: its keys, labels and skipped
+samples), and ``manifest.json``, written only once every part is complete.
+The index builder reads it in chunks, so memory stays bounded by one part and
+never by the corpus; the search command reads single rows by id to turn a
+``key:...`` query into its vector. Row ids are global: the parts in manifest
+order, rows in part order — the ids the index stores.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from artifacts.atomic import commit_file, package_version, prepare_out_dir, temp_path_for, write_json_atomic
+from artifacts.jsonfile import read_json
+
+EMBEDDINGS_MANIFEST = "manifest.json"
+EMBEDDINGS_KIND = "mocoplus.embeddings"
+
+
+class EmbeddingSetError(ValueError):
+    """An embedding set that is missing, incomplete, or inconsistent with its manifest."""
+
+
+@dataclass(frozen=True)
+class EmbeddingPart:
+    name: str
+    start: int  # global id of its first row
+    count: int
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count
+
+
+class EmbeddingSet:
+    """A complete embedding set: its manifest, its parts' row ranges, lazily memory-mapped matrices."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = Path(path)
+        manifest_path = self.path / EMBEDDINGS_MANIFEST
+        self.manifest: dict[str, Any] = read_json(
+            manifest_path,
+            EmbeddingSetError,
+            f"{self.path} is not a complete embedding set: no {EMBEDDINGS_MANIFEST} "
+            "(run mocoplus embed; with --num-shards, every share must finish)",
+        )
+        if self.manifest.get("kind") != EMBEDDINGS_KIND:
+            raise EmbeddingSetError(f"{manifest_path} is not an embedding-set manifest")
+        self.parts: list[EmbeddingPart] = []
+        start = 0
+        for entry in self.manifest["parts"]:
+            self.parts.append(EmbeddingPart(entry["part"], start, int(entry["count"])))
+            start += int(entry["count"])
+        if start != self.manifest["samples"]:
+            raise EmbeddingSetError(
+                f"{manifest_path}: parts hold {start} rows, the manifest says {self.manifest['samples']}"
+            )
+
+    @property
+    def count(self) -> int:
+        return int(self.manifest["samples"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["dim"])
+
+    @property
+    def bundle_hash(self) -> str:
+        return str(self.manifest["bundle_hash"])
+
+    @property
+    def normalized(self) -> bool:
+        return bool(self.manifest.get("normalized", False))
+
+    def matrix(self, part: EmbeddingPart) -> np.ndarray:
+        """The part's matrix, memory-mapped (nothing is read until rows are touched)."""
+        path = self.path / f"{part.name}.npy"
+        try:
+            matrix = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as error:
+            raise EmbeddingSetError(f"{path}: unreadable ({error})") from None
+        if matrix.shape != (part.count, self.dim):
+            raise EmbeddingSetError(f"{path}: shape {matrix.shape}, the manifest says ({part.count}, {self.dim})")
+        return matrix
+
+    def record(self, part: EmbeddingPart) -> dict[str, Any]:
+        path = self.path / f"{part.name}.json"
+        record = read_json(path, EmbeddingSetError, f"{path}: missing (the embedding set is damaged)")
+        if record.get("bundle_hash") != self.bundle_hash or len(record.get("keys", ())) != part.count:
+            raise EmbeddingSetError(f"{path} does not match {EMBEDDINGS_MANIFEST} (bundle hash or row count)")
+        return record
+
+    def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """(first global id, float32 rows) in id order, at most ``rows`` at a time."""
+        for part in self.parts:
+            matrix = self.matrix(part)
+            for offset in range(0, part.count, rows):
+                yield part.start + offset, np.ascontiguousarray(matrix[offset : offset + rows], dtype=np.float32)
+
+    def ordered(self, order: np.ndarray, rows: int = 65536, start: int = 0) -> Iterator[tuple[int, np.ndarray]]:
+        """(position, float32 rows) for the row ids ``order`` in that order, at most ``rows`` at a time.
+
+        Positions count from ``start``: the ids an index gives the rows it adds.
+        """
+        for offset in range(0, len(order), rows):
+            yield start + offset, self.rows(order[offset : offset + rows])
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """float32 rows for global ``ids`` (any order), reading only the parts they fall in."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.count):
+            raise IndexError(f"row ids must lie in [0, {self.count})")
+        out = np.empty((len(ids), self.dim), dtype=np.float32)
+        starts = np.array([part.start for part in self.parts], dtype=np.int64)
+        owner = np.searchsorted(starts, ids, side="right") - 1
+        for index in np.unique(owner):
+            part = self.parts[int(index)]
+            mine = np.flatnonzero(owner == index)
+            out[mine] = self.matrix(part)[ids[mine] - part.start]
+        return out
+
+    def keys_and_labels(self) -> tuple[list[str], np.ndarray]:
+        """Every row's key and label (−1 where a sample had none), in id order."""
+        keys: list[str] = []
+        labels: list[int] = []
+        for part in self.parts:
+            record = self.record(part)
+            keys += record["keys"]
+            labels += [-1 if label is None else int(label) for label in record["labels"]]
+        return keys, np.asarray(labels, dtype=np.int64)
+
+
+# --- the writer side: parts, then the manifest over them ------------------------------------------
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}"
+
+
+def part_is_done(out_dir: Path, index: int, expected: dict[str, Any], dim: int) -> bool:
+    """A part is done when its JSON (written last) holds ``expected``'s fields and its matrix fits [count, dim]."""
+    record_path, matrix_path = out_dir / f"{part_name(index)}.json", out_dir / f"{part_name(index)}.npy"
+    try:
+        record = json.loads(record_path.read_text())
+        matrix = np.load(matrix_path, mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return all(record.get(name) == value for name, value in expected.items()) and matrix.shape == (
+        record.get("count"),
+        dim,
+    )
+
+
+def write_part(out_dir: Path, index: int, matrix: np.ndarray, record: dict[str, Any], fp16: bool) -> None:
+    """The part's matrix, then its JSON: a part with its JSON is complete (each file renamed into place)."""
+    matrix_path = out_dir / f"{part_name(index)}.npy"
+    temp = temp_path_for(matrix_path)
+    try:
+        with open(temp, "wb") as handle:
+            np.save(handle, matrix.astype(np.float16 if fp16 else np.float32))
+        commit_file(temp, matrix_path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    write_json_atomic(out_dir / f"{part_name(index)}.json", record)
+
+
+def write_manifest(out_dir: Path, urls: list[str], source: tuple[str, str, bool], dim: int, dtype: str) -> None:
+    """The manifest over finished parts, written last; ``source`` is (model path, bundle hash, normalized)."""
+    model, hash_, normalized = source
+    parts = []
+    for index, url in enumerate(urls):
+        record = json.loads((out_dir / f"{part_name(index)}.json").read_text())
+        parts.append(
+            {"part": part_name(index), "source": url, "count": record["count"], "skipped": len(record["skipped"])}
+        )
+    samples = sum(part["count"] for part in parts)
+    skipped = sum(part["skipped"] for part in parts)
+    manifest = {
+        "format": 1,
+        "kind": EMBEDDINGS_KIND,
+        "version": package_version(),
+        "model": model,
+        "bundle_hash": hash_,
+        "dim": dim,
+        "dtype": dtype,
+        "normalized": normalized,
+        "samples": samples,
+        "skipped": skipped,
+        "inputs": samples + skipped,
+        "parts": parts,
+    }
+    write_json_atomic(out_dir / EMBEDDINGS_MANIFEST, manifest)
+
+
+def write_embedding_set(
+    out_dir: Path, vectors: np.ndarray, *, bundle_hash: str, parts: int = 1, labels: np.ndarray | None = None
+) -> Path:
+    """Vectors made elsewhere (synthetic benchmarks, tests) as an embedding set: keys ``v0``, ``v1``, ..."""
+    out_dir = prepare_out_dir(Path(out_dir))
+    vectors = np.asarray(vectors, dtype=np.float32)
+    labels = np.full(len(vectors), -1) if labels is None else np.asarray(labels)
+    bounds = np.linspace(0, len(vectors), parts + 1).round().astype(int)
+    names = [f"vectors-{index}" for index in range(parts)]
+    for index, (start, stop) in enumerate(itertools.pairwise(bounds)):
+        keys = [f"v{row}" for row in range(start, stop)]
+        record = {"source": names[index], "source_bytes": None, "bundle_hash": bundle_hash, "dtype": "float32",
+                  "dim": vectors.shape[1], "count": int(stop - start), "keys": keys,
+                  "labels": labels[start:stop].tolist(), "skipped": []}  # fmt: skip
+        write_part(out_dir, index, vectors[start:stop], record, fp16=False)
+    norms = np.linalg.norm(vectors, axis=1)
+    normalized = bool(len(vectors)) and bool(np.allclose(norms, 1, atol=1e-3))
+    write_manifest(out_dir, names, ("", bundle_hash, normalized), vectors.shape[1], "float32")
+    return out_dir

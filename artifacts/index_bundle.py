@@ -1,0 +1,292 @@
+"""The index bundle contract: open one and search it, and write one (`mocoplus index`) — no torch here.
+
+An index bundle is ``index.faiss`` (the FAISS index), ``keys.json`` (id →
+sample key), ``labels.npy`` (id → label, −1 for none), ``rows.npy`` (id → row
+of the embedding set) and ``index.json`` (factory string, metric, tuned search
+parameter, measured recall@k and QPS, build times, the model bundle hash).
+The search CLI and the service open bundles through `IndexBundle`, so both
+refuse an index made with another model, read the index memory-mapped where
+FAISS can (flat codes and IVF lists are then paged in on demand, not loaded),
+and report scores the same way: similarities, higher is closer — the inner
+product for ``ip`` indexes, the negated squared distance for ``l2`` ones.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from artifacts.files import read_npy, read_regular_file
+from artifacts.jsonfile import MAX_JSON_BYTES, read_json
+
+INDEX_FORMAT = 1
+INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
+ROWS_FILE = "rows.npy"  # index id → row of the embedding set it came from
+INDEX_KIND = "mocoplus.index"
+SEARCH_PARAMETERS = ("nprobe", "efSearch")  # what index.json's "search" may tune: IVF's and HNSW's
+
+
+class IndexBundleError(ValueError):
+    """An index bundle that is missing, damaged, or does not belong to the model it is used with."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    rank: int
+    id: int
+    key: str
+    label: int
+    score: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "key": self.key,
+            "label": None if self.label < 0 else self.label,
+            "score": self.score,
+        }
+
+
+def gpu_index(index: faiss.Index) -> faiss.Index:
+    """A copy of ``index`` on all visible GPUs; a clear error without faiss-gpu, a GPU, or GPU support for the kind."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        raise IndexBundleError("--gpu needs faiss-gpu (pip install 'mocoplus[gpu]'); this FAISS build is CPU-only")
+    if faiss.get_num_gpus() < 1:
+        raise IndexBundleError("--gpu: faiss-gpu sees no CUDA device")
+    if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
+        raise IndexBundleError("--gpu: FAISS has no GPU HNSW index; drop --gpu or use --kind ivf")
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def read_index_json(path: Path) -> dict[str, Any]:
+    info_path = Path(path) / INDEX_JSON
+    info = read_json(info_path, IndexBundleError, f"{path} is not an index bundle: no {INDEX_JSON}")
+    if info.get("kind") != INDEX_KIND or info.get("format") != INDEX_FORMAT:
+        raise IndexBundleError(f"{info_path} is not a format-{INDEX_FORMAT} mocoplus index description")
+    for name, kind, least in (("count", int, 0), ("dim", int, 1), ("bundle_hash", str, None)):
+        value = info.get(name)
+        if not isinstance(value, kind) or isinstance(value, bool) or (least is not None and value < least):
+            rule = f"an integer >= {least}" if least is not None else "a string"
+            raise IndexBundleError(f"{info_path}: {name!r} must be {rule}; got {str(value)[:40]!r}")
+    return info
+
+
+class IndexBundle:
+    """A loaded index bundle: the FAISS index, its id → key/label maps, and its description."""
+
+    def __init__(self, path: Path | str, *, gpu: bool = False, mmap: bool = True) -> None:
+        self.path = Path(path)
+        self.info = read_index_json(self.path)
+        self.index = _read_faiss(self.path / INDEX_FILE, mmap)
+        try:
+            self.keys: list[str] = json.loads(read_regular_file(self.path / KEYS_FILE, MAX_JSON_BYTES))
+            self.labels: np.ndarray = read_npy(self.path / LABELS_FILE, MAX_JSON_BYTES)
+            self.rows: np.ndarray = read_npy(self.path / ROWS_FILE, MAX_JSON_BYTES)
+        except (ValueError, RecursionError) as error:  # UnreadableFileError and JSONDecodeError are ValueErrors
+            raise IndexBundleError(f"{self.path}: id map unreadable ({str(error)[:200]})") from None
+        if not isinstance(self.keys, list):
+            raise IndexBundleError(f"{self.path}: id map unreadable ({KEYS_FILE} is not a list)")
+        if not (len(self.keys) == len(self.labels) == len(self.rows) == self.index.ntotal == self.info["count"]):
+            raise IndexBundleError(
+                f"{self.path}: {self.index.ntotal} vectors, {len(self.keys)} keys, {len(self.labels)} labels, "
+                f"{len(self.rows)} rows, "
+                f"index.json says {self.info['count']}: the bundle is damaged"
+            )
+        if self.index.d != self.info["dim"]:
+            raise IndexBundleError(f"{self.path}: index dimension {self.index.d}, index.json says {self.info['dim']}")
+        self._id_of: dict[str, int] | None = None
+        self._parameter, self._params = _search_settings(self.info, self.path / INDEX_JSON)
+        if gpu:
+            self.index = gpu_index(self.index)
+        for name, value in self._params.items():
+            try:
+                faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+            except RuntimeError:
+                raise IndexBundleError(
+                    f"{self.path / INDEX_JSON}: {name} does not apply to a {self.info.get('index_kind')} index"
+                ) from None
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    @property
+    def metric(self) -> str:
+        return str(self.info["metric"])
+
+    @property
+    def bundle_hash(self) -> str:
+        return str(self.info["bundle_hash"])
+
+    @property
+    def search_parameter(self) -> str | None:
+        return self._parameter
+
+    @property
+    def tuned_effort(self) -> int | None:
+        """The tuned ``nprobe``/``efSearch`` a search uses without an override (None: exact, or untuned)."""
+        return self._params.get(self._parameter) if self._parameter else None
+
+    def check_model(self, model_hash: str, model_path: object = "the model") -> None:
+        """Refuse a model other than the one whose embeddings this index holds."""
+        if model_hash != self.bundle_hash:
+            raise IndexBundleError(
+                f"index {self.path} was built from embeddings of model bundle {self.bundle_hash[:12]}, "
+                f"but {model_path} is bundle {model_hash[:12]}: its vectors would not be comparable; "
+                "re-embed and re-index with this model, or search with the model the index was built with"
+            )
+
+    def set_search_parameter(self, value: int | None) -> None:
+        """Override the tuned ``nprobe``/``efSearch`` (None: keep the tuned value)."""
+        if value is None:
+            return
+        if self.search_parameter is None:
+            raise IndexBundleError(f"a {self.info['index_kind']} index is exact: it has no search parameter to set")
+        if value < 1:
+            raise IndexBundleError(f"{self.search_parameter} must be >= 1; got {value}")
+        faiss.ParameterSpace().set_index_parameter(self.index, self.search_parameter, int(value))
+
+    def id_of(self, key: str) -> int:
+        if self._id_of is None:
+            self._id_of = {key: position for position, key in enumerate(self.keys)}
+        if key not in self._id_of:
+            raise KeyError(f"no sample with key {key!r} in index {self.path}")
+        return self._id_of[key]
+
+    def vector_of(self, key: str) -> np.ndarray:
+        """The stored vector for a corpus ``key``: from the embedding set when it is still there, else the index."""
+        row = self.id_of(key)
+        from artifacts.embedding_set import EmbeddingSet, EmbeddingSetError
+
+        source = self.info.get("embeddings", {}).get("path")
+        if source:
+            try:
+                embeddings = EmbeddingSet(source)
+                if embeddings.bundle_hash == self.bundle_hash and embeddings.count == self.index.ntotal:
+                    return embeddings.rows(self.rows[row : row + 1])[0]
+            except (EmbeddingSetError, OSError):
+                pass
+        return _reconstruct(self.index, row)
+
+    def search_parameters(self, value: int | None) -> tuple[faiss.SearchParameters | None, object]:
+        """Per-call parameters for ``nprobe``/``efSearch`` = ``value`` (None: the tuned setting).
+
+        Unlike `set_search_parameter`, these leave the index untouched, so concurrent
+        requests with different overrides do not race. The second item keeps the inner
+        parameters alive while FAISS holds a pointer to them.
+        """
+        if value is None:
+            return None, None
+        if self.search_parameter is None:
+            raise IndexBundleError(f"a {self.info['index_kind']} index is exact: it has no search parameter to set")
+        if value < 1:
+            raise IndexBundleError(f"{self.search_parameter} must be >= 1; got {value}")
+        if self.search_parameter == "nprobe":
+            inner = faiss.SearchParametersIVF()
+            inner.nprobe = int(value)
+        else:
+            inner = faiss.SearchParametersHNSW()
+            inner.efSearch = int(value)
+        if isinstance(self.index, faiss.IndexPreTransform):
+            outer = faiss.SearchParametersPreTransform()
+            outer.index_params = inner
+            return outer, inner
+        return inner, inner
+
+    def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list[list[Hit]]:
+        """Top-``k`` hits for each row of ``vectors`` (float32 ``[N, dim]``), best first.
+
+        ``effort`` overrides the tuned ``nprobe``/``efSearch`` for this call only.
+        """
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise ValueError(f"query vectors must be [N, {self.dim}]; got shape {list(vectors.shape)}")
+        if not np.isfinite(vectors).all():
+            raise ValueError("query vectors contain NaN or infinity")
+        if k < 1:
+            raise ValueError(f"k must be >= 1; got {k}")
+        params, _keep = self.search_parameters(effort)
+        scores, ids = self.index.search(vectors, min(k, self.index.ntotal), params=params)
+        if self.metric == "l2":
+            scores = -scores
+        return [
+            [
+                Hit(rank, int(i), self.keys[i], int(self.labels[i]), float(score))
+                for rank, (i, score) in enumerate(
+                    ((i, s) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0), 1
+                )
+            ]
+            for row_ids, row_scores in zip(ids, scores, strict=True)
+        ]
+
+
+def _search_settings(info: dict[str, Any], where: Path) -> tuple[str | None, dict[str, int]]:
+    """index.json's ``search``: the tunable parameter and its tuned value, checked before FAISS sees them.
+
+    FAISS takes any name and any value (``efSearch: -5`` answers with one wrong hit), and a malformed
+    ``search`` would surface later as a traceback, so each is refused here with one line.
+    """
+    search = info.get("search", {})
+    if not isinstance(search, dict):
+        raise IndexBundleError(f"{where}: 'search' must be an object; got {json.dumps(search)}")
+    parameter, params = search.get("parameter"), search.get("params", {})
+    if parameter is not None and parameter not in SEARCH_PARAMETERS:
+        raise IndexBundleError(
+            f"{where}: unknown search parameter {parameter!r}; known: {', '.join(SEARCH_PARAMETERS)}"
+        )
+    if not isinstance(params, dict):
+        raise IndexBundleError(f"{where}: 'search.params' must be an object; got {json.dumps(params)}")
+    for name, value in params.items():
+        if name != parameter:
+            expected = f"only {parameter!r}" if parameter else "none (the index is exact)"
+            raise IndexBundleError(f"{where}: search parameter {name!r} is not this index's; expected {expected}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise IndexBundleError(f"{where}: search parameter {name} must be an integer >= 1; got {value!r}")
+    return parameter, dict(params)
+
+
+def _read_faiss(path: Path, mmap: bool) -> faiss.Index:
+    if not path.is_file():
+        raise IndexBundleError(f"{path.parent} is not an index bundle: no {path.name}")
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR  # a merged on-disk index finds its .ivfdata beside it
+    if mmap:
+        flags |= faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+    try:
+        return faiss.read_index(str(path), flags)
+    except RuntimeError:
+        if not mmap:
+            raise IndexBundleError(f"{path}: not a readable FAISS index") from None
+    try:  # some index types cannot be memory-mapped: read them into memory
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    except RuntimeError:
+        raise IndexBundleError(f"{path}: not a readable FAISS index") from None
+
+
+def _reconstruct(index: faiss.Index, row: int) -> np.ndarray:
+    try:
+        return index.reconstruct(row)
+    except RuntimeError:  # IVF indexes need their id → list map first
+        ivf = faiss.extract_index_ivf(index)
+        ivf.make_direct_map()
+        return index.reconstruct(row)
+
+
+# --- the writer side (`mocoplus index`) -------------------------------------------------------------
+
+
+def write_index_files(folder: Path, index: faiss.Index, keys: list[str], labels: np.ndarray, rows: np.ndarray) -> None:
+    """The index and its id maps into a bundle folder being built: id i is embedding-set row ``rows[i]``."""
+    faiss.write_index(index, str(folder / INDEX_FILE))
+    (folder / KEYS_FILE).write_text(json.dumps([keys[row] for row in rows]))
+    np.save(folder / LABELS_FILE, labels[rows])
+    np.save(folder / ROWS_FILE, rows)
+
+
+def write_index_json(folder: Path, info: dict[str, Any]) -> None:
+    """``index.json`` last: the bundle folder is renamed into place after it (`artifacts.atomic.building_dir`)."""
+    (folder / INDEX_JSON).write_text(json.dumps(info, indent=2) + "\n")

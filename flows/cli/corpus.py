@@ -1,0 +1,214 @@
+"""The corpus commands: ``mocoplus embed`` (shards → embedding set), ``index`` (→ index bundle), ``search``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from artifacts.model_bundle import Provider
+from flows.cli.errors import one_line_errors
+from flows.cli.options import byte_size, byte_text, choice, from_env, progress_option
+from pipeline.embed.config import EmbedConfig
+from pipeline.index.config import IndexConfig
+from pipeline.index.plan import IndexKind, Metric
+
+commands = typer.Typer()
+
+
+@commands.command(
+    "embed",
+    help=(
+        "Embed every sample of a shard set with a model bundle: one part (.npy matrix + .json keys, labels,\n"
+        "skipped samples) per input shard, then manifest.json. Reruns skip finished parts.\n\n"
+        "Examples:\n\n"
+        "  mocoplus embed models/fmnist --data shards/fmnist-train --out emb/fmnist-train\n\n"
+        "  mocoplus embed models/fmnist --data shards/big --out /shared/emb --shard-index 0 --num-shards 4   # 1 of 4"
+    ),
+)
+@one_line_errors
+def embed_command(
+    model: Annotated[Path, typer.Argument(help="A model bundle (from mocoplus export).")],
+    data: Annotated[str, typer.Option(help="Shards to embed (folder, manifest, .tar, brace pattern, pipe:).")],
+    out: Annotated[Path, typer.Option(help="The embedding set folder.")],
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per ONNX Runtime call.")] = EmbedConfig.batch_size,
+    workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = EmbedConfig.workers,
+    provider: Annotated[
+        Provider,
+        typer.Option(parser=choice(Provider, "provider"), help="cpu or cuda (a hard error if CUDA is unavailable)."),
+    ] = EmbedConfig.provider,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Store float16 vectors (half the disk).")] = EmbedConfig.fp16,
+    shard_index: Annotated[
+        int | None, typer.Option(min=0, help="This process's share of the shards (default: $RANK, else 0) ...")
+    ] = None,
+    num_shards: Annotated[
+        int | None, typer.Option(min=1, help="... out of this many processes (default: $WORLD_SIZE, else 1).")
+    ] = None,
+    progress: Annotated[bool, progress_option()] = True,
+) -> None:
+    """Embed a shard set with a model bundle."""
+    from pipeline.embed.embed import embed
+
+    config = EmbedConfig(
+        batch_size=batch_size,
+        workers=workers,
+        provider=provider,
+        fp16=fp16,
+        shard_index=from_env(shard_index, "RANK", EmbedConfig.shard_index),
+        num_shards=from_env(num_shards, "WORLD_SIZE", EmbedConfig.num_shards),
+    )
+    result = embed(model, data, out, config, progress=progress)
+    state = "complete, manifest written" if result.complete else "other shares still to run"
+    typer.echo(
+        f"{result.out_dir}: {result.parts_written} parts written ({result.samples:,} samples, "
+        f"{result.skipped_samples} skipped), {result.parts_skipped} already done; {state}"
+    )
+
+
+@commands.command(
+    "index",
+    help=(
+        "Build a FAISS index bundle from an embedding set: index.faiss, keys.json, labels.npy, index.json.\n\n"
+        "--kind auto picks by size and memory budget: Flat (exact) up to 50k vectors, HNSW32 up to 2M,\n"
+        "IVF-Flat while the raw vectors fit the budget, OPQ + IVF-PQ beyond. The search parameter (nprobe,\n"
+        "efSearch) is tuned to the smallest value whose recall@k against exact search on held-out queries\n"
+        "reaches --target-recall; index.json records it with the measured recall, QPS and build times.\n\n"
+        "Examples:\n\n"
+        "  mocoplus index emb/fmnist --out indexes/fmnist\n\n"
+        "  mocoplus index emb/web --out indexes/web --kind ivfpq --memory-budget 2G --target-recall 0.9\n\n"
+        "  mocoplus index emb/web --out indexes/web --kind ivf --num-shards 8   # sharded build, merged"
+    ),
+)
+@one_line_errors
+def index_command(
+    embeddings: Annotated[Path, typer.Argument(help="An embedding set (from mocoplus embed).")],
+    out: Annotated[Path, typer.Option(help="The index bundle folder to create (must not exist, or be empty).")],
+    kind: Annotated[
+        IndexKind, typer.Option(parser=choice(IndexKind, "index kind"), help="auto, flat, hnsw, ivf or ivfpq.")
+    ] = IndexConfig.kind,
+    metric: Annotated[
+        Metric,
+        typer.Option(parser=choice(Metric, "metric"), help="ip (inner product: cosine on normalised vectors) or l2."),
+    ] = IndexConfig.metric,
+    target_recall: Annotated[
+        float, typer.Option(help="recall@k against exact search to tune for.")
+    ] = IndexConfig.target_recall,
+    k: Annotated[int, typer.Option("--k", min=1, help="The k of recall@k.")] = IndexConfig.k,
+    memory_budget: Annotated[str, typer.Option(help="Memory the index may use, e.g. 4G or 512M.")] = byte_text(
+        IndexConfig.memory_budget
+    ),
+    queries: Annotated[int, typer.Option(min=1, help="Held-out queries for tuning.")] = IndexConfig.queries,
+    num_shards: Annotated[
+        int, typer.Option(min=1, help="Build IVF shards on one trained index, then merge.")
+    ] = IndexConfig.num_shards,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Train, add and tune on GPU (needs faiss-gpu).")] = IndexConfig.gpu,
+    progress: Annotated[bool, progress_option()] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print index.json instead of a summary.")] = False,
+) -> None:
+    """Build, tune and write a FAISS index for an embedding set."""
+    from pipeline.index.build import build_index
+
+    config = IndexConfig(
+        kind=kind,
+        metric=metric,
+        target_recall=target_recall,
+        k=k,
+        memory_budget=byte_size(memory_budget),
+        queries=queries,
+        num_shards=num_shards,
+        gpu=gpu,
+    )
+    result = build_index(embeddings, out, config, progress=progress)
+    info = result.info
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    if result.up_to_date:
+        typer.echo(f"{out}: already up to date (built from these embeddings with these options)")
+        return
+    report, build = info["recall_at_k"], info["build"]
+    params = ", ".join(f"{name}={value}" for name, value in info["search"]["params"].items()) or "exact"
+    typer.echo(
+        f"{out}: {info['factory']} ({info['reason']}), {info['count']:,} vectors, {info['bytes'] / 2**20:.1f} MiB, "
+        f"built in {build['total_seconds']:.1f} s; {params}: recall@{report['k']} {report['recall']:.3f} "
+        f"(target {report.get('target', 1.0)}) at {report.get('qps', 0):,.0f} queries/s"
+    )
+    if not report.get("target_met", True):
+        typer.echo(f"warning: the target recall was not reached; {report['recall']:.3f} is the best this index gives")
+
+
+@commands.command(
+    "search",
+    help=(
+        "Search an index bundle with images, corpus keys or vectors.\n\n"
+        "QUERY is an image file, key:KEY (a sample of the indexed corpus) or a .npy of vectors ([D] or [N, D]).\n"
+        "Scores are similarities, higher is closer. A query that cannot be read is reported and the others go\n"
+        "on; the exit code is 1 if any failed.\n\n"
+        "Examples:\n\n"
+        "  mocoplus search indexes/fmnist --model models/fmnist shirt.png\n\n"
+        "  mocoplus search indexes/fmnist --model models/fmnist key:train_00042 -k 5 --json\n\n"
+        "  mocoplus search indexes/fmnist --model models/fmnist queries.npy --nprobe 32"
+    ),
+)
+@one_line_errors
+def search_command(
+    index: Annotated[Path, typer.Argument(help="An index bundle (from mocoplus index).")],
+    queries: Annotated[list[str], typer.Argument(help="Image files, key:KEY, or .npy files of vectors.")],
+    model: Annotated[Path, typer.Option(help="The model bundle the index was built with.")],
+    k: Annotated[int, typer.Option("-k", "--k", min=1, help="Results per query.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per query.")] = False,
+    nprobe: Annotated[int | None, typer.Option(min=1, help="Override the tuned nprobe (IVF indexes).")] = None,
+    ef: Annotated[int | None, typer.Option(min=1, help="Override the tuned efSearch (HNSW indexes).")] = None,
+    gpu: Annotated[bool, typer.Option("--gpu", help="Search on GPU (needs faiss-gpu).")] = False,
+    provider: Annotated[
+        Provider,
+        typer.Option(parser=choice(Provider, "provider"), help="ONNX Runtime provider for image queries: cpu or cuda."),
+    ] = "cpu",
+) -> None:
+    """Search an index with images, keys or vectors."""
+    import numpy as np
+
+    from artifacts.index_bundle import IndexBundle
+    from artifacts.model_bundle import ModelBundle
+    from pipeline.search import resolve_queries
+
+    bundle = ModelBundle(model, provider=provider)
+    searcher = IndexBundle(index, gpu=gpu)
+    searcher.check_model(bundle.hash, model)
+    override = _search_override(searcher.search_parameter, nprobe, ef)
+    searcher.set_search_parameter(override)
+    resolved = resolve_queries(queries, searcher, bundle.embed, bundle.size)
+    good = [query for query in resolved if query.vector is not None]
+    hits = iter(searcher.search(np.stack([query.vector for query in good]), k) if good else [])
+    console, errors = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
+    for query in resolved:
+        if query.vector is None:
+            if as_json:
+                typer.echo(json.dumps({"query": query.name, "error": query.error}))
+            errors.print(f"error: {query.name}: {query.error}", markup=False)
+            continue
+        results = next(hits)
+        if as_json:
+            typer.echo(json.dumps({"query": query.name, "results": [hit.as_dict() for hit in results]}))
+            continue
+        table = Table(title=query.name, title_justify="left")
+        for column in ("rank", "key", "label", "score"):
+            table.add_column(column, justify="left" if column == "key" else "right")
+        for hit in results:
+            table.add_row(str(hit.rank), hit.key, "" if hit.label < 0 else str(hit.label), f"{hit.score:.4f}")
+        console.print(table)
+    if len(good) < len(resolved):
+        raise typer.Exit(code=1)
+
+
+def _search_override(parameter: str | None, nprobe: int | None, ef: int | None) -> int | None:
+    """The one override that fits the index's search parameter; a clear error for the other."""
+    if nprobe is not None and parameter != "nprobe":
+        raise ValueError(f"--nprobe applies to IVF indexes; this index's parameter is {parameter or 'none (exact)'}")
+    if ef is not None and parameter != "efSearch":
+        raise ValueError(f"--ef applies to HNSW indexes; this index's parameter is {parameter or 'none (exact)'}")
+    return nprobe if nprobe is not None else ef

@@ -1,0 +1,121 @@
+"""The data commands: ``mocoplus ingest`` (images → shard set) and ``mocoplus verify`` (shard set → report)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from flows.cli.errors import fail, one_line_errors
+from flows.cli.options import byte_size, byte_text, choice, progress_option
+from pipeline.data.config import ImageFormat, IngestConfig
+
+commands = typer.Typer()
+
+
+@commands.command(
+    "ingest",
+    epilog=(
+        "Examples:\n\n"
+        "  mocoplus ingest fashion-mnist:train --out shards/fmnist-train\n\n"
+        "  mocoplus ingest ~/photos --out shards/photos --format jpg --max-side 512 --shard-size 2000\n\n"
+        "  mocoplus ingest images.csv --out shards/listed   # CSV with a 'path' and an optional 'label' column"
+    ),
+)
+@one_line_errors(interrupted="interrupted; rerun the same command to resume from the last finished shard")
+def ingest_command(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="An image folder (class subfolders → labels), a .txt/.csv list of paths, "
+            "or fashion-mnist[:train|:test]."
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the shards and manifest.json.")],
+    shard_size: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = IngestConfig.shard_size,
+    shard_bytes: Annotated[
+        str, typer.Option(help="Byte cap per shard (e.g. 512M, 1G); a shard closes at whichever limit comes first.")
+    ] = byte_text(IngestConfig.shard_bytes),
+    image_format: Annotated[
+        ImageFormat,
+        typer.Option(
+            "--format",
+            parser=choice(ImageFormat, "format"),
+            help="Stored image format: png, jpg, webp, or keep (original bytes if possible).",
+        ),
+    ] = IngestConfig.image_format,
+    max_side: Annotated[int | None, typer.Option(min=1, help="Shrink images whose longer side exceeds this.")] = None,
+    max_pixels: Annotated[
+        int, typer.Option(min=1, help="Reject images with more pixels than this (decompression bombs).")
+    ] = IngestConfig.max_pixels,
+    max_file_bytes: Annotated[
+        str, typer.Option(help="Skip files larger than this (e.g. 256M), checked before reading them.")
+    ] = byte_text(IngestConfig.max_file_bytes),
+    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
+    name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = IngestConfig.name,
+    overwrite: Annotated[bool, typer.Option(help="Replace a shard set made from other input.")] = False,
+    progress: Annotated[bool, progress_option()] = True,
+) -> None:
+    """Write images as WebDataset shards with a manifest; bad inputs are skipped and listed, never fatal."""
+    from pipeline.data.ingest import ingest
+
+    settings = {"workers": workers} if workers is not None else {}
+    config = IngestConfig(
+        shard_size=shard_size,
+        shard_bytes=byte_size(shard_bytes),
+        image_format=image_format,
+        max_side=max_side,
+        max_pixels=max_pixels,
+        max_file_bytes=byte_size(max_file_bytes),
+        name=name,
+        overwrite=overwrite,
+        **settings,
+    )
+    result = ingest(source, out, config, progress=progress)
+
+    manifest = result.manifest
+    console = Console(soft_wrap=True)
+    if manifest.skipped:
+        table = Table(title=f"skipped inputs ({len(manifest.skipped):,}; all listed in manifest.json)")
+        table.add_column("input", overflow="fold")
+        table.add_column("reason", overflow="fold")
+        for item in manifest.skipped[:20]:
+            table.add_row(item.input, item.reason)
+        console.print(table)
+    size = sum(shard.bytes for shard in manifest.shards) / 2**20
+    state = "already up to date" if result.up_to_date else f"{result.images_per_s:,.0f} inputs/s"
+    if result.resumed_inputs and not result.up_to_date:
+        state += f" (resumed after {result.resumed_inputs:,} inputs)"
+    console.print(
+        f"{manifest.inputs:,} inputs → {manifest.written:,} samples in {len(manifest.shards)} shards "
+        f"({size:,.1f} MiB) · {len(manifest.skipped):,} skipped · {state} · {result.out_dir / 'manifest.json'}",
+        highlight=False,
+    )
+    if manifest.written == 0:
+        raise fail(f"nothing usable was written: all {manifest.inputs:,} inputs were skipped")
+
+
+@commands.command(
+    "verify",
+    epilog="Examples:\n\n  mocoplus verify shards/fmnist-train\n\n  mocoplus verify shards/fmnist-train --quick",
+)
+@one_line_errors
+def verify_command(
+    shards: Annotated[Path, typer.Argument(help="A shard set folder (with manifest.json).")],
+    quick: Annotated[bool, typer.Option(help="Check hashes, counts and labels only; skip decoding images.")] = False,
+    progress: Annotated[bool, progress_option()] = True,
+) -> None:
+    """Check every shard's sha256 and count against the manifest and decode every sample."""
+    from pipeline.data.verify import verify
+
+    report = verify(shards, quick=quick, progress=progress)
+    for problem in report.problems:
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"bad: {problem}", markup=False)
+    checked = "hashes and counts" if quick else f"hashes, counts and {report.decoded:,} decoded images"
+    summary = f"{report.shards} shards, {report.samples:,} samples: {checked}"
+    if not report.ok:
+        raise fail(f"{summary}; {len(report.problems):,} problems")
+    Console(highlight=False).print(f"ok: {summary}")

@@ -1,0 +1,224 @@
+"""The run commands: ``mocoplus train`` (shards → run), ``evaluate`` (run → scores), ``export`` (run → bundle)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from flows.cli.errors import one_line_errors
+from flows.cli.options import choice, progress_option
+from flows.cli.tables import retrieval_table
+from pipeline.export.config import EncoderChoice, ExportConfig, HeadChoice, QuantizeChoice
+
+commands = typer.Typer()
+
+GRID_HELP = "Pool the embedding over a grid×grid grid (default: the run's)."
+
+
+@commands.command(
+    "train",
+    epilog=(
+        "Examples:\n\n"
+        "  mocoplus train --data shards/fmnist-train --eval shards/fmnist-test --out runs/fmnist "
+        "--config fashion-mnist-cpu\n\n"
+        "  mocoplus train --data shards/fmnist-train --out runs/quick --config fashion-mnist-cpu "
+        "--set train.epochs=1 --set model.negatives=topk\n\n"
+        "  mocoplus train --out runs/fmnist --resume      # continue from the newest checkpoint\n\n"
+        "  torchrun --nproc_per_node=2 --no-python mocoplus train --data SHARDS --out RUN --config cifar-resnet18"
+    ),
+)
+@one_line_errors(interrupted="interrupted; the newest checkpoint is in --out (continue with --resume)")
+def train_command(
+    out: Annotated[Path, typer.Option("--out", help="Run folder: config.json, checkpoints/, metrics.jsonl.")],
+    data: Annotated[
+        str | None, typer.Option(help="Training shards (a shard set folder, brace pattern, pipe: URL).")
+    ] = None,
+    eval_shards: Annotated[
+        str | None, typer.Option("--eval", help="Held-out labelled shards for the kNN monitor at each epoch's end.")
+    ] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(help="A preset (fashion-mnist-cpu, cifar-resnet18, imagenet-resnet50) or a TOML/JSON file."),
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its newest checkpoint.")] = False,
+    progress: Annotated[
+        bool, typer.Option(help="Show progress on rank 0 (a bar on a terminal, lines otherwise).")
+    ] = True,
+) -> None:
+    """Pretrain MoCoPlus on shards: one CPU/GPU, or every process of a torchrun launch."""
+    from pipeline.train.run_config import load_config, with_data
+    from pipeline.train.trainer import CONFIG_NAME, train
+
+    spec = config if config or not resume else str(out / CONFIG_NAME)
+    if resume and not config and not (out / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{out} holds no run to resume (no {CONFIG_NAME}, no checkpoints)")
+    run_config = load_config(spec, overrides or [])
+    changes = {"train": data} if data else {}
+    if eval_shards:
+        changes["eval_queries"] = eval_shards
+    run_config = with_data(run_config, **changes)
+    result = train(run_config, out, resume=resume, progress=progress)
+    knn = f" · kNN top-1 {result.knn_top1:.2%}" if result.knn_top1 is not None else ""
+    stopped = f" · stopped by {result.stopped_by} (checkpoint written; --resume continues)" if result.stopped_by else ""
+    Console(soft_wrap=True, highlight=False).print(
+        f"step {result.steps} · epoch {result.epoch} · loss {result.final_loss:.3f} · "
+        f"{result.images_per_s:,.0f} img/s{knn}{stopped} · {result.run_dir}"
+    )
+
+
+@commands.command(
+    "evaluate",
+    epilog=(
+        "Examples:\n\n"
+        "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test\n\n"
+        "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test --checkpoint last --json"
+    ),
+)
+@one_line_errors
+def evaluate_command(
+    run: Annotated[Path, typer.Argument(help="A run folder (from mocoplus train).")],
+    data: Annotated[str, typer.Option(help="Labelled training shards: the kNN memory and the linear probe's data.")],
+    eval_shards: Annotated[str, typer.Option("--eval", help="Labelled held-out shards to score.")],
+    checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path (default: best if any).")] = "auto",
+    baselines: Annotated[
+        str, typer.Option(help="Comma-separated label-free baselines scored alike: pixels, hog (empty: none).")
+    ] = "",
+    workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    progress: Annotated[bool, progress_option()] = True,
+    grid: Annotated[int | None, typer.Option(min=1, help=GRID_HELP)] = None,
+    whiten: Annotated[
+        bool | None,
+        typer.Option(
+            "--whiten/--no-whiten",
+            help="PCA-whiten the embedding, fitted on the memory set; baselines are then scored both ways "
+            "(default: the run's model.embedding_whitening).",
+        ),
+    ] = None,
+    linear: Annotated[bool, typer.Option(help="Fit the linear probe (minutes for wide embeddings).")] = True,
+) -> None:
+    """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines."""
+    from pipeline.evaluate.evaluate import evaluate
+
+    names = tuple(name.strip() for name in baselines.split(",") if name.strip())
+    result = evaluate(
+        run,
+        data,
+        eval_shards,
+        checkpoint=checkpoint,
+        workers=workers,
+        baselines=names,
+        progress=progress,
+        grid=grid,
+        whiten=whiten,
+        linear=linear,
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    title = (
+        f"{result.checkpoint} (step {result.step}): {result.train_samples:,} images as memory, "
+        f"{result.eval_samples:,} held-out queries, cosine similarity"
+        + (", encoders PCA-whitened (fitted on the memory set)" if result.whitening == "pca" else "")
+    )
+    rows = [
+        (f"{name} encoder", scores.retrieval.as_dict(), scores.linear_top1) for name, scores in result.encoders.items()
+    ]
+    rows += [(name, scores.as_dict(), None) for name, scores in result.baselines.items()]
+    Console().print(retrieval_table(title, rows))
+
+
+@commands.command(
+    "export",
+    help=(
+        "Export a run's encoder as a model bundle: encoder.onnx, encoder.pt (TorchScript) and model.json.\n\n"
+        "The models take uint8 RGB images [N, H, W, 3] at the trained size and return L2-normalised float32\n"
+        "embeddings [N, D]; preprocessing is inside the graph. Torch, TorchScript and ONNX Runtime are checked\n"
+        "against each other on real images before the bundle appears.\n\n"
+        "Examples:\n\n"
+        "  mocoplus export runs/fmnist --out models/fmnist\n\n"
+        "  mocoplus export runs/fmnist --out models/fmnist-last --checkpoint last --encoder query\n\n"
+        "  mocoplus export runs/fmnist --out models/fmnist-int8 --quantize int8"
+    ),
+)
+@one_line_errors
+def export_command(
+    run: Annotated[Path, typer.Argument(help="A run folder (from mocoplus train).")],
+    out: Annotated[Path, typer.Option(help="The bundle folder to create (must not exist, or be empty).")],
+    checkpoint: Annotated[
+        str, typer.Option(help="best, last, or a checkpoint path (default: best if any).")
+    ] = ExportConfig.checkpoint,
+    encoder: Annotated[
+        EncoderChoice,
+        typer.Option(parser=choice(EncoderChoice, "encoder"), help="key (the momentum encoder) or query."),
+    ] = ExportConfig.encoder,
+    head: Annotated[
+        HeadChoice,
+        typer.Option(parser=choice(HeadChoice, "head"), help="none (backbone features) or projection (the MoCo head)."),
+    ] = ExportConfig.head,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = ExportConfig.opset,
+    calibration: Annotated[
+        str,
+        typer.Option(
+            help="Shards for the parity check and int8 calibration (default: the run's held-out shards for "
+            "parity, its training shards for calibration)."
+        ),
+    ] = ExportConfig.calibration,
+    quantize: Annotated[
+        QuantizeChoice,
+        typer.Option(
+            parser=choice(QuantizeChoice, "quantize"), help="none, or int8 (static QDQ, calibrated on real images)."
+        ),
+    ] = ExportConfig.quantize,
+    as_json: Annotated[bool, typer.Option("--json", help="Print model.json instead of a summary.")] = False,
+    progress: Annotated[bool, progress_option()] = True,
+    grid: Annotated[int | None, typer.Option(min=1, help=GRID_HELP)] = ExportConfig.grid,
+    whiten: Annotated[
+        bool | None,
+        typer.Option(
+            "--whiten/--no-whiten",
+            help="PCA-whiten the embedding in the graph, fitted on --whiten-data (default: the run's "
+            "model.embedding_whitening).",
+        ),
+    ] = ExportConfig.whiten,
+    whiten_data: Annotated[
+        str, typer.Option(help="Shards the whitening is fitted on (default: the run's training shards).")
+    ] = ExportConfig.whiten_data,
+) -> None:
+    """Export a run's encoder to TorchScript and ONNX with its model.json."""
+    from pipeline.export.export import export
+
+    config = ExportConfig(
+        checkpoint=checkpoint,
+        encoder=encoder,
+        head=head,
+        opset=opset,
+        calibration=calibration,
+        quantize=quantize,
+        grid=grid,
+        whiten=whiten,
+        whiten_data=whiten_data,
+    )
+    result = export(run, out, config, progress=progress)
+    info = result.model_json
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    if result.up_to_date:
+        typer.echo(f"{result.bundle}: already up to date (exported from this checkpoint with these options)")
+        return
+    parity = info["parity"]
+    typer.echo(
+        f"{result.bundle}: {info['encoder']} encoder, uint8 {info['input']['shape']} → float32 "
+        f"[N, {info['output']['dim']}]{', PCA-whitened' if info.get('whitening') else ''}"
+        f" ({info['precision']}), bundle {info['bundle_hash'][:12]}; parity on {parity['images']} images: "
+        f"TorchScript {parity['torchscript_max_abs_diff']:.1e}, ONNX Runtime {parity['onnxruntime_max_abs_diff']:.1e}"
+        f" (mean cosine {parity['onnxruntime_mean_cosine']:.5f})"
+    )

@@ -1,0 +1,141 @@
+"""The serving commands: ``mocoplus serve`` (the HTTP service) and ``mocoplus flows serve`` (Prefect deployments)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from artifacts.model_bundle import Provider
+from flows.cli.errors import one_line_errors
+from flows.cli.options import choice, given
+from serving.batcher import BatcherConfig
+from serving.payloads import Limits
+
+commands = typer.Typer()
+flows_commands = typer.Typer(
+    name="flows",
+    help="Prefect deployments: pretrain on a cron schedule, index-corpus and end-to-end on demand.",
+    no_args_is_help=True,
+)
+
+
+def _limit(help_text: str) -> Any:
+    """A `serve` budget option: unset means the library default, which the help text names in parentheses.
+
+    Values are checked by `Limits` and `ConnectionLimits` (each must be > 0), one place for both uses.
+    """
+    return typer.Option(show_default=False, help=help_text)
+
+
+@commands.command(
+    "serve",
+    help=(
+        "Serve the embedding and search API (FastAPI on uvicorn, ONNX Runtime, FAISS; no torch).\n\n"
+        "Requests from many clients are micro-batched into one ONNX Runtime call (up to --max-batch images or\n"
+        "--max-wait-ms); a full queue answers 503 with Retry-After. The model and index are loaded and\n"
+        "cross-checked before the server listens; /readyz turns 200 after a warm-up batch. Every request is held\n"
+        "to budgets (body bytes and time, request head size and time, decoded image size, search work,\n"
+        'decodes and searches at once); past one it gets a JSON error: README "Limits".\n\n'
+        "Examples:\n\n"
+        "  mocoplus serve --model models/fmnist --index indexes/fmnist\n\n"
+        "  mocoplus serve --model models/fmnist --host 0.0.0.0 --port 9000 --max-batch 128 --max-wait-ms 10\n\n"
+        "  curl -F images=@shirt.png http://127.0.0.1:8000/v1/embed"
+    ),
+)
+@one_line_errors
+def serve_command(
+    model: Annotated[Path, typer.Option(help="The model bundle (from mocoplus export).")],
+    index: Annotated[Path | None, typer.Option(help="An index bundle built with this model (enables search).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port to listen on.")] = 8000,
+    provider: Annotated[
+        Provider,
+        typer.Option(parser=choice(Provider, "provider"), help="cpu or cuda (a hard error if CUDA would fall back)."),
+    ] = "cpu",
+    threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: its default).")] = 0,
+    max_batch: Annotated[int, typer.Option(min=1, help="Most images per ONNX Runtime call.")] = BatcherConfig.max_batch,
+    max_wait_ms: Annotated[
+        float, typer.Option(min=0, help="Longest a batch waits to fill.")
+    ] = BatcherConfig.max_wait_ms,
+    max_queue: Annotated[int, typer.Option(min=1, help="Most images waiting; beyond, 503.")] = BatcherConfig.max_queue,
+    max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = Limits.max_images,
+    workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model and batcher.")] = 1,
+    max_body_bytes: Annotated[int | None, _limit("Most request body bytes, as received (64 MiB).")] = None,
+    body_timeout: Annotated[float | None, _limit("Seconds a request body may take to arrive (60).")] = None,
+    max_decoded_bytes: Annotated[int | None, _limit("Most bytes one image may decode to (64 MiB).")] = None,
+    max_search_work: Annotated[int | None, _limit("Most queries × k × nprobe/ef in one search (2^24).")] = None,
+    max_concurrent_decodes: Annotated[int | None, _limit("Requests decoding images at once (4).")] = None,
+    max_concurrent_searches: Annotated[int | None, _limit("Searches running at once (4).")] = None,
+    max_waiting: Annotated[
+        int | None, _limit("Requests waiting for a decode or search slot; beyond, 503 (64).")
+    ] = None,
+    head_timeout: Annotated[float | None, _limit("Seconds a request head may take to arrive (10).")] = None,
+    max_connections: Annotated[int | None, _limit("Open connections per server process; beyond, 503 (1024).")] = None,
+) -> None:
+    """Serve the embedding and search API."""
+    import uvicorn
+
+    from serving.app import CONFIG_ENV, Service, ServiceConfig, config_to_json, create_app
+    from serving.protocol import ConnectionLimits, protocol_factory
+
+    limits = given(
+        max_images=max_images,
+        max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout,
+        max_decoded_bytes=max_decoded_bytes,
+        max_search_work=max_search_work,
+        max_concurrent_decodes=max_concurrent_decodes,
+        max_concurrent_searches=max_concurrent_searches,
+        max_waiting=max_waiting,
+    )
+    connection = ConnectionLimits(**given(head_timeout_s=head_timeout, max_connections=max_connections))
+    config = ServiceConfig(
+        model=model,
+        index=index,
+        provider=provider,
+        threads=threads,
+        batcher=BatcherConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue),
+        limits=Limits(**limits),
+    )
+    service = Service(config)
+    service.load()
+    options = {
+        "host": host,
+        "port": port,
+        "timeout_graceful_shutdown": 30,
+        "log_level": "info",
+        "http": protocol_factory(connection),  # head size, count and time limits; JSON refusals
+        "timeout_keep_alive": connection.keep_alive_s,
+    }
+    if workers == 1:
+        uvicorn.run(create_app(config, service), **options)
+        return
+    os.environ[CONFIG_ENV] = config_to_json(config)  # checked above; each worker process loads its own copy
+    uvicorn.run("serving.app:app_from_env", factory=True, workers=workers, **options)
+
+
+@flows_commands.command(
+    "serve",
+    help=(
+        "Register the deployments with the Prefect API ($PREFECT_API_URL) and run their flow runs here.\n\n"
+        "Schedules fire only against a Prefect server (prefect server start); trigger on-demand runs with\n"
+        "prefect deployment run 'index-corpus/index-corpus'.\n\n"
+        "Examples:\n\n"
+        "  prefect server start &   # then: prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api\n\n"
+        "  mocoplus flows serve --out /data/mocoplus --cron '0 3 * * *'"
+    ),
+)
+def flows_serve_command(
+    out: Annotated[Path, typer.Option(help="Where shards/, run/, model/ and corpus/ live.")],
+    cron: Annotated[str, typer.Option(help="The pretrain schedule (cron, UTC).")] = "0 3 * * *",
+    config: Annotated[str, typer.Option(help="Training preset or TOML/JSON file.")] = "fashion-mnist-cpu",
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Training overrides (repeatable).")] = None,
+    nproc: Annotated[int, typer.Option(min=1, help="Training processes (torchrun --nproc_per_node).")] = 1,
+) -> None:
+    """Serve the Prefect deployments."""
+    from flows.deploy import DeploymentConfig, serve_deployments
+
+    serve_deployments(DeploymentConfig(out=out, cron=cron, config=config, overrides=overrides or [], nproc=nproc))

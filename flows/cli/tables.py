@@ -1,0 +1,28 @@
+"""Tables more than one command prints."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+
+def retrieval_table(title: str, rows: list[tuple[str, dict[str, float], float | None]]) -> Table:
+    """The retrieval suite side by side: one row per feature set (name, scores, linear probe or None).
+
+    Scores are short-headed columns in %, so six feature sets and the probe fit an 80-column terminal or log.
+    """
+    from pipeline.evaluate.retrieval import SCORE_HEADERS
+
+    probe = any(linear is not None for _, _, linear in rows)
+    table = Table(
+        title=f"{title} (%)",
+        caption="kNN-200: weighted kNN-200 (τ 0.1) · P@10: precision@10" + (" · linear: linear probe" if probe else ""),
+    )
+    table.add_column("features", no_wrap=True)
+    for header in [*SCORE_HEADERS.values(), *(["linear"] if probe else [])]:
+        table.add_column(header, justify="right", no_wrap=True)
+    for name, scores, linear in rows:
+        values = [f"{scores[key]:.2%}".removesuffix("%") for key in SCORE_HEADERS]
+        if probe:
+            values.append("—" if linear is None else f"{linear:.2%}".removesuffix("%"))
+        table.add_row(name, *values)
+    return table

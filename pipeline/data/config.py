@@ -1,0 +1,66 @@
+"""How `mocoplus ingest` writes shards.
+
+Free of torch, webdataset and braceexpand, so the command line reads its
+defaults and choices from here without loading the stage (and the serving
+image, which has none of them, can still start it).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from artifacts.files import MAX_FILE_BYTES
+from artifacts.images import DEFAULT_MAX_PIXELS
+
+ImageFormat = Literal["png", "jpg", "webp", "keep"]  # keep: the original bytes where the format allows
+IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
+
+
+def _default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    """How to write the shards. Only ``output_options`` (not workers or overwrite) affects the bytes."""
+
+    shard_size: int = 5000
+    shard_bytes: int = 512 * 2**20
+    image_format: ImageFormat = "png"
+    max_side: int | None = None
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_file_bytes: int = MAX_FILE_BYTES  # checked before a file is read: a 3 GB ".png" is skipped, not loaded
+    name: str = "shard"
+    workers: int = field(default_factory=_default_workers)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.shard_size < 1 or self.shard_bytes < 1:
+            raise ValueError(f"shard size must be >= 1 sample and >= 1 byte; got {self.shard_size}, {self.shard_bytes}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(IMAGE_FORMATS)}; got {self.image_format!r}")
+        if self.max_side is not None and self.max_side < 1:
+            raise ValueError(f"max side must be >= 1 pixel; got {self.max_side}")
+        if min(self.max_pixels, self.max_file_bytes, self.workers) < 1:
+            raise ValueError(
+                f"max pixels, max file bytes and workers must be >= 1; got {self.max_pixels}, "
+                f"{self.max_file_bytes}, {self.workers}"
+            )
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name):
+            raise ValueError(f"shard name may hold only letters, digits, '_' and '-'; got {self.name!r}")
+
+    def output_options(self) -> dict[str, Any]:
+        options = {
+            "shard_size": self.shard_size,
+            "shard_bytes": self.shard_bytes,
+            "format": self.image_format,
+            "max_side": self.max_side,
+            "max_pixels": self.max_pixels,
+            "name": self.name,
+        }
+        if self.max_file_bytes != MAX_FILE_BYTES:  # at its default it is left out: shard sets made before the
+            options["max_file_bytes"] = self.max_file_bytes  # option existed stay "already up to date"
+        return options

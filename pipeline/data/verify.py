@@ -1,0 +1,153 @@
+"""`mocoplus verify`: is a shard set exactly what its manifest says, and does every sample decode?
+
+Checks, per shard listed in ``manifest.json``: the file exists, its size and
+sha256 match, it is a readable tar whose members group into exactly the
+listed number of samples, every sample has one image and (in a labelled set)
+an integer label among the classes, keys are unique across the set, and,
+unless ``quick``, every image decodes under the same rules ingest applied.
+The folder must hold no tar the manifest does not list (a shard dropped from
+the manifest would otherwise pass as "ok" while its samples sit unread).
+Problems are collected, not raised: the report names every bad shard and
+sample, and the command exits non-zero when there is any.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from webdataset.tariterators import base_plus_ext
+
+from artifacts.atomic import sha256_file
+from artifacts.images import InvalidImageError, decode_image
+from artifacts.shard_set import IMAGE_EXTENSIONS, ShardRecord, ShardSetManifest, read_manifest
+from pipeline.progress import stage_progress
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with a shard (``key`` None) or one of its samples."""
+
+    shard: str
+    key: str | None
+    reason: str
+
+    def __str__(self) -> str:
+        where = self.shard if self.key is None else f"{self.shard}: sample {self.key}"
+        return f"{where}: {self.reason}"
+
+
+@dataclass
+class VerifyReport:
+    shards: int = 0
+    samples: int = 0
+    decoded: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify(folder: Path, *, quick: bool = False, progress: bool = True) -> VerifyReport:
+    """Check the shard set in ``folder`` against its manifest (``quick``: hashes and counts, no decoding)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    report = VerifyReport()
+    seen_keys: dict[str, str] = {}
+    listed = {record.name for record in manifest.shards}
+    report.problems.extend(
+        Problem(path.name, None, "a tar file the manifest does not list (removed from it, or left by another ingest)")
+        for path in sorted(folder.glob("*.tar"))
+        if path.name not in listed
+    )
+    with stage_progress(progress) as bar:
+        task = bar.task("verify", total=manifest.written, unit="samples")
+        for record in manifest.shards:
+            report.shards += 1
+            report.problems.extend(_check_shard(folder, record, manifest, quick, seen_keys, report))
+            bar.update(task, completed=report.samples, status=f"{len(report.problems)} problems")
+    return report
+
+
+def _check_shard(
+    folder: Path,
+    record: ShardRecord,
+    manifest: ShardSetManifest,
+    quick: bool,
+    seen_keys: dict[str, str],
+    report: VerifyReport,
+) -> list[Problem]:
+    path = folder / record.name
+    if not path.is_file():
+        return [Problem(record.name, None, "missing")]
+    problems: list[Problem] = []
+    size = path.stat().st_size
+    if size != record.bytes:
+        problems.append(Problem(record.name, None, f"size {size:,} bytes, the manifest says {record.bytes:,}"))
+    elif sha256_file(path) != record.sha256:
+        problems.append(Problem(record.name, None, "sha256 differs from the manifest's (corrupted or modified)"))
+    try:
+        samples = _read_samples(path)
+    except (tarfile.TarError, OSError, EOFError) as error:
+        return [*problems, Problem(record.name, None, f"not a readable tar file ({error})")]
+    if len(samples) != record.count:
+        problems.append(Problem(record.name, None, f"holds {len(samples)} samples, the manifest says {record.count}"))
+    for key, fields in samples:
+        report.samples += 1
+        if key in seen_keys:
+            problems.append(Problem(record.name, key, f"duplicate key (also in {seen_keys[key]})"))
+        seen_keys[key] = record.name
+        problems.extend(_check_sample(record.name, key, fields, manifest, quick, report))
+    return problems
+
+
+def _read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:
+    """Tar members grouped into samples as WebDataset groups them: consecutive members sharing a key.
+
+    A key whose members are not adjacent therefore comes back as two samples
+    (and is reported as a duplicate key), which is what a training stream would see.
+    """
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    with tarfile.open(path, "r") as archive:
+        for member in archive:
+            if not member.isfile():
+                continue
+            key, extension = base_plus_ext(member.name)
+            handle = archive.extractfile(member)
+            if key is None or handle is None:
+                key, extension = member.name, "?"
+            if not samples or samples[-1][0] != key:
+                samples.append((key, {}))
+            samples[-1][1][extension] = handle.read() if handle is not None else b""
+    return samples
+
+
+def _check_sample(
+    shard: str, key: str, fields: dict[str, bytes], manifest: ShardSetManifest, quick: bool, report: VerifyReport
+) -> list[Problem]:
+    images = [extension for extension in fields if extension in IMAGE_EXTENSIONS]
+    if len(images) != 1:
+        return [Problem(shard, key, f"expected one image field, found {sorted(fields)}")]
+    problems: list[Problem] = []
+    if manifest.labelled:
+        problems.extend(_check_label(shard, key, fields.get("cls"), manifest))
+    if not quick:
+        try:
+            decode_image(fields[images[0]], max_pixels=int(manifest.options.get("max_pixels") or 2**62))
+            report.decoded += 1
+        except InvalidImageError as error:
+            problems.append(Problem(shard, key, f"image does not decode: {error}"))
+    return problems
+
+
+def _check_label(shard: str, key: str, label: bytes | None, manifest: ShardSetManifest) -> list[Problem]:
+    if label is None:
+        return []  # a labelled list may leave rows without a label
+    text = label.decode("ascii", "replace").strip()
+    if not text.isdigit():
+        return [Problem(shard, key, f"label {text!r} is not a non-negative integer")]
+    if manifest.class_names is not None and int(text) >= len(manifest.class_names):
+        return [Problem(shard, key, f"label {text} is not one of the {len(manifest.class_names)} classes")]
+    return []

@@ -1,0 +1,1 @@
+"""The evaluation stage: kNN, the retrieval suite, label-free baselines and the linear probe of a run."""

@@ -1,0 +1,51 @@
+"""What `mocoplus export` exports and how it checks it.
+
+Torch-free, so the command line reads its defaults and choices from here without loading the stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, get_args
+
+EncoderChoice = Literal["key", "query"]  # the momentum (key) encoder or the trained query encoder
+HeadChoice = Literal["none", "projection"]  # backbone features, or through the MoCo projection head
+QuantizeChoice = Literal["none", "int8"]
+PARITY_BATCH_SIZES = (1, 7, 64)
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What to export and how it is checked. ``calibration`` empty: the run's held-out (else training) shards."""
+
+    checkpoint: str = "auto"  # auto (best if any, else last), best, last or a path
+    encoder: EncoderChoice = "key"
+    head: HeadChoice = "none"
+    opset: int = 18
+    calibration: str = ""
+    parity_images: int = 256
+    tolerance: float = 1e-4  # max abs difference from eager fp32 (TorchScript, fp32 ONNX)
+    quantize: QuantizeChoice = "none"
+    calibration_images: int = 512  # int8: images calibrating the activation ranges
+    min_cosine: float = 0.99  # int8: least mean cosine to eager fp32
+    name: str = ""  # default: the run folder's name
+    grid: int | None = None  # embedding pooling grid; default: the run's model.embedding_grid
+    whiten: bool | None = None  # PCA-whiten the embedding; default: the run's model.embedding_whitening == "pca"
+    whiten_data: str = ""  # shards the whitening is fitted on; default: the run's training shards
+    whiten_images: int = 0  # fit on at most this many images (0: all of them)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in get_args(EncoderChoice) or self.head not in get_args(HeadChoice):
+            raise ValueError(f"encoder must be key or query and head none or projection; got {self}")
+        if not 7 <= self.opset <= 23:
+            raise ValueError(f"opset must lie in 7..23; got {self.opset}")
+        if self.parity_images < max(PARITY_BATCH_SIZES) or not self.tolerance > 0:
+            raise ValueError(f"need parity_images >= {max(PARITY_BATCH_SIZES)} and tolerance > 0")
+        if self.quantize not in get_args(QuantizeChoice) or self.calibration_images < 1 or not 0 < self.min_cosine <= 1:
+            raise ValueError(f"quantize must be none or int8, calibration_images >= 1, 0 < min_cosine <= 1; got {self}")
+        if self.whiten_images < 0 or (self.whiten and self.head == "projection"):
+            raise ValueError("whiten_images must be >= 0, and whitening applies to backbone features (head none)")
+
+    @property
+    def precision(self) -> str:
+        return "int8-static-qdq" if self.quantize == "int8" else "fp32"

@@ -1,0 +1,256 @@
+"""`mocoplus index`: an embedding set → a tuned, searchable FAISS index bundle.
+
+See docs/architecture.md, "The contracts".
+
+The steps, each timed into ``index.json``:
+
+1. **plan**: the index kind and factory string (`pipeline.index.plan`: the
+   ``auto`` rule by corpus size and memory budget);
+2. **train** on a random sample of the corpus (IVF centroids, OPQ rotation,
+   PQ codebooks), read row by row from the memory-mapped parts;
+3. **add** the corpus in chunks of ``chunk_rows``: memory holds the index and
+   one chunk, never the corpus; with ``num_shards > 1`` the parts are split
+   into contiguous shards, each added to its own copy of the one trained
+   index (what n machines would build independently), then the shards are
+   merged — in memory when the index fits the budget, into an on-disk
+   ``index.ivfdata`` beside ``index.faiss`` otherwise;
+4. **tune** the search parameter to the smallest value whose recall@k against
+   exact search on held-out queries reaches the target (`pipeline.index.tune`),
+   and measure queries/s there and for exact search.
+
+The bundle is built in a hidden temp folder beside ``out_dir`` and renamed
+into place: a failed or killed build leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from artifacts.atomic import building_dir, package_version, reusable_output, sha256_file
+from artifacts.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet
+from artifacts.index_bundle import INDEX_FORMAT, INDEX_JSON, INDEX_KIND, gpu_index, write_index_files, write_index_json
+from pipeline.index.config import IndexConfig
+from pipeline.index.plan import IndexPlan, plan_index
+from pipeline.index.shards import ShardedBuild, shard_bounds
+from pipeline.index.tune import (
+    exact_neighbours,
+    metric_type,
+    queries_per_second,
+    recall_at_k,
+    set_search_parameter,
+    tune,
+)
+from pipeline.progress import stage_progress
+
+# Upper ends of the tuning search; GPU IVF caps nprobe at 2048.
+EF_SEARCH_LIMIT = 4096
+GPU_NPROBE_LIMIT = 2048
+TUNING_IVFDATA = "tuning.ivfdata"  # a sharded on-disk build's index without the held-out rows
+
+
+@dataclass(frozen=True)
+class IndexResult:
+    out_dir: Path
+    info: dict[str, Any]
+    up_to_date: bool = False  # ``out_dir`` already held this index, built from the same embeddings and options
+
+
+def build_index(
+    embeddings_dir: Path, out_dir: Path, config: IndexConfig = IndexConfig(), *, progress: bool = True
+) -> IndexResult:
+    """Build, tune and write the index bundle for the embedding set at ``embeddings_dir``.
+
+    A rerun into a finished ``out_dir`` with the same embeddings and options is
+    up to date and builds nothing; other contents of ``out_dir`` are an error.
+    """
+    embeddings = EmbeddingSet(embeddings_dir)
+    inputs = {
+        "embeddings_manifest_sha256": sha256_file(embeddings.path / EMBEDDINGS_MANIFEST),
+        "options": asdict(config),
+    }
+    existing = reusable_output(out_dir, INDEX_JSON, inputs)
+    if existing is not None:
+        return IndexResult(Path(out_dir), existing, up_to_date=True)
+    if embeddings.count < 1:
+        raise ValueError(f"{embeddings_dir} holds no vectors to index")
+    plan = plan_index(embeddings.count, embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
+    if config.num_shards > 1 and plan.nlist is None:
+        raise ValueError(f"a sharded build needs an IVF index (--kind ivf or ivfpq), not {plan.kind}")
+    rng = np.random.default_rng(config.seed)
+    held_out = _held_out_rows(embeddings.count, config.queries, rng)
+    order = _index_order(embeddings.count, held_out)
+    corpus = embeddings.count - len(held_out)  # index ids [0, corpus) while tuning
+    timings: dict[str, float] = {}
+
+    with building_dir(out_dir) as work:
+        started = time.perf_counter()
+        index = _trained_index(embeddings, plan, config, rng, timings)
+        with stage_progress(progress) as bar:
+            task = bar.task(f"indexing ({plan.factory})", total=embeddings.count, unit="vectors")
+            clock = time.perf_counter()
+            advance = lambda rows: bar.advance(task, rows)  # noqa: E731
+            # shards are filled on the CPU from a file: a GPU-trained index is copied back first
+            trained = faiss.index_gpu_to_cpu(index) if config.gpu and config.num_shards > 1 else index
+            sharded = ShardedBuild(trained, work, config.memory_budget) if config.num_shards > 1 else None
+            merge = None
+            if sharded is not None:
+                for bounds in shard_bounds(corpus, config.num_shards):
+                    sharded.fill(embeddings, order, bounds, config.chunk_rows, advance)
+                sharded.fill(embeddings, order, (corpus, embeddings.count), config.chunk_rows, advance)
+                index = sharded.merge(config.num_shards, TUNING_IVFDATA)  # the corpus shards, without the held out
+            else:
+                for _, block in embeddings.ordered(order[:corpus], config.chunk_rows):
+                    index.add(block)
+                    advance(len(block))
+            timings["add_seconds"] = time.perf_counter() - clock
+            search, report = _tune_and_measure(index, embeddings, order, corpus, plan, config, timings)
+            clock = time.perf_counter()
+            if sharded is not None:  # the bundle's index: every shard, the held-out one last
+                del index
+                index, merge = sharded.merge(), sharded.mode
+                (work / TUNING_IVFDATA).unlink(missing_ok=True)
+                sharded.close()
+                for name, value in search["params"].items():
+                    set_search_parameter(index, name, value)
+            elif len(held_out):  # the tuning queries join the index last: ids corpus, ..., count - 1
+                index.add(embeddings.rows(held_out))
+                advance(len(held_out))
+            timings["add_seconds"] += time.perf_counter() - clock
+        timings["total_seconds"] = time.perf_counter() - started
+
+        keys, labels = embeddings.keys_and_labels()
+        write_index_files(work, faiss.index_gpu_to_cpu(index) if config.gpu else index, keys, labels, order)
+        info = {**_describe(embeddings, plan, config, search, report, timings, merge, work), "inputs": inputs}
+        write_index_json(work, info)
+    return IndexResult(Path(out_dir), info)
+
+
+def _held_out_rows(count: int, queries: int, rng: np.random.Generator) -> np.ndarray:
+    """Rows kept out of the index while it is tuned: at most ``queries`` and a tenth of the set."""
+    size = min(queries, count // 10)
+    return np.sort(rng.choice(count, size=size, replace=False)) if size else np.zeros(0, dtype=np.int64)
+
+
+def _index_order(count: int, held_out: np.ndarray) -> np.ndarray:
+    """Index id → embedding-set row: every other row in order, then the held-out rows."""
+    keep = np.ones(count, dtype=bool)
+    keep[held_out] = False
+    return np.concatenate([np.flatnonzero(keep), held_out]).astype(np.int64)
+
+
+def _trained_index(
+    embeddings: EmbeddingSet, plan: IndexPlan, config: IndexConfig, rng: np.random.Generator, timings: dict[str, float]
+) -> faiss.Index:
+    index = faiss.index_factory(embeddings.dim, plan.factory, metric_type(config.metric))
+    if config.gpu:
+        index = gpu_index(index)
+    clock = time.perf_counter()
+    if plan.train_size:
+        sample = np.sort(rng.choice(embeddings.count, size=plan.train_size, replace=False))
+        index.train(embeddings.rows(sample))
+    timings["train_seconds"] = time.perf_counter() - clock
+    return index
+
+
+def _tune_and_measure(
+    index: faiss.Index,
+    embeddings: EmbeddingSet,
+    order: np.ndarray,
+    corpus: int,
+    plan: IndexPlan,
+    config: IndexConfig,
+    timings: dict[str, float],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tune the search parameter on the held-out rows (not in the index yet); the setting and the report."""
+    clock = time.perf_counter()
+    queries = embeddings.rows(order[corpus:])
+    k = min(config.k, corpus)
+    if not len(queries) or k < 1:  # too few vectors to hold any out
+        timings["tune_seconds"] = time.perf_counter() - clock
+        return {"parameter": plan.search_parameter, "params": {}}, {"k": 0, "queries": 0, "recall": None}
+    ngpu = faiss.get_num_gpus() if config.gpu else 0
+    blocks = (block for _, block in embeddings.ordered(order[:corpus], config.chunk_rows))
+    _, truth, exact_seconds = exact_neighbours(queries, blocks, k, config.metric, ngpu=ngpu)
+
+    def recall_of(value: int) -> float:
+        if plan.search_parameter is not None:
+            set_search_parameter(index, plan.search_parameter, value)
+        return recall_at_k(index.search(queries, k)[1], truth)
+
+    nlist = plan.nlist or 0
+    if plan.search_parameter == "nprobe":
+        limit = min(nlist, GPU_NPROBE_LIMIT) if config.gpu else nlist
+    else:
+        limit = EF_SEARCH_LIMIT
+    start = 1 if plan.search_parameter == "nprobe" else max(16, k)
+    tuning = tune(recall_of, plan.search_parameter, start=start, limit=limit, target=config.target_recall)
+    if plan.search_parameter is not None:
+        set_search_parameter(index, plan.search_parameter, tuning.value)
+    qps = queries_per_second(lambda batch: index.search(batch, k), queries)
+    timings["tune_seconds"] = time.perf_counter() - clock
+    search = {
+        "parameter": plan.search_parameter,
+        "params": {plan.search_parameter: tuning.value} if plan.search_parameter else {},
+    }
+    report = {
+        "k": k,
+        "queries": len(queries),
+        "recall": tuning.recall,
+        "target": config.target_recall,
+        "target_met": tuning.reached,
+        "qps": qps,
+        "exact_qps": len(queries) / exact_seconds if exact_seconds > 0 else None,
+        "probes": [asdict(probe) for probe in tuning.probes],
+        "held_out": f"{len(queries)} corpus vectors kept out of the index while tuning, added last",
+    }
+    return search, report
+
+
+def _describe(
+    embeddings: EmbeddingSet,
+    plan: IndexPlan,
+    config: IndexConfig,
+    search: dict[str, Any],
+    report: dict[str, Any],
+    timings: dict[str, float],
+    merge: str | None,
+    work: Path,
+) -> dict[str, Any]:
+    return {
+        "format": INDEX_FORMAT,
+        "kind": INDEX_KIND,
+        "version": package_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "index_kind": plan.kind,
+        "factory": plan.factory,
+        "reason": plan.reason,
+        "metric": config.metric,
+        "dim": embeddings.dim,
+        "count": embeddings.count,
+        "normalized": embeddings.normalized,
+        "bundle_hash": embeddings.bundle_hash,
+        "embeddings": {
+            "path": str(embeddings.path.resolve()),
+            "manifest_sha256": sha256_file(embeddings.path / EMBEDDINGS_MANIFEST),
+        },
+        "search": search,
+        "recall_at_k": report,
+        "build": {
+            **{name: round(value, 3) for name, value in timings.items()},
+            "train_size": plan.train_size,
+            "chunk_rows": config.chunk_rows,
+            "num_shards": config.num_shards,
+            "merge": merge,
+            "gpu": config.gpu,
+            "memory_budget": config.memory_budget,
+            "estimated_bytes": plan.estimated_bytes,
+        },
+        "bytes": sum(path.stat().st_size for path in work.iterdir() if path.suffix in {".faiss", ".ivfdata"}),
+    }

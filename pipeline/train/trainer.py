@@ -1,0 +1,306 @@
+"""`mocoplus train`: MoCoPlus pretraining on streamed shards, on one CPU or GPU or under torchrun.
+
+One process trains on the CPU or its GPU; under ``torchrun`` (``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` set) each process joins a process group (NCCL
+on GPU, gloo on CPU), takes ``global_batch / world_size`` images per step and
+the model is wrapped in DistributedDataParallel; keys are all-gathered into
+one queue that every rank holds identically (`mocoplus.builder`).
+
+The loop is short on purpose: batches → the shared `TrainingStep` → hooks
+(`pipeline.train.hooks`: metrics log, progress, checkpoints, kNN monitor).
+Each step the ranks agree (one all-reduce of two flags) on whether any rank
+saw a non-finite loss or was asked to stop (SIGTERM, SIGINT): on a stop all
+ranks finish the step, rank 0 writes a checkpoint and everyone exits cleanly;
+on a NaN or inf loss the run fails with a clear error and the last good
+checkpoint stays the newest. ``--resume`` reloads the newest checkpoint
+(weights, queue, optimizer, schedule, scaler, RNG states), truncates
+``metrics.jsonl`` back to it and replays the epoch's deterministic batch
+stream to the step where it stopped, so the resumed loss curve matches the
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from artifacts.atomic import prepare_out_dir, sweep_stale_temps, write_json_atomic
+from mocoplus import MoCoPlus
+from pipeline.data.streams import StreamConfig, TrainBatch, TrainStream
+from pipeline.progress import stage_progress
+from pipeline.train.checkpoints import checkpoint_dir, load_checkpoint, resolve_checkpoint, save_checkpoint
+from pipeline.train.hooks import METRICS_NAME, Checkpointing, Hook, KnnMonitor, MetricsLog, Pace, ProgressReport
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.placement import Placement, barrier, distributed_placement, resolve_training_precision
+from pipeline.train.run_config import RunConfig, config_from_dict
+from pipeline.train.signals import StopRequest
+from pipeline.train.state import rng_state, set_rng_state, state_fingerprint
+from pipeline.train.step import TrainingStep
+
+CHECKPOINT_FORMAT = "mocoplus.checkpoint"
+CONFIG_NAME = "config.json"
+SUMMARY_NAME = "train.json"
+REPLAN_AFTER_STEPS, REPLAN_EVERY_STEPS = 20, 10  # a time budget's pace: measured after 20 steps, every 10
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    epoch: int
+    final_loss: float
+    images_per_s: float
+    knn_top1: float | None
+    best_knn_top1: float | None
+    stopped_by: str | None
+    replicas_identical: bool | None
+
+
+class Trainer:
+    """Builds model, optimizer and streams for ``config`` and runs (or resumes) the loop in ``run_dir``."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, placement: Placement, *, resume: bool, progress: bool):
+        if not config.data.train:
+            raise ValueError("no training shards: give --data (or data.train in the config)")
+        if config.train.global_batch % placement.world_size:
+            raise ValueError(
+                f"train.global_batch {config.train.global_batch} does not split over {placement.world_size} processes"
+            )
+        self.config, self.run_dir, self.placement, self.progress = config, Path(run_dir), placement, progress
+        self.device = placement.device
+        self.precision = resolve_training_precision(config.train.precision, self.device)
+        self.augment = config.augmentation
+        stream_config = StreamConfig(
+            batch_size=config.train.global_batch // placement.world_size,
+            workers=config.data.workers,
+            shuffle_buffer=config.data.shuffle_buffer,
+            seed=config.train.seed,
+        )
+        self.stream = TrainStream(
+            config.data.train,
+            self.augment,
+            stream_config,
+            samples_per_epoch=config.data.samples_per_epoch or None,
+            rank=placement.rank,
+            world_size=placement.world_size,
+        )
+        self.steps_per_epoch = self.stream.batches_per_epoch
+        full = config.train.epochs * self.steps_per_epoch
+        self.step_cap = min(full, config.train.max_steps) if config.train.max_steps else full
+        self.total_steps = self.step_cap  # a time budget re-plans it (`_replan`)
+        self.elapsed_before = 0.0  # wall-clock seconds of earlier segments of a resumed run
+        self.knn_seconds = 0.0  # the last kNN pass's duration: the budget keeps room for the final one
+
+        torch.manual_seed(config.train.seed)  # identical initial weights on every rank
+        self.model = MoCoPlus(config.model).to(self.device, memory_format=self.precision.memory_format())
+        self.optimizer = build_optimizer(self.model.query_encoder, config)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch, lambda: self.total_steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.autocast_dtype == torch.float16)
+        network: torch.nn.Module = self.model
+        if placement.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            network = DistributedDataParallel(self.model, device_ids=device_ids)
+        if config.train.compile:
+            network = torch.compile(network)  # type: ignore[assignment]
+        self.training_step = TrainingStep(
+            network, self.optimizer, self.precision, self.device, scheduler=self.scheduler, scaler=self.scaler
+        )
+
+        self.step = 0
+        self.started: float | None = None  # when this process's segment of the run began (perf_counter)
+        self.best_knn: float | None = None
+        self.last_knn: float | None = None
+        torch.manual_seed(config.train.seed + 1_000_003 * placement.rank)  # shuffle-BN's draws differ per rank
+        if resume:
+            self._resume()  # restores the RNG states too
+        elif _has_checkpoints(self.run_dir):
+            raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume, or choose another --out")
+
+    # -- checkpoints --
+
+    def _state(self, epoch: int) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "step": self.step,
+            "epoch": epoch,
+            "best_knn_top1": self.best_knn,
+            "elapsed_s": self.elapsed_before + (self.clock() - self.started if self.started is not None else 0.0),
+            "total_steps": self.total_steps,
+            "config": self.config.to_dict(),
+        }
+
+    def save(self, epoch: int) -> Path | None:
+        """A checkpoint of the run now (written by rank 0, every rank waits); its path on rank 0."""
+        path = None
+        if self.placement.is_main:
+            path = save_checkpoint(self.run_dir, self._state(epoch), self.step, keep_last=self.config.train.keep_last)
+        barrier()
+        return path
+
+    def _resume(self) -> None:
+        path = resolve_checkpoint(self.run_dir, "last")
+        state = load_checkpoint(path, map_location=self.device)
+        saved = config_from_dict(state["config"])
+        if asdict(saved.model) != asdict(self.config.model):
+            raise ValueError(f"{path} was trained with another model config; resume with the run's own config.json")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.placement.world_size == 1:
+            set_rng_state(state["rng"])
+        self.step, self.best_knn = int(state["step"]), state.get("best_knn_top1")
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        if self.config.train.time_budget:
+            self.total_steps = min(int(state.get("total_steps", self.step_cap)), self.step_cap)
+        if self.placement.is_main:
+            _truncate_metrics(self.run_dir / METRICS_NAME, self.step)
+
+    # -- the loop --
+
+    def run(self) -> TrainResult:
+        self._prepare_run_dir()
+        loss, stopped_by = math.nan, None
+        epoch = self.step // self.steps_per_epoch
+        self.started, first_step = self.clock(), self.step
+        pace, log = Pace(self.placement.world_size), MetricsLog(self)
+        try:
+            with StopRequest() as stop, stage_progress(self.progress and self.placement.is_main) as bar:
+                progress, checkpoints = ProgressReport(self, bar), Checkpointing(self)
+                hooks: tuple[Hook, ...] = (log, progress, checkpoints, KnnMonitor(self, checkpoints, log, bar))
+                while self.step < self.total_steps and stopped_by is None:
+                    epoch = self.step // self.steps_per_epoch
+                    pace.start_epoch()
+                    for batch in self._batches(epoch):
+                        record = self._train_step(batch, epoch)
+                        loss, stopped_by = record["loss"], self._agree(record, stop.requested)
+                        self.step += 1
+                        if self.config.train.time_budget:
+                            self._replan(first_step)
+                        pace.tick(batch.view1.shape[0], record)
+                        last = stopped_by is not None or self.step >= self.total_steps
+                        for hook in hooks:
+                            hook.after_step(epoch, record, last)
+                        if last:
+                            break
+                    for hook in hooks:
+                        hook.after_epoch(epoch, stopped_by)
+                progress.finish(loss, stopped_by)
+        finally:
+            log.close()
+        result = TrainResult(
+            self.run_dir,
+            self.step,
+            epoch,
+            loss,
+            pace.images_per_s,
+            self.last_knn,
+            self.best_knn,
+            stopped_by,
+            self._replicas_identical(),
+        )
+        if self.placement.is_main:
+            write_json_atomic(self.run_dir / SUMMARY_NAME, {**asdict(result), "run_dir": str(self.run_dir)})
+        return result
+
+    def _prepare_run_dir(self) -> None:
+        if self.placement.is_main:
+            prepare_out_dir(self.run_dir)
+            for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
+                sweep_stale_temps(folder)  # a checkpoint or metrics file half-written by a killed run
+            write_json_atomic(self.run_dir / CONFIG_NAME, self.config.to_dict())
+        barrier()
+
+    def _batches(self, epoch: int) -> Iterator[TrainBatch]:
+        """The epoch's deterministic batch stream, from the step a resumed run stopped at (earlier ones replayed)."""
+        return itertools.islice(self.stream.epoch(epoch), self.step - epoch * self.steps_per_epoch, None)
+
+    def _train_step(self, batch: TrainBatch, epoch: int) -> dict[str, float]:
+        result = self.training_step(
+            batch.view1,
+            batch.view2,
+            small=batch.small,
+            epoch=epoch,
+            progress=self.step / self.total_steps,
+            step=self.step,
+        )
+        return {**result.record(), "decode_failures": float(batch.decode_failures)}
+
+    def clock(self) -> float:
+        """The clock of the time budget (seconds)."""
+        return time.perf_counter()
+
+    def _replan(self, first_step: int) -> None:
+        """Set the run's length from its pace so far, so that it ends when ``train.time_budget`` is spent.
+
+        The pace (steps per second since this process started, kNN passes and
+        checkpoints included) is re-measured every few steps; the time of the last
+        kNN pass is kept back for the final one. The cosine LR and momentum
+        schedules read `total_steps`, so they reach their ends at the budget. Ranks
+        take the smallest plan, so all of them stop at the same step.
+        """
+        done = self.step - first_step
+        if done < REPLAN_AFTER_STEPS or done % REPLAN_EVERY_STEPS:
+            return
+        assert self.started is not None
+        elapsed = self.clock() - self.started
+        left = self.config.train.time_budget - self.elapsed_before - elapsed - self.knn_seconds
+        planned = min(self.step + max(0, int(left * done / max(elapsed, 1e-9))), self.step_cap)
+        if self.placement.world_size > 1:
+            plan = torch.tensor([planned], device=self.device)
+            torch.distributed.all_reduce(plan, op=torch.distributed.ReduceOp.MIN)
+            planned = int(plan.item())
+        self.total_steps = max(planned, self.step)
+
+    def _agree(self, record: dict[str, float], stop: str | None) -> str | None:
+        """All ranks learn whether any saw a non-finite loss (→ error) or a stop request (→ 'SIGTERM'...)."""
+        flags = torch.tensor([float(not math.isfinite(record["loss"])), float(stop is not None)], device=self.device)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            raise FloatingPointError(
+                f"the loss became non-finite at step {self.step + 1} (rank {self.placement.rank}: {record['loss']}); "
+                "the last good checkpoint is kept. Lower optim.lr or use precision fp32/bf16"
+            )
+        return (stop or "stop request on another rank") if flags[1] > 0 else None
+
+    def _replicas_identical(self) -> bool | None:
+        if not dist.is_initialized():
+            return None
+        prints: list[str | None] = [None] * self.placement.world_size
+        dist.all_gather_object(prints, state_fingerprint(self.model))
+        return len(set(prints)) == 1
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    folder = run_dir / "checkpoints"
+    return folder.is_dir() and any(folder.glob("*.pt"))
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines logged after ``step`` (the run is replayed from there)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def train(config: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train (or resume) a run in ``run_dir``; works alone or under torchrun."""
+    with distributed_placement() as placement:
+        return Trainer(config, run_dir, placement, resume=resume, progress=progress).run()

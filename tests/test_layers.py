@@ -1,0 +1,95 @@
+"""The house's layers (docs/architecture.md, "Packages and what each may import"), checked on the source.
+
+An AST walk over every module collects what it imports, at the top and inside
+functions alike, and each package is held to its rule. A second check starts
+the command line in a fresh interpreter: it must not load torch or prefect
+before a command needs them (``mocoplus --help`` stays instant, ``serve`` and
+``search`` run where neither is installed).
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("mocoplus", "artifacts", "pipeline", "serving", "flows", "benchmarks", "tests")
+
+# package → top-level modules it must never import
+FORBIDDEN = {
+    "mocoplus": {"artifacts", "pipeline", "serving", "flows"},  # the method: pure PyTorch, no I/O, no stages
+    "artifacts": {"torch", "torchvision", "mocoplus", "pipeline", "serving", "flows", "prefect"},  # the contracts
+    "serving": {"torch", "torchvision", "mocoplus", "pipeline", "flows", "prefect"},  # the HTTP app
+    "pipeline": {"serving", "flows"},  # the stages read artifacts, never the service or their drivers
+    "benchmarks": {"flows"},
+}
+MAY_IMPORT_FLOWS = {"flows", "tests"}
+
+
+def modules_of(package: str) -> list[Path]:
+    return sorted(path for path in (ROOT / package).rglob("*.py") if "__pycache__" not in path.parts)
+
+
+def imported(path: Path) -> set[str]:
+    """Every absolute module name ``path`` imports, dotted (``a.b.c`` also yields ``a`` and ``a.b``)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found = [node.module]
+        else:
+            continue
+        for name in found:
+            parts = name.split(".")
+            names.update(".".join(parts[: end + 1]) for end in range(len(parts)))
+    return names
+
+
+def breaches(package: str, forbidden: set[str]) -> list[str]:
+    return [
+        f"{path.relative_to(ROOT)} imports {name}"
+        for path in modules_of(package)
+        for name in sorted(imported(path))
+        if name in forbidden
+    ]
+
+
+@pytest.mark.parametrize("package", sorted(FORBIDDEN))
+def test_a_package_imports_only_what_its_layer_allows(package: str) -> None:
+    assert breaches(package, FORBIDDEN[package]) == []
+
+
+def test_nothing_imports_the_flows_but_the_flows_and_the_tests() -> None:
+    found = [
+        breach for package in PACKAGES if package not in MAY_IMPORT_FLOWS for breach in breaches(package, {"flows"})
+    ]
+    assert found == []
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
+    module = tmp_path / "module.py"
+    module.write_text("import os\n\ndef run():\n    from pipeline.train.trainer import train\n    import torch.nn\n")
+    assert {"os", "pipeline", "pipeline.train.trainer", "torch", "torch.nn"} <= imported(module)
+
+
+def test_starting_the_command_line_and_searching_load_neither_torch_nor_prefect() -> None:
+    """The stage configs the CLI reads its defaults from, and the offline search, are torch-free all the way down.
+
+    At start the CLI loads none of what the serving image leaves out (Dockerfile, target ``serve``).
+    """
+    probe = (
+        "import sys\n"
+        "import flows.cli.main\n"
+        "heavy = ('torch', 'torchvision', 'prefect', 'faiss', 'fastapi', 'webdataset', 'braceexpand')\n"
+        "at_start = [m for m in heavy if m in sys.modules]\n"
+        "import pipeline.search\n"
+        "searching = [m for m in ('torch', 'torchvision', 'prefect') if m in sys.modules]\n"
+        "print(at_start, searching)"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert result.stdout.strip() == "[] []"
