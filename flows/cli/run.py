@@ -185,7 +185,7 @@ def export_command(
         typer.Option(
             "--whiten/--no-whiten",
             help="PCA-whiten the embedding in the graph, fitted on --whiten-data (default: the run's "
-            "model.embedding_whitening).",
+            "model.embedding_whitening; not for --quantize int8).",
         ),
     ] = ExportConfig.whiten,
     whiten_data: Annotated[

@@ -30,7 +30,8 @@ class ExportConfig:
     min_cosine: float = 0.99  # int8: least mean cosine to eager fp32
     name: str = ""  # default: the run folder's name
     grid: int | None = None  # embedding pooling grid; default: the run's model.embedding_grid
-    whiten: bool | None = None  # PCA-whiten the embedding; default: the run's model.embedding_whitening == "pca"
+    # PCA-whiten the embedding; default: the run's model.embedding_whitening == "pca", except for int8
+    whiten: bool | None = None
     whiten_data: str = ""  # shards the whitening is fitted on; default: the run's training shards
     whiten_images: int = 0  # fit on at most this many images (0: all of them)
 

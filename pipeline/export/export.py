@@ -280,8 +280,8 @@ def export(
     grid = config.grid or (1 if config.head == "projection" else run_config.model.embedding_grid)
     model = EmbeddingModel(encoder, augment, projection=config.head == "projection", grid=grid).eval()
     whiten = config.whiten
-    if whiten is None:
-        whiten = config.head == "none" and run_config.model.embedding_whitening == "pca"
+    if whiten is None:  # int8 leaves the run's whitening out: it amplifies the rounding in low-variance directions
+        whiten = config.head == "none" and config.quantize == "none" and run_config.model.embedding_whitening == "pca"
     size = run_config.data.image_size
     images = parity_images(
         config.calibration or run_config.data.eval_queries or run_config.data.train, size, config.parity_images
