@@ -91,3 +91,10 @@ def test_cli_errors_are_one_line(tmp_path, fashion_shards, fashion_test_shards):
     (tmp_path / "empty").mkdir()
     empty = CliRunner().invoke(app, ["evaluate", str(tmp_path / "empty"), *args])
     assert empty.exit_code == 1 and "no checkpoints" in empty.stderr
+
+
+def test_a_missing_query_shard_set_fails_before_any_features_are_computed(tiny_run, fashion_shards, tmp_path):
+    args = ["evaluate", str(tiny_run), "--data", str(fashion_shards), "--eval", str(tmp_path / "nope")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1 and "error: shard not found" in result.stderr
+    assert "features" not in result.stderr  # nothing was embedded first

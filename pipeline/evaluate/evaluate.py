@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from artifacts.shard_set import resolve_shards
 from mocoplus import MoCoPlus
 from mocoplus.backbones import GridEmbedding
 from mocoplus.whitening import PcaWhitening
@@ -189,6 +190,8 @@ def evaluate(
         raise ValueError(f"unknown baseline {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
     if not encoders or set(encoders) - set(ENCODERS) or len(set(encoders)) != len(encoders):
         raise ValueError(f"encoders must be distinct names from {', '.join(ENCODERS)}; got {encoders}")
+    for shards in (train_shards, eval_shards):  # a bad path fails now, not after minutes of features
+        resolve_shards(shards)
     model, state, path = load_run(run_dir, checkpoint)
     config = config_from_dict(state["config"])
     whitening = whiten if whiten is not None else config.model.embedding_whitening == "pca"

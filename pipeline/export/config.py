@@ -44,8 +44,10 @@ class ExportConfig:
             raise ValueError(f"need parity_images >= {max(PARITY_BATCH_SIZES)} and tolerance > 0")
         if self.quantize not in get_args(QuantizeChoice) or self.calibration_images < 1 or not 0 < self.min_cosine <= 1:
             raise ValueError(f"quantize must be none or int8, calibration_images >= 1, 0 < min_cosine <= 1; got {self}")
-        if self.whiten_images < 0 or (self.whiten and self.head == "projection"):
-            raise ValueError("whiten_images must be >= 0, and whitening applies to backbone features (head none)")
+        if self.whiten_images < 0:
+            raise ValueError(f"whiten_images must be >= 0; got {self.whiten_images}")
+        if self.whiten and self.head == "projection":
+            raise ValueError("whitening applies to backbone features: export it with head none")
 
     @property
     def precision(self) -> str:
