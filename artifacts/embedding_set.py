@@ -36,6 +36,7 @@ class EmbeddingPart:
     name: str
     start: int  # global id of its first row
     count: int
+    source: str = ""  # the shard it was embedded from
 
     @property
     def stop(self) -> int:
@@ -59,7 +60,7 @@ class EmbeddingSet:
         self.parts: list[EmbeddingPart] = []
         start = 0
         for entry in self.manifest["parts"]:
-            self.parts.append(EmbeddingPart(entry["part"], start, int(entry["count"])))
+            self.parts.append(EmbeddingPart(entry["part"], start, int(entry["count"]), str(entry.get("source", ""))))
             start += int(entry["count"])
         if start != self.manifest["samples"]:
             raise EmbeddingSetError(

@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import braceexpand
-
 from artifacts.jsonfile import read_json
 
 MANIFEST_NAME = "manifest.json"
@@ -181,6 +179,8 @@ def resolve_shards(spec: str | Path) -> ShardList:
 
 
 def _resolve_one(part: str) -> ShardList:
+    import braceexpand  # here, not at the top: the service reads manifests (corpus images) and its image lacks it
+
     if part.startswith("pipe:") or "://" in part:
         return ShardList(tuple(braceexpand.braceexpand(part)), None)
     path = Path(part)

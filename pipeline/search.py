@@ -33,6 +33,12 @@ class Query:
     name: str
     vector: np.ndarray | None = None
     error: str | None = None
+    pixels: np.ndarray | None = None  # what the model saw, for an image query (result grids show it)
+
+    @property
+    def key(self) -> str | None:
+        """The corpus key of a ``key:KEY`` query."""
+        return self.name[len(KEY_PREFIX) :] if self.name.startswith(KEY_PREFIX) else None
 
 
 def image_pixels(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -50,7 +56,7 @@ def resolve_queries(
         resolved.extend(_resolve_one(spec, index, image_size))
     pixels = [item[1] for item in resolved if isinstance(item, tuple)]
     vectors = iter(embed(np.stack(pixels)) if pixels else [])
-    return [Query(item[0], next(vectors)) if isinstance(item, tuple) else item for item in resolved]
+    return [Query(item[0], next(vectors), pixels=item[1]) if isinstance(item, tuple) else item for item in resolved]
 
 
 def _resolve_one(spec: str, index: IndexBundle, image_size: int) -> list[Query | tuple[str, np.ndarray]]:

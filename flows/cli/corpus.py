@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,6 +16,10 @@ from flows.cli.options import byte_size, byte_text, choice, from_env, progress_o
 from pipeline.embed.config import EmbedConfig
 from pipeline.index.config import IndexConfig
 from pipeline.index.plan import IndexKind, Metric
+
+if TYPE_CHECKING:  # faiss and the search stack load only when a command runs (mocoplus --help stays instant)
+    from artifacts.index_bundle import Hit, IndexBundle
+    from pipeline.search import Query
 
 commands = typer.Typer()
 
@@ -151,7 +155,8 @@ def index_command(
         "Examples:\n\n"
         "  mocoplus search indexes/fmnist --model models/fmnist shirt.png\n\n"
         "  mocoplus search indexes/fmnist --model models/fmnist key:train_00042 -k 5 --json\n\n"
-        "  mocoplus search indexes/fmnist --model models/fmnist queries.npy --nprobe 32"
+        "  mocoplus search indexes/fmnist --model models/fmnist queries.npy --nprobe 32\n\n"
+        "  mocoplus search indexes/fmnist --model models/fmnist key:test_00000 key:test_00001 --grid results.png"
     ),
 )
 @one_line_errors
@@ -168,6 +173,13 @@ def search_command(
         Provider,
         typer.Option(parser=choice(Provider, "provider"), help="ONNX Runtime provider for image queries: cpu or cuda."),
     ] = "cpu",
+    grid: Annotated[
+        Path | None,
+        typer.Option(
+            help="Also draw the results to this PNG: a row per query, its neighbours with key, label and score "
+            "(images read from the shards the index was embedded from)."
+        ),
+    ] = None,
 ) -> None:
     """Search an index with images, keys or vectors."""
     import numpy as np
@@ -185,6 +197,7 @@ def search_command(
     good = [query for query in resolved if query.vector is not None]
     hits = iter(searcher.search(np.stack([query.vector for query in good]), k) if good else [])
     console, errors = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
+    answered = []
     for query in resolved:
         if query.vector is None:
             if as_json:
@@ -192,6 +205,7 @@ def search_command(
             errors.print(f"error: {query.name}: {query.error}", markup=False)
             continue
         results = next(hits)
+        answered.append((query, results))
         if as_json:
             typer.echo(json.dumps({"query": query.name, "results": [hit.as_dict() for hit in results]}))
             continue
@@ -201,8 +215,20 @@ def search_command(
         for hit in results:
             table.add_row(str(hit.rank), hit.key, "" if hit.label < 0 else str(hit.label), f"{hit.score:.4f}")
         console.print(table)
+    if grid is not None and answered:
+        _draw_grid(grid, answered, searcher, k)
+        errors.print(f"grid: {grid}", markup=False)
     if len(good) < len(resolved):
         raise typer.Exit(code=1)
+
+
+def _draw_grid(path: Path, answered: list[tuple[Query, list[Hit]]], index: IndexBundle, k: int) -> None:
+    from artifacts.corpus_images import CorpusImages
+    from pipeline.pictures.grid import draw_result_grid, result_rows
+
+    queries, results = zip(*answered, strict=True)
+    rows = result_rows(list(queries), list(results), CorpusImages.of_index(index))
+    draw_result_grid(rows, path, title=f"{index.path.name}: top {k}")
 
 
 def _search_override(parameter: str | None, nprobe: int | None, ef: int | None) -> int | None:

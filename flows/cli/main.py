@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from artifacts.atomic import package_version
-from flows.cli import corpus, data, demo, run, serve
+from flows.cli import corpus, data, demo, pictures, run, serve
 from flows.cli.errors import OneLineUsageErrors
 
 ABOUT = "Train MoCo embeddings with dual-view loss and hard negatives, export them, index and search."
@@ -25,7 +25,15 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 # the order of `mocoplus --help`: the chain as a user walks it
-for group in (demo.commands, data.commands, run.commands, corpus.commands, serve.commands, serve.flows_commands):
+for group in (
+    demo.commands,
+    data.commands,
+    run.commands,
+    corpus.commands,
+    pictures.commands,
+    serve.commands,
+    serve.flows_commands,
+):
     app.add_typer(group)
 
 

@@ -144,7 +144,8 @@ def embed(
     shard_list = resolve_shards(shards)
     out_dir = prepare_out_dir(Path(out_dir))
     sweep_stale_temps(out_dir)  # half-written parts of a killed run (of this host; shares elsewhere are not touched)
-    urls = list(shard_list.urls)
+    # local shards by absolute path: the set's readers (corpus images for grids and the service) run elsewhere
+    urls = [os.path.abspath(url) if os.path.isfile(url) else url for url in shard_list.urls]
     mine = [(index, url) for index, url in enumerate(urls) if index % config.num_shards == config.shard_index]
 
     def is_done(index: int, url: str) -> bool:

@@ -9,6 +9,7 @@ written before the kNN monitor marks it best.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
@@ -16,6 +17,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 from pipeline.data.augment import eval_transform
 from pipeline.data.streams import EvalStream, StreamConfig
 from pipeline.evaluate.knn import knn_top1, labelled_features
+from pipeline.pictures.curves import CURVES_FILE, METRICS_FILE, draw_curves
 from pipeline.progress import StageProgress
 from pipeline.train.checkpoints import mark_best
 from pipeline.train.placement import barrier
@@ -23,7 +25,7 @@ from pipeline.train.placement import barrier
 if TYPE_CHECKING:
     from pipeline.train.trainer import Trainer
 
-METRICS_NAME = "metrics.jsonl"
+METRICS_NAME = METRICS_FILE
 
 
 class Hook(Protocol):
@@ -205,3 +207,12 @@ def _tensorboard(run_dir: Path):
     except ImportError as error:
         raise ValueError(f"train.tensorboard needs the tensorboard package ({error})") from None
     return SummaryWriter(str(run_dir / "tensorboard"))
+
+
+def draw_run_curves(run_dir: Path) -> Path | None:
+    """``RUN/curves.png`` from the run's metrics, when it ends or is stopped; a picture never fails a run."""
+    try:
+        return draw_curves([run_dir], run_dir / CURVES_FILE)
+    except Exception as error:  # matplotlib missing or broken, a disk full: the checkpoints matter, not the picture
+        print(f"warning: {run_dir / CURVES_FILE} not drawn: {error}", file=sys.stderr)
+        return None

@@ -39,7 +39,16 @@ from mocoplus import MoCoPlus
 from pipeline.data.streams import StreamConfig, TrainBatch, TrainStream
 from pipeline.progress import stage_progress
 from pipeline.train.checkpoints import checkpoint_dir, load_checkpoint, resolve_checkpoint, save_checkpoint
-from pipeline.train.hooks import METRICS_NAME, Checkpointing, Hook, KnnMonitor, MetricsLog, Pace, ProgressReport
+from pipeline.train.hooks import (
+    METRICS_NAME,
+    Checkpointing,
+    Hook,
+    KnnMonitor,
+    MetricsLog,
+    Pace,
+    ProgressReport,
+    draw_run_curves,
+)
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.placement import Placement, barrier, distributed_placement, resolve_training_precision
 from pipeline.train.run_config import RunConfig, config_from_dict
@@ -216,6 +225,7 @@ class Trainer:
         )
         if self.placement.is_main:
             write_json_atomic(self.run_dir / SUMMARY_NAME, {**asdict(result), "run_dir": str(self.run_dir)})
+            draw_run_curves(self.run_dir)
         return result
 
     def _prepare_run_dir(self) -> None:

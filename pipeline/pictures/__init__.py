@@ -1,0 +1,1 @@
+"""Pictures of the pipeline's results: search result grids, training curves, embedding maps (matplotlib)."""

@@ -1,0 +1,248 @@
+"""Pictures on real artifacts: corpus images by key, search result grids, training curves, embedding maps."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from artifacts.corpus_images import CorpusImages, CorpusImagesError
+from artifacts.embedding_set import EmbeddingSet
+from artifacts.images import decode_image
+from artifacts.index_bundle import IndexBundle
+from flows.cli.main import app
+from pipeline.pictures.curves import CURVES_FILE, draw_curves, read_metrics
+from pipeline.pictures.embedding_map import MapConfig, draw_map, map_embeddings
+from pipeline.pictures.figures import DPI
+from pipeline.pictures.grid import CELL_INCHES, result_rows
+from pipeline.search import resolve_queries
+
+FASHION_NAMES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+runner = CliRunner()
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+        return image.size
+
+
+def copy_corpus(corpus: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the corpus's embedding set and index, the index pointing at the copy."""
+    index = IndexBundle(corpus["index"])
+    embeddings = tmp_path / "emb"
+    shutil.copytree(index.info["embeddings"]["path"], embeddings)
+    copied = tmp_path / "index"
+    shutil.copytree(corpus["index"], copied)
+    info = json.loads((copied / "index.json").read_text())
+    info["embeddings"]["path"] = str(embeddings)
+    (copied / "index.json").write_text(json.dumps(info))
+    return embeddings, copied
+
+
+# --- corpus images ------------------------------------------------------------------------------
+
+
+def test_every_key_reads_back_its_stored_image_bytes(corpus):
+    images = CorpusImages.of_index(IndexBundle(corpus["index"]))
+    for key, stored in corpus["images"].items():
+        data, extension = images.read(key)
+        assert (data, extension) == (stored, "png")
+
+
+def test_labels_are_named_from_the_shard_sets_manifest(corpus):
+    images = CorpusImages.of_index(IndexBundle(corpus["index"]))
+    assert images.class_names == FASHION_NAMES
+    assert [images.label_name(label) for label in (0, 9, -1)] == ["T-shirt/top", "Ankle boot", ""]
+
+
+def test_an_unknown_key_is_a_key_error_and_a_missing_shard_names_itself(corpus, tmp_path):
+    embeddings, index_path = copy_corpus(corpus, tmp_path)
+    with pytest.raises(KeyError):
+        CorpusImages.of_index(IndexBundle(index_path)).read("../../etc/passwd")
+    manifest = json.loads((embeddings / "manifest.json").read_text())
+    manifest["parts"][0]["source"] = str(tmp_path / "gone" / "shard-000000.tar")
+    (embeddings / "manifest.json").write_text(json.dumps(manifest))
+    images = CorpusImages.of_index(IndexBundle(index_path))
+    with pytest.raises(CorpusImagesError, match=r"shard .*gone/shard-000000\.tar .* is missing"):
+        images.read(corpus["keys"][0])
+
+
+def test_an_index_without_its_embedding_set_says_so(corpus, tmp_path):
+    embeddings, index_path = copy_corpus(corpus, tmp_path)
+    shutil.rmtree(embeddings)
+    with pytest.raises(CorpusImagesError, match=r"the embedding set of index .* cannot be read"):
+        CorpusImages.of_index(IndexBundle(index_path))
+
+
+def test_a_shard_rewritten_without_the_sample_is_a_clear_error(corpus, tmp_path):
+    embeddings, index_path = copy_corpus(corpus, tmp_path)
+    empty = tmp_path / "shards" / "shard-000000.tar"
+    empty.parent.mkdir()
+    import tarfile
+
+    with tarfile.open(empty, "w"):
+        pass
+    manifest = json.loads((embeddings / "manifest.json").read_text())
+    manifest["parts"][0]["source"] = str(empty)
+    (embeddings / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorpusImagesError, match="has no image for key"):
+        CorpusImages.of_index(IndexBundle(index_path)).read(corpus["keys"][0])
+
+
+# --- result grids -------------------------------------------------------------------------------
+
+
+def test_grid_rows_show_the_query_and_its_neighbours_images_labels_and_scores(corpus, bundle, tmp_path):
+    from artifacts.model_bundle import ModelBundle
+
+    index = IndexBundle(corpus["index"])
+    model = ModelBundle(bundle)
+    picture = tmp_path / "query.png"
+    picture.write_bytes(corpus["images"][corpus["keys"][3]])
+    np.save(tmp_path / "vector.npy", corpus["vectors"][corpus["keys"][5]])
+    specs = [f"key:{corpus['keys'][0]}", str(picture), str(tmp_path / "vector.npy")]
+    queries = resolve_queries(specs, index, model.embed, model.size)
+    results = index.search(np.stack([query.vector for query in queries]), 4)
+    rows = result_rows(queries, results, CorpusImages.of_index(index))
+
+    assert [len(row.neighbours) for row in rows] == [4, 4, 4]
+    first_key = corpus["keys"][0]
+    stored = np.asarray(decode_image(corpus["images"][first_key]).image)
+    np.testing.assert_array_equal(rows[0].query.image, stored)  # a key query shows its corpus image
+    assert rows[0].neighbours[0].caption.startswith(first_key)  # ... and finds itself first
+    np.testing.assert_array_equal(rows[0].neighbours[0].image, stored)
+    assert rows[1].query.image.shape == (model.size, model.size, 3)  # an image query: what the model saw
+    assert rows[2].query.image is None  # a vector has no picture
+    hit = results[0][1]
+    label_name = FASHION_NAMES[hit.label]
+    assert rows[0].neighbours[1].caption.split("\n") == [hit.key, label_name, f"{hit.score:.3f}"]
+
+
+def test_search_grid_writes_one_row_per_answered_query(corpus, bundle, tmp_path):
+    out = tmp_path / "grid.png"
+    keys = corpus["keys"]
+    result = runner.invoke(
+        app,
+        ["search", str(corpus["index"]), "--model", str(bundle), f"key:{keys[0]}", f"key:{keys[1]}",
+         "key:no-such-key", "-k", "5", "--grid", str(out)],
+    )  # fmt: skip
+    assert result.exit_code == 1  # the unknown key is reported; the others are answered and drawn
+    assert "error: key:no-such-key" in result.output
+    assert f"grid: {out}" in result.output
+    width, height = png_size(out)
+    assert abs(width - CELL_INCHES * 6 * DPI) <= 1  # the query + 5 neighbours
+    assert abs(height - (CELL_INCHES * 1.25 * 2 + 0.4) * DPI) <= 1  # two answered queries and the title
+
+
+def test_search_grid_with_a_missing_shard_is_one_error_line(corpus, bundle, tmp_path):
+    embeddings, index_path = copy_corpus(corpus, tmp_path)
+    manifest = json.loads((embeddings / "manifest.json").read_text())
+    manifest["parts"][0]["source"] = str(tmp_path / "moved.tar")
+    (embeddings / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "grid.png"
+    key = corpus["keys"][0]
+    result = runner.invoke(app, ["search", str(index_path), "--model", str(bundle), f"key:{key}", "--grid", str(out)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith(f"error: shard {tmp_path / 'moved.tar'}")
+    assert not out.exists()
+
+
+# --- training curves ----------------------------------------------------------------------------
+
+
+def test_training_draws_its_curves_when_it_ends(trained_run):
+    assert png_size(trained_run / CURVES_FILE) == (1300, 700)
+    metrics = read_metrics(trained_run)
+    assert [step for step, _ in metrics.series["loss"]] == [1, 2, 3, 4]
+    assert set(metrics.series) >= {"lr", "momentum", "positive_similarity", "selected_negative_similarity"}
+    assert metrics.knn and all(0 <= top1 <= 100 for _, top1 in metrics.knn)
+
+
+def test_curves_skip_a_torn_line_and_compare_several_runs(trained_run, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    lines = (trained_run / "metrics.jsonl").read_text().splitlines()
+    (other / "metrics.jsonl").write_text("\n".join([*lines[:2], '{"step": 3, "lo', "[1, 2]"]) + "\n")
+    assert len(read_metrics(other).series["loss"]) == 2
+    result = runner.invoke(app, ["plot", str(trained_run), str(other), "--out", str(tmp_path / "both.png")])
+    assert result.exit_code == 0, result.output
+    assert png_size(tmp_path / "both.png") == (1300, 700)
+
+
+def test_plot_errors_are_one_line(trained_run, tmp_path):
+    several = runner.invoke(app, ["plot", str(trained_run), str(trained_run)])
+    assert several.exit_code == 1 and "name it with --out" in several.output
+    missing = runner.invoke(app, ["plot", str(tmp_path)])
+    assert missing.exit_code == 1 and "has no metrics.jsonl" in missing.output
+    (tmp_path / "metrics.jsonl").write_text("")
+    empty = runner.invoke(app, ["plot", str(tmp_path)])
+    assert empty.exit_code == 1 and "no metrics logged yet" in empty.output
+    wrong = runner.invoke(app, ["plot", str(trained_run), "--out", str(tmp_path / "curves.jpg")])
+    assert wrong.exit_code == 1 and "PNG" in wrong.output
+
+
+def test_redrawing_keeps_the_old_picture_until_the_new_one_is_whole(trained_run, tmp_path):
+    out = tmp_path / "curves.png"
+    out.write_bytes(b"old")
+    with pytest.raises(FileNotFoundError):
+        draw_curves([tmp_path / "not-a-run"], out)
+    assert out.read_bytes() == b"old"
+
+
+# --- embedding maps -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["tsne", "umap"])
+def test_map_projects_a_seeded_sample_with_the_sets_labels(corpus, method):
+    embeddings = EmbeddingSet(IndexBundle(corpus["index"]).info["embeddings"]["path"])
+    config = MapConfig(method=method, sample=150, neighbours=10)
+    projected = map_embeddings(embeddings, config)
+    assert projected.points.shape == (150, 2) and np.isfinite(projected.points).all()
+    assert projected.total == 200 and projected.class_names == FASHION_NAMES
+    _keys, labels = embeddings.keys_and_labels()
+    rows = np.sort(np.random.default_rng(0).choice(200, size=150, replace=False))
+    np.testing.assert_array_equal(projected.labels, labels[rows])
+    again = map_embeddings(embeddings, config)
+    np.testing.assert_allclose(again.points, projected.points, atol=1e-4)  # seeded: the same picture twice
+
+
+def test_map_command_draws_a_labelled_and_an_unlabelled_set(corpus, tmp_path):
+    embeddings = IndexBundle(corpus["index"]).info["embeddings"]["path"]
+    out = tmp_path / "map.png"
+    result = runner.invoke(app, ["map", embeddings, "--out", str(out), "--method", "tsne", "--sample", "100"])
+    assert result.exit_code == 0, result.output
+    assert png_size(out) == (900, 750)
+
+    from artifacts.embedding_set import write_embedding_set
+
+    unlabelled = write_embedding_set(
+        tmp_path / "vectors", np.random.default_rng(0).normal(size=(40, 8)), bundle_hash="x"
+    )
+    projected = map_embeddings(EmbeddingSet(unlabelled), MapConfig(method="tsne", sample=40))
+    assert (projected.labels == -1).all() and projected.class_names is None
+    assert png_size(draw_map(projected, tmp_path / "plain.png", "vectors")) == (900, 750)
+
+
+def test_map_refuses_bad_options_on_one_line(corpus, tmp_path):
+    embeddings = IndexBundle(corpus["index"]).info["embeddings"]["path"]
+    bad_method = runner.invoke(app, ["map", embeddings, "--out", str(tmp_path / "m.png"), "--method", "pca"])
+    assert bad_method.exit_code == 1 and "umap" in bad_method.output
+    not_a_set = runner.invoke(app, ["map", str(tmp_path), "--out", str(tmp_path / "m.png")])
+    assert not_a_set.exit_code == 1 and "not a complete embedding set" in not_a_set.output
