@@ -39,6 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from artifacts.index_bundle import IndexBundle, IndexBundleError
 from artifacts.model_bundle import ModelBundle
 from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
+from serving.corpus import Corpus, add_corpus_routes
 from serving.guards import BodyGuard, Gate
 from serving.metrics import ServiceMetrics
 from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, read_payload, shorten
@@ -69,6 +70,7 @@ class Service:
         self.ready = False
         self.model: ModelBundle | None = None
         self.index: IndexBundle | None = None
+        self.corpus: Corpus | None = None  # the index's images and class names, for the search page
         self.batcher: MicroBatcher | None = None
         self.failure: str | None = None  # why loading failed, for /readyz
         limits = config.limits
@@ -82,6 +84,7 @@ class Service:
         if index is not None:
             index.check_model(model.hash, self.config.model)
         self.model, self.index = model, index
+        self.corpus = Corpus.of(index) if index is not None else None
         self.metrics.provider.labels(provider=model.session.get_providers()[0]).set(1)
 
     async def start(self) -> None:
@@ -109,6 +112,18 @@ class Service:
     def require_ready(self) -> None:
         if not self.ready:
             raise RequestError(503, self.failure or "still loading: the model is not ready yet")
+
+    def require_corpus(self) -> Corpus:
+        self.require_ready()
+        if self.corpus is None:
+            raise RequestError(404, "this service has no index (start it with --index)")
+        return self.corpus
+
+    async def corpus_png(self, key: str) -> bytes:
+        """A corpus image as PNG, decoded in a decode slot like any uploaded image."""
+        corpus = self.require_corpus()
+        async with self.decodes.slot():
+            return await asyncio.to_thread(corpus.png, key, self.config.limits)
 
     async def stop(self) -> None:
         self.ready = False
@@ -287,6 +302,8 @@ def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI
     )
     async def search(request: Request) -> dict[str, Any]:
         return await service.search(await read_payload(request, config.limits))
+
+    add_corpus_routes(app, service)
 
     @app.get("/v1/model", summary="The model bundle's model.json and the index summary")
     async def model() -> dict[str, Any]:

@@ -1,10 +1,15 @@
-"""Helpers for tests that start real servers: a free loopback port, and stopping a process by its pid."""
+"""Helpers for tests that start real servers: a free loopback port, `mocoplus serve`, stopping by pid."""
 
 from __future__ import annotations
 
 import signal
 import socket
 import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
 
 
 def free_port() -> int:
@@ -22,3 +27,26 @@ def stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    command = [sys.executable, "-m", "flows.cli", "serve", *args, "--port", str(port)]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1]
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_listening(process: subprocess.Popen, url: str, seconds: float = 90) -> httpx.Client:
+    client = httpx.Client(base_url=url, timeout=30)
+    deadline = time.monotonic() + seconds
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        try:
+            if client.get("/readyz").status_code == 200:
+                return client
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.1)

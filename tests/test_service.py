@@ -7,8 +7,6 @@ import base64
 import io
 import json
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-from processes import free_port, stop
+from processes import start_server, stop, wait_listening
 
 from artifacts.index_bundle import INDEX_JSON
 from serving.app import Service, ServiceConfig, create_app
@@ -257,29 +255,6 @@ def test_batcher_refuses_beyond_its_queue_and_reports_model_errors_to_each_reque
 # --- a real server ---------------------------------------------------------------------------------------------
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    command = [sys.executable, "-m", "flows.cli", "serve", *args, "--port", str(port)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1]
-    )
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_listening(process: subprocess.Popen, url: str, seconds: float = 90) -> httpx.Client:
-    client = httpx.Client(base_url=url, timeout=30)
-    deadline = time.monotonic() + seconds
-    while True:
-        assert process.poll() is None, process.stdout.read()
-        try:
-            if client.get("/readyz").status_code == 200:
-                return client
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "server never became ready"
-        time.sleep(0.1)
-
-
 def test_real_server_serves_concurrent_clients_and_isolates_a_bad_image(bundle, corpus):
     process, url = start_server("--model", str(bundle), "--index", str(corpus["index"]), "--max-wait-ms", "20")
     try:
@@ -368,3 +343,77 @@ def test_serve_refuses_cuda_it_cannot_have_before_listening(bundle):
 
     result = CliRunner().invoke(app, ["serve", "--model", str(bundle), "--provider", "cuda", "--port", "1"])
     assert result.exit_code == 1 and "provider 'cuda' asked for" in result.stderr
+
+
+# --- the search page and corpus images ---------------------------------------------------------------------------
+
+
+def test_the_search_page_is_one_self_contained_html_page(client):
+    answer = client.get("/")
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/html")
+    page = answer.text
+    assert 'id="file"' in page and 'id="results"' in page and "/v1/search" in page
+    assert "http://" not in page and "https://" not in page  # nothing from a CDN: the machines have no internet
+
+
+def test_corpus_images_come_back_as_the_stored_pixels_in_png(client, corpus):
+    key = corpus["keys"][7]
+    answer = client.get(f"/v1/images/{key}")
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png"
+    served = np.asarray(Image.open(io.BytesIO(answer.content)))
+    np.testing.assert_array_equal(served, np.asarray(Image.open(io.BytesIO(corpus["images"][key]))))
+
+
+def test_the_corpus_summary_names_the_classes_and_a_random_key_is_in_the_index(client, corpus):
+    summary = client.get("/v1/corpus").json()
+    assert summary["count"] == 200 and summary["images"] is True
+    assert summary["class_names"][:2] == ["T-shirt/top", "Trouser"]
+    assert {client.get("/v1/corpus/random").json()["key"] for _ in range(5)} <= set(corpus["keys"])
+
+
+@pytest.mark.parametrize(
+    "key", ["no-such-key", "../../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "k" * 4000, "test_00001.png"]
+)
+def test_an_unknown_or_path_like_key_is_a_short_json_404(client, key):
+    answer = client.get(f"/v1/images/{key}")
+    assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"  # never a file
+    assert len(answer.json()["error"]) < 200  # the key is shortened, not echoed in full
+
+
+def test_images_over_the_byte_cap_are_refused_before_decoding(bundle, corpus):
+    with make_client(bundle, corpus["index"], limits=Limits(max_image_bytes=50)) as small:
+        wait_ready(small)
+        answer = small.get(f"/v1/images/{corpus['keys'][0]}")
+    assert answer.status_code == 404 and "cannot be read on this server" in answer.json()["error"]
+
+
+def test_without_an_index_the_page_loads_and_the_corpus_says_why(bundle):
+    with make_client(bundle, None) as plain:
+        wait_ready(plain)
+        assert plain.get("/").status_code == 200
+        assert plain.get("/v1/model").json()["index"] is None  # what the page reads to say "no index"
+        for path in ("/v1/corpus", "/v1/corpus/random", "/v1/images/test_00000"):
+            answer = plain.get(path)
+            assert answer.status_code == 404 and "no index" in answer.json()["error"]
+
+
+def test_an_index_whose_shards_are_gone_still_searches_and_says_why_there_are_no_images(bundle, corpus, tmp_path):
+    import shutil
+
+    from artifacts.index_bundle import IndexBundle
+
+    index = IndexBundle(corpus["index"])
+    embeddings, copied = tmp_path / "emb", tmp_path / "index"
+    shutil.copytree(index.info["embeddings"]["path"], embeddings)
+    shutil.copytree(corpus["index"], copied)
+    info = json.loads((copied / INDEX_JSON).read_text())
+    info["embeddings"]["path"] = str(tmp_path / "moved")
+    (copied / INDEX_JSON).write_text(json.dumps(info))
+    with make_client(bundle, copied) as moved:
+        wait_ready(moved)
+        summary = moved.get("/v1/corpus").json()
+        assert summary["images"] is False and "not readable on this server" in summary["images_unavailable"]
+        assert str(tmp_path) not in json.dumps(summary)
+        assert moved.post("/v1/search", json={"key": corpus["keys"][0], "k": 1}).status_code == 200
+        answer = moved.get(f"/v1/images/{corpus['keys'][0]}")
+        assert answer.status_code == 404 and str(tmp_path) not in answer.text
