@@ -125,6 +125,15 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig()) -> dict[str, Any]:
             "index": result["index"]["index"],
             "run": result["pretrain"]["run"],
         },
+        "pictures": {
+            name: path
+            for name, path in (
+                ("search grid", result["search"].get("grid")),
+                ("training curves", result["pretrain"].get("curves")),
+                ("embedding map", result["index"].get("map")),
+            )
+            if path
+        },
         "config": asdict(config),
     }
     write_json_atomic(root / "demo.json", json.loads(json.dumps(report)))

@@ -14,24 +14,54 @@ from typing import Any
 from prefect import flow, task
 
 from flows.index_corpus import index_corpus
+from flows.pictures import picture_failed, publish_picture
 from flows.pretrain import pretrain
+
+GRID_QUERIES = 8  # the result grid's rows: one held-out image per class, the first classes found
 
 
 @task
-def search_smoke(model: str, index: str, query_shards: str, k: int = 5) -> dict[str, Any]:
-    """The first held-out image searched through the bundle and the index: its key, label and neighbours."""
+def search_smoke(model: str, index: str, query_shards: str, k: int = 5, grid: str | None = None) -> dict[str, Any]:
+    """Held-out images searched through the bundle and the index: the first one's key, label and neighbours.
+
+    With ``grid``, one query of each class among the first held-out images (up to `GRID_QUERIES`) is drawn
+    with its ``k`` neighbours to that PNG and published as the ``end-to-end-search`` artifact.
+    """
     from artifacts.index_bundle import IndexBundle
     from artifacts.model_bundle import ModelBundle
     from pipeline.data.streams import EvalStream, StreamConfig
+    from pipeline.search import Query
 
     bundle, searcher = ModelBundle(Path(model)), IndexBundle(Path(index))
     searcher.check_model(bundle.hash, model)
-    stream = EvalStream(query_shards, bundle.size, "RGB", StreamConfig(batch_size=1, workers=0), rank=0, world_size=1)
-    query = next(iter(stream))
-    pixels = query.images.permute(0, 2, 3, 1).contiguous().numpy()
-    hits = searcher.search(bundle.embed(pixels), k)[0]
-    label = int(query.labels[0])
-    return {"query": query.keys[0], "label": label, "neighbours": [hit.as_dict() for hit in hits]}
+    stream = EvalStream(query_shards, bundle.size, "RGB", StreamConfig(batch_size=64, workers=0), rank=0, world_size=1)
+    batch = next(iter(stream))
+    pixels = batch.images.permute(0, 2, 3, 1).contiguous().numpy()
+    labels = [int(label) for label in batch.labels]
+    first_of_class = [row for row, label in enumerate(labels) if label not in labels[:row]]
+    chosen = first_of_class[:GRID_QUERIES] if grid else [0]
+    vectors = bundle.embed(pixels[chosen])
+    results = searcher.search(vectors, k)
+    smoke = {"query": batch.keys[0], "label": labels[0], "neighbours": [hit.as_dict() for hit in results[0]]}
+    if grid:
+        queries = [Query(batch.keys[row], vectors[position], pixels=pixels[row]) for position, row in enumerate(chosen)]
+        smoke["grid"] = draw_search_grid(queries, results, searcher, Path(grid), k)
+    return smoke
+
+
+def draw_search_grid(queries: list, results: list, searcher: Any, path: Path, k: int) -> str | None:
+    """The queries and their neighbours as a picture (and an artifact); a picture never fails the flow."""
+    from artifacts.corpus_images import CorpusImages
+    from pipeline.pictures.grid import draw_result_grid, result_rows
+
+    try:
+        rows = result_rows(queries, results, CorpusImages.of_index(searcher))
+        draw_result_grid(rows, path, title=f"held-out queries and their {k} nearest neighbours")
+        publish_picture(path, "end-to-end-search", "end-to-end: held-out queries and their neighbours")
+    except Exception as error:
+        picture_failed("search grid", error)
+        return None
+    return str(path)
 
 
 @flow(name="end-to-end", log_prints=True)
@@ -45,13 +75,18 @@ def end_to_end(
     shares: int = 2,
     baselines: list[str] | None = None,
     linear_probe: bool = True,
+    map_sample: int = 5000,
 ) -> dict[str, Any]:
-    """Everything under ``out``: shards/, run/, model/, corpus/ (embeddings + index)."""
+    """Everything under ``out``: shards/, run/ (with curves.png), model/, corpus/ (embeddings, index, map.png),
+    search-grid.png."""
     root = Path(out)
     trained = pretrain(
         source, str(root / "shards" / "train"), str(root / "run"), str(root / "model"),
         eval_source, str(root / "shards" / "test"), config, overrides, nproc, baselines, linear_probe,
     )  # fmt: skip
-    indexed = index_corpus(trained["model"], trained["shards"], str(root / "corpus"), shares=shares)
-    smoke = search_smoke(trained["model"], indexed["index"], trained["eval_shards"] or trained["shards"])
+    indexed = index_corpus(
+        trained["model"], trained["shards"], str(root / "corpus"), shares=shares, map_sample=map_sample
+    )
+    queries = trained["eval_shards"] or trained["shards"]
+    smoke = search_smoke(trained["model"], indexed["index"], queries, k=8, grid=str(root / "search-grid.png"))
     return {"pretrain": trained, "index": indexed, "search": smoke}

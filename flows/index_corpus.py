@@ -9,7 +9,8 @@ runner each share runs on its own worker; the default is a thread pool.
 one by address, or a local one of n worker processes — the scale-out path.
 Tasks pass paths, not arrays, retry with back-off, and skip what is done:
 embedding resumes part by part, and an index whose ``index.json`` names the
-current embedding manifest is kept. A markdown artifact reports the result.
+current embedding manifest is kept. A markdown artifact reports the result,
+an image artifact shows a 2-D map of the embeddings (``map_sample`` of them).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
-EMBEDDINGS, INDEX = "embeddings", "index"
+from flows.pictures import draw_corpus_map
+
+EMBEDDINGS, INDEX, MAP = "embeddings", "index", "map.png"
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], task_run_name="embed share {share} of {shares}")
@@ -73,9 +76,19 @@ def check_recall(info: dict[str, Any]) -> dict[str, Any]:
 
 @flow(name="index-corpus", log_prints=True)
 def index_corpus(
-    model: str, data: str, out: str, shares: int = 2, kind: str = "auto", target_recall: float = 0.95
+    model: str,
+    data: str,
+    out: str,
+    shares: int = 2,
+    kind: str = "auto",
+    target_recall: float = 0.95,
+    map_sample: int = 5000,
+    map_method: str = "umap",
 ) -> dict[str, Any]:
-    """Embed ``data`` with ``model`` in ``shares`` parallel tasks into ``out/embeddings``, index into ``out/index``."""
+    """Embed ``data`` with ``model`` in ``shares`` parallel tasks into ``out/embeddings``, index into ``out/index``.
+
+    ``map_sample`` vectors are drawn as ``out/map.png`` (0: no map).
+    """
     embeddings, index = str(Path(out) / EMBEDDINGS), str(Path(out) / INDEX)
     shares_done = embed_share.map(
         unmapped(model), unmapped(data), unmapped(embeddings), range(shares), unmapped(shares)
@@ -83,7 +96,8 @@ def index_corpus(
     samples = sum(result["samples"] for result in shares_done.result())
     info = index_embeddings(embeddings, index, kind, target_recall)
     summary = check_recall(info)
-    return {"embeddings": embeddings, "index": index, "samples_embedded_now": samples, **summary}
+    picture = draw_corpus_map(embeddings, str(Path(out) / MAP), map_sample, map_method) if map_sample else None
+    return {"embeddings": embeddings, "index": index, "samples_embedded_now": samples, "map": picture, **summary}
 
 
 def with_dask(address: str | None = None, workers: int = 0) -> Any:

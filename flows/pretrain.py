@@ -20,6 +20,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from artifacts.shard_set import MANIFEST_NAME
+from flows.pictures import publish_curves
 
 
 def ensure_shards(source: str, shards: str) -> bool:
@@ -152,6 +153,7 @@ def pretrain(
     data = ingest_if_missing(source, shards)
     held_out = ingest_if_missing(eval_source, eval_shards) if eval_source and eval_shards else None
     run = train_run(data, held_out, run_dir, config, list(overrides or []), nproc)
+    curves = publish_curves(run)
     scores = evaluate_run(run, data, held_out, list(baselines or []), linear_probe) if held_out else {}
     model = export_run(run, model_dir)
-    return {"shards": data, "eval_shards": held_out, "run": run, "model": model, **scores}
+    return {"shards": data, "eval_shards": held_out, "run": run, "model": model, "curves": curves, **scores}

@@ -29,7 +29,7 @@ def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path
     report = json.loads((out / "demo.json").read_text())
     assert report["planned_steps"] == 1 and report["calibration_images_per_s"] > 0
     assert 0 <= report["knn_top1"] <= 1 and report["recall_at_10"] >= 0.95
-    assert report["search"]["query"].startswith("test") and len(report["search"]["neighbours"]) == 5
+    assert report["search"]["query"].startswith("test") and len(report["search"]["neighbours"]) == 8
     assert all((out / name).exists() for name in ("shards/train", "shards/test", "run", "model", "corpus/index"))
     for text in ("kNN top-1", "recall@10", "search: test", "kNN-200", "P@10", "key encoder", "pixels", "hog"):
         assert text in result.stdout
@@ -41,6 +41,14 @@ def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path
     for stage in ("demo: 1/3 ingest", "demo: 2/3 calibration", "demo: 3/3 the end-to-end flow", "demo: done"):
         assert stage in result.stderr
     assert "telemetry" not in result.stderr.lower()
+    pictures = report["pictures"]
+    assert pictures == {
+        "search grid": str(out / "search-grid.png"),
+        "training curves": str(out / "run" / "curves.png"),
+        "embedding map": str(out / "corpus" / "map.png"),
+    }
+    for name, path in pictures.items():
+        assert f"{name}: {path}" in result.stdout and Path(path).read_bytes().startswith(b"\x89PNG")
 
 
 def test_demo_refuses_a_budget_below_one_minute():

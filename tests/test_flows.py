@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,8 +84,28 @@ def test_end_to_end_chains_pretrain_index_and_a_search(fashion_mnist_env, tmp_pa
     result = end_to_end(str(tmp_path / "e2e"), overrides=[*TINY, "train.max_steps=2"], shares=2)
     assert result["index"]["recall"] >= 0.95 and (tmp_path / "e2e" / "corpus" / "index" / "index.json").is_file()
     neighbours = result["search"]["neighbours"]
-    assert len(neighbours) == 5 and neighbours[0]["score"] >= neighbours[-1]["score"]
+    assert len(neighbours) == 8 and neighbours[0]["score"] >= neighbours[-1]["score"]
     assert all(hit["key"].startswith("train") for hit in neighbours)  # the corpus is the training set
+    pictures = {
+        "end-to-end-search": result["search"]["grid"],
+        "pretrain-curves": result["pretrain"]["curves"],
+        "index-corpus-map": result["index"]["map"],
+    }
+    assert pictures == {
+        "end-to-end-search": str(tmp_path / "e2e" / "search-grid.png"),
+        "pretrain-curves": str(tmp_path / "e2e" / "run" / "curves.png"),
+        "index-corpus-map": str(tmp_path / "e2e" / "corpus" / "map.png"),
+    }
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        published = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(pictures))))
+    by_key = {artifact.key: artifact for artifact in published}
+    assert set(by_key) == set(pictures)
+    for key, path in pictures.items():  # each picture travels inside its artifact: the UI cannot read the disk
+        assert by_key[key].type == "image"
+        assert base64.b64decode(by_key[key].data.removeprefix("data:image/png;base64,")) == Path(path).read_bytes()
 
 
 def test_the_dask_path_with_two_local_workers_embeds_as_the_sequential_path(bundle, fashion_shards, tmp_path):

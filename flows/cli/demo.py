@@ -61,6 +61,8 @@ def demo_command(
     search = report["search"]
     neighbours = ", ".join(name(hit["label"]) for hit in search["neighbours"])
     console.print(f"search: {search['query']} ({name(search['label'])}) → {neighbours}")
+    for picture, path in report.get("pictures", {}).items():
+        console.print(f"{picture}: {path}", highlight=False)
     console.print(
         f"wrote {Path(out) / 'demo.json'}; model {report['paths']['model']}, index {report['paths']['index']}"
     )
