@@ -9,7 +9,7 @@
 #   probe          driver, CUDA, cuDNN, NCCL, GPU, ONNX Runtime providers, FAISS (the "environment")
 #   pytest-gpu     pytest -m gpu (tests/test_gpu.py)
 #   data           a synthetic 32 px colour shard set (mocoplus ingest)
-#   train-bf16     60 bf16 steps of cifar-resnet18 under torchrun (NCCL, one process)
+#   train-bf16     60 bf16 steps of cifar-resnet18 under torchrun (one process; pytest-gpu has NCCL)
 #   throughput     cifar-resnet18 images/s: model only, stream only, end to end, and which one limits
 #   export-parity  mocoplus export of that run; ONNX Runtime CUDA against CPU provider (cosine)
 #   embed-cuda     mocoplus embed --provider cuda: images/s

@@ -184,7 +184,7 @@ def data(args: argparse.Namespace) -> dict[str, Any]:
 
 @step
 def train_bf16(args: argparse.Namespace) -> dict[str, Any]:
-    """A short bf16 `cifar-resnet18` run under torchrun (one process, NCCL), its images/s from metrics.jsonl."""
+    """A short bf16 `cifar-resnet18` run under torchrun (one process), its images/s from metrics.jsonl."""
     if (
         answer := needs(args.work, modules=TRAIN_PACKAGES) or needs_output(args.work / "shards", "shard set")
     ) is not None:
