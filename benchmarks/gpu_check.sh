@@ -21,7 +21,7 @@
 # What a bare GPU machine needs beside torch: webdataset and braceexpand (training, embedding), the service's
 # web stack (fastapi, uvicorn, python-multipart, fastapi-offline, httptools), onnxruntime-gpu and faiss-gpu, and
 # for pytest-gpu a Fashion-MNIST slice. `--pack DIR` downloads the small wheels and writes the slice (about
-# 10 MB in all); onnxruntime-gpu and faiss-gpu wheels are hundreds of MB each: put them in DIR where they can
+# 5 MB in all); onnxruntime-gpu and faiss-gpu wheels are hundreds of MB each: put them in DIR where they can
 # travel, else their steps report "unverifiable". `--prepare DIR` installs DIR/*.whl into WORK/site (no index,
 # no dependencies) and points MOCOPLUS_FASHION_MNIST_DIR at DIR/fashion-mnist.
 set -u
