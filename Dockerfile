@@ -2,7 +2,9 @@
 # mocoplus images. Two targets:
 #   serve     the HTTP service and the search CLI: ONNX Runtime + FAISS, no PyTorch
 #   pipeline  training, export, embedding, indexes and the Prefect flows: with PyTorch
-# GPU (default): CUDA runtime base, onnxruntime-gpu, faiss-gpu, CUDA PyTorch wheels.
+# GPU (default): CUDA runtime base, onnxruntime-gpu, faiss-gpu, CUDA PyTorch wheels: one CUDA major, 12,
+#                for all three (base 12.6 with cuDNN 9, torch cu126, onnxruntime-gpu <1.27, faiss-gpu <1.16;
+#                pyproject's `gpu` extra pins the same ranges).
 # CPU-only:      --build-arg BASE_IMAGE=ubuntu:24.04 --build-arg VARIANT=cpu
 #
 #   docker build --target serve -t mocoplus-serve .
@@ -44,7 +46,7 @@ FROM build-base AS serve-build
 ARG VARIANT=gpu
 # $runtime is split into its package specifiers on purpose
 # hadolint ignore=SC2086
-RUN if [ "$VARIANT" = "gpu" ]; then runtime="onnxruntime-gpu>=1.18 faiss-gpu-cu12>=1.8"; \
+RUN if [ "$VARIANT" = "gpu" ]; then runtime="onnxruntime-gpu>=1.21,<1.27 faiss-gpu>=1.14.3,<1.16"; \
     else runtime="onnxruntime>=1.18 faiss-cpu>=1.8"; fi \
     && pip install $runtime "numpy>=1.26" "pillow>=10.0" "fastapi>=0.110,<0.151" "uvicorn>=0.29" \
        "python-multipart>=0.0.9" "prometheus-client>=0.20" "uvloop>=0.19" "httptools>=0.6" \
@@ -67,11 +69,10 @@ ARG VARIANT=gpu
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cu126
 RUN if [ "$VARIANT" = "gpu" ]; then \
         pip install --extra-index-url "$TORCH_INDEX" "torch>=2.4,<2.15" "torchvision>=0.19,<0.30" \
-        && pip install ".[gpu]" && pip uninstall -y onnxruntime faiss-cpu \
-        && pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.18" "faiss-gpu-cu12>=1.8"; \
+        && pip install ".[gpu]"; \
     else \
         pip install --extra-index-url https://download.pytorch.org/whl/cpu "torch>=2.4,<2.15" "torchvision>=0.19,<0.30" \
-        && pip install .; \
+        && pip install ".[cpu]"; \
     fi
 
 FROM base AS pipeline

@@ -14,6 +14,7 @@ product for ``ip`` indexes, the negated squared distance for ``l2`` ones.
 from __future__ import annotations
 
 import json
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "k
 ROWS_FILE = "rows.npy"  # index id → row of the embedding set it came from
 INDEX_KIND = "mocoplus.index"
 SEARCH_PARAMETERS = ("nprobe", "efSearch")  # what index.json's "search" may tune: IVF's and HNSW's
+FAISS_DEFAULTS = {"nprobe": 1, "efSearch": 16}  # what an index searches with before anything is set
 
 
 class IndexBundleError(ValueError):
@@ -53,14 +55,87 @@ class Hit:
 
 
 def gpu_index(index: faiss.Index) -> faiss.Index:
-    """A copy of ``index`` on all visible GPUs; a clear error without faiss-gpu, a GPU, or GPU support for the kind."""
+    """A copy of ``index`` on all visible GPUs; a clear error without faiss-gpu, a GPU, or GPU support for the kind.
+
+    One GPU gets a plain GPU index; several get an ``IndexReplicas`` of one copy each.
+    """
     if not hasattr(faiss, "StandardGpuResources"):
-        raise IndexBundleError("--gpu needs faiss-gpu (pip install 'mocoplus[gpu]'); this FAISS build is CPU-only")
+        raise IndexBundleError('--gpu needs faiss-gpu (README "GPU"); this FAISS build is CPU-only')
     if faiss.get_num_gpus() < 1:
         raise IndexBundleError("--gpu: faiss-gpu sees no CUDA device")
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):
         raise IndexBundleError("--gpu: FAISS has no GPU HNSW index; drop --gpu or use --kind ivf")
-    return faiss.index_cpu_to_all_gpus(index)
+    options = faiss.GpuMultipleClonerOptions()
+    options.useFloat16 = needs_float16_lookup_tables(index)
+    return faiss.index_cpu_to_all_gpus(index, co=options)
+
+
+def needs_float16_lookup_tables(index: faiss.Index) -> bool:
+    """Whether the GPU clone of ``index`` should compute in float16: IVF-PQ only.
+
+    For an IVF-PQ index the cloner's ``useFloat16`` means float16 lookup tables,
+    which GPU IVF-PQ needs for long codes (the planner's usual 64-byte codes do
+    not fit shared memory in float32); for Flat and IVF-Flat it would store the
+    vectors themselves in float16, a loss the plan never asked for.
+    """
+    try:
+        return isinstance(faiss.downcast_index(faiss.extract_index_ivf(index)), faiss.IndexIVFPQ)
+    except RuntimeError:  # not an IVF index
+        return False
+
+
+def _wrapped(index: faiss.Index) -> list[faiss.Index]:
+    """The indexes ``index`` delegates to: a pre-transform's inner index, a replica or shard set's members."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, faiss.IndexPreTransform):
+        return [index.index]
+    if is_index_set(index):
+        return [index.at(i) for i in range(index.count())]
+    return []
+
+
+def is_index_set(index: faiss.Index) -> bool:
+    """An ``IndexReplicas``/``IndexShards``: FAISS's wrappers that spread one index over devices."""
+    names = ("IndexReplicas", "IndexShards", "IndexShardsIVF")
+    sets = tuple(getattr(faiss, name) for name in names if hasattr(faiss, name))
+    return isinstance(index, sets) or isinstance(faiss.downcast_index(index), sets)
+
+
+def is_gpu_index(index: faiss.Index) -> bool:
+    """Whether ``index``, or an index it wraps (pre-transform, replicas, shards), lives on a GPU.
+
+    Read from the class names (``GpuIndexIVFFlat``...), so it also answers, "no", where FAISS has no GPU part.
+    """
+    if any(type(candidate).__name__.startswith("GpuIndex") for candidate in (index, faiss.downcast_index(index))):
+        return True
+    return any(is_gpu_index(inner) for inner in _wrapped(index))
+
+
+def parameter_space(index: faiss.Index) -> faiss.ParameterSpace:
+    """The parameter space that can set ``nprobe``/``efSearch`` on ``index``.
+
+    A GPU IVF index (alone, in replicas, under a pre-transform) needs
+    ``GpuParameterSpace``: the CPU one knows only CPU index classes and raises.
+    """
+    if is_gpu_index(index):
+        space = getattr(faiss, "GpuParameterSpace", None)
+        if space is None:
+            raise IndexBundleError("a GPU index, but this FAISS build has no GpuParameterSpace")
+        return space()
+    return faiss.ParameterSpace()
+
+
+def set_index_parameter(index: faiss.Index, name: str, value: int) -> None:
+    """Set ``nprobe``/``efSearch`` on ``index`` through any wrapper (pre-transform, GPU clone, replicas)."""
+    parameter_space(index).set_index_parameter(index, name, int(value))
+
+
+def takes_search_parameters(index: faiss.Index) -> bool:
+    """Whether ``index.search`` accepts per-call ``SearchParameters``: replica and shard sets refuse them."""
+    index = faiss.downcast_index(index)
+    if is_index_set(index):
+        return False
+    return all(takes_search_parameters(inner) for inner in _wrapped(index))
 
 
 def read_index_json(path: Path) -> dict[str, Any]:
@@ -103,9 +178,14 @@ class IndexBundle:
         self._parameter, self._params = _search_settings(self.info, self.path / INDEX_JSON)
         if gpu:
             self.index = gpu_index(self.index)
+        # a replica set (faiss-gpu on several GPUs) refuses per-call SearchParameters: an override is set on
+        # the index instead, under this lock, and put back after the search
+        self._per_call = takes_search_parameters(self.index)
+        self._lock = threading.Lock()
+        self._setting = self.tuned_effort or FAISS_DEFAULTS.get(self._parameter or "")  # what the index holds now
         for name, value in self._params.items():
             try:
-                faiss.ParameterSpace().set_index_parameter(self.index, name, value)
+                set_index_parameter(self.index, name, value)
             except RuntimeError:
                 raise IndexBundleError(
                     f"{self.path / INDEX_JSON}: {name} does not apply to a {self.info.get('index_kind')} index"
@@ -149,7 +229,9 @@ class IndexBundle:
             raise IndexBundleError(f"a {self.info['index_kind']} index is exact: it has no search parameter to set")
         if value < 1:
             raise IndexBundleError(f"{self.search_parameter} must be >= 1; got {value}")
-        faiss.ParameterSpace().set_index_parameter(self.index, self.search_parameter, int(value))
+        with self._lock:
+            set_index_parameter(self.index, self.search_parameter, int(value))
+            self._setting = int(value)
 
     def id_of(self, key: str) -> int:
         if self._id_of is None:
@@ -210,8 +292,20 @@ class IndexBundle:
             raise ValueError("query vectors contain NaN or infinity")
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
-        params, _keep = self.search_parameters(effort)
-        scores, ids = self.index.search(vectors, min(k, self.index.ntotal), params=params)
+        count = min(k, self.index.ntotal)
+        if self._per_call:
+            params, _keep = self.search_parameters(effort)
+            scores, ids = self.index.search(vectors, count, params=params)
+        else:
+            self.search_parameters(effort)  # checks the override
+            with self._lock:
+                if effort is not None:
+                    set_index_parameter(self.index, self.search_parameter, effort)  # type: ignore[arg-type]
+                try:
+                    scores, ids = self.index.search(vectors, count)
+                finally:
+                    if effort is not None and self._setting is not None:
+                        set_index_parameter(self.index, self.search_parameter, self._setting)  # type: ignore[arg-type]
         if self.metric == "l2":
             scores = -scores
         return [

@@ -11,11 +11,15 @@ axis is a `ValueError` naming what was expected, not an ONNX Runtime error).
 Execution providers are chosen, not guessed: ``cpu`` (default) or ``cuda``,
 where ``cuda`` fails unless ONNX Runtime has the CUDA provider *and* the
 session really uses it — ONNX Runtime would otherwise fall back to the CPU
-silently.
+silently. On CUDA the session runs on ``device_id`` with cuDNN's heuristic
+convolution choice (`cuda_provider_options`), and ``onnxruntime.preload_dlls``
+first loads CUDA and cuDNN from their pip wheels, where they come from (torch,
+which would otherwise load them, is never imported here).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from dataclasses import dataclass
@@ -31,6 +35,9 @@ MODEL_JSON, ONNX_FILE, TORCHSCRIPT_FILE = "model.json", "encoder.onnx", "encoder
 INPUT_NAME, OUTPUT_NAME = "images", "embedding"
 Provider = Literal["cpu", "cuda"]  # chosen, never guessed: cuda fails rather than fall back to the CPU
 PROVIDERS: dict[str, str] = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# cuDNN's convolution choice in the CUDA provider: EXHAUSTIVE (ONNX Runtime's default) times every
+# algorithm at each new input shape, so the first request at each batch size waits seconds
+CONV_ALGO_SEARCH = ("HEURISTIC", "EXHAUSTIVE", "DEFAULT")
 # What defines the embedding function: two bundles with the same hash embed alike.
 HASHED_FIELDS = ("format", "input", "output", "encoder", "head", "opset", "precision")
 
@@ -51,6 +58,29 @@ def bundle_hash(info: dict[str, Any]) -> str:
     except KeyError as error:
         raise BundleError(f"model.json lacks {error}") from None
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def cuda_provider_options(device_id: int = 0, conv_algo_search: str = "HEURISTIC") -> dict[str, str]:
+    """The CUDA execution provider's options: which GPU, and how cuDNN picks its convolutions."""
+    if device_id < 0:
+        raise ValueError(f"device_id must be >= 0; got {device_id}")
+    if conv_algo_search not in CONV_ALGO_SEARCH:
+        choices = ", ".join(CONV_ALGO_SEARCH)
+        raise ValueError(f"cudnn_conv_algo_search must be one of {choices}; got {conv_algo_search!r}")
+    return {"device_id": str(device_id), "cudnn_conv_algo_search": conv_algo_search}
+
+
+def preload_cuda_libraries(ort: Any) -> None:
+    """``onnxruntime.preload_dlls()`` (ONNX Runtime >= 1.21): CUDA and cuDNN from the nvidia-* pip wheels.
+
+    Without it a pip-only install (no system CUDA) finds no libcudnn unless torch happened to load it first.
+    Older ONNX Runtimes lack it; a failure here is left to the session, which then names what is missing.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    with contextlib.suppress(OSError, RuntimeError):
+        preload()
 
 
 def read_model_json(bundle_dir: Path) -> dict[str, Any]:
@@ -91,10 +121,25 @@ class InputContract:
 class ModelBundle:
     """An exported encoder, ready to embed: ``ModelBundle(path).embed(uint8 [N, H, W, 3]) → float32 [N, D]``."""
 
-    def __init__(self, path: Path | str, *, provider: str = "cpu", threads: int = 0, spin: bool = True) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        provider: str = "cpu",
+        threads: int = 0,
+        spin: bool = True,
+        device_id: int = 0,
+        cudnn_conv_algo_search: str = "HEURISTIC",
+    ) -> None:
         """``spin=False`` stops idle ONNX Runtime threads from busy-waiting: right when other
-        processes (decoding workers) share the cores, where spinning threads steal their time."""
-        import onnxruntime as ort  # deferred: reading model.json alone needs no runtime
+        processes (decoding workers) share the cores, where spinning threads steal their time.
+        ``device_id`` and ``cudnn_conv_algo_search`` apply to ``provider="cuda"``."""
+        try:
+            import onnxruntime as ort  # deferred: reading model.json alone needs no runtime
+        except ImportError:
+            raise BundleError(
+                "ONNX Runtime is not installed: pip install 'mocoplus[cpu]' (or 'mocoplus[gpu]', README \"GPU\")"
+            ) from None
 
         self.path = Path(path)
         self.info = read_model_json(self.path)
@@ -105,7 +150,7 @@ class ModelBundle:
         if wanted not in ort.get_available_providers():
             raise BundleError(
                 f"provider {provider!r} asked for, but this ONNX Runtime has only {ort.get_available_providers()}"
-                " (install the gpu extra for CUDA)"
+                ' (for CUDA: the gpu extra instead of the cpu one, README "GPU")'
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -116,8 +161,12 @@ class ModelBundle:
         onnx_path = self.path / ONNX_FILE
         if not onnx_path.is_file():
             raise BundleError(f"{self.path}: no {ONNX_FILE}")
+        providers: list[Any] = [wanted]
+        if provider == "cuda":
+            preload_cuda_libraries(ort)
+            providers = [(wanted, cuda_provider_options(device_id, cudnn_conv_algo_search))]
         try:
-            self.session = ort.InferenceSession(str(onnx_path), options, providers=[wanted])
+            self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         except Exception as error:  # ONNX Runtime raises its own exception types for a corrupt graph
             raise BundleError(f"{onnx_path}: ONNX Runtime cannot load it ({error})") from None
         if self.session.get_providers()[0] != wanted:

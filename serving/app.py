@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ from artifacts.index_bundle import IndexBundle, IndexBundleError
 from artifacts.model_bundle import ModelBundle
 from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
 from serving.corpus import Corpus, add_corpus_routes
+from serving.gpus import worker_device
 from serving.guards import BodyGuard, Gate
 from serving.metrics import ServiceMetrics
 from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, read_payload, shorten
@@ -56,6 +57,7 @@ class ServiceConfig:
     index: Path | None = None
     provider: str = "cpu"
     threads: int = 0  # ONNX Runtime intra-op threads; 0: its default
+    device_id: int = 0  # the GPU with provider cuda (each `--workers` process takes its own: serving.gpus)
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     limits: Limits = field(default_factory=Limits)
     default_k: int = 10
@@ -79,7 +81,8 @@ class Service:
 
     def load(self) -> None:
         """Load and cross-check the model and index (blocking: run it in a thread)."""
-        model = ModelBundle(self.config.model, provider=self.config.provider, threads=self.config.threads)
+        config = self.config
+        model = ModelBundle(config.model, provider=config.provider, threads=config.threads, device_id=config.device_id)
         index = IndexBundle(self.config.index) if self.config.index else None
         if index is not None:
             index.check_model(model.hash, self.config.model)
@@ -389,4 +392,6 @@ def app_from_env() -> FastAPI:
             "limits": Limits(**data["limits"]),
         }
     )
+    if config.provider == "cuda":  # worker slot i embeds on GPU i mod the GPU count
+        config = replace(config, device_id=worker_device(config.device_id))
     return create_app(config)

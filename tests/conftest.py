@@ -19,7 +19,6 @@ from pipeline.embed.config import EmbedConfig
 from pipeline.embed.embed import embed
 from pipeline.export.config import ExportConfig
 from pipeline.export.export import export
-from pipeline.index.build import build_index
 from pipeline.index.config import IndexConfig
 from pipeline.train.trainer import train
 
@@ -106,6 +105,8 @@ def prefect_api(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def corpus(bundle, fashion_test_shards, tmp_path_factory) -> dict:
     """The 200 test images: their PNG bytes by key, their offline embeddings, and an IVF index of them."""
+    from pipeline.index.build import build_index  # FAISS only where an index is built
+
     root = tmp_path_factory.mktemp("service")
     embed(bundle, str(fashion_test_shards), root / "emb", EmbedConfig(workers=0), progress=False)
     build_index(root / "emb", root / "index", IndexConfig(kind="ivf", queries=20), progress=False)

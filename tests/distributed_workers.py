@@ -87,3 +87,60 @@ def streams_per_rank(rank: int, world: int, store: Path, out: Path) -> None:
         out / f"streams-{rank}.pt",
     )
     dist.destroy_process_group()
+
+
+def ddp_step_on_a_shared_gpu(rank: int, world: int, store: Path, out: Path, key_bn: str) -> None:
+    """Two gloo ranks on one GPU (cuda:0): a DDP step with shuffle-BN or SyncBatchNorm, its results saved."""
+    _init(rank, world, store)
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    torch.manual_seed(0)  # same initial weights on both ranks, as DDP expects
+    model = MoCoPlus(MoCoConfig(**TINY, key_bn=key_bn)).to(device, memory_format=torch.channels_last)
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(rank)).to(device)
+    ddp = DistributedDataParallel(model, device_ids=[0])
+    optimizer = torch.optim.SGD(model.query_encoder.parameters(), lr=0.1)
+    step = ddp(images, images.flip(-1))
+    step.loss.backward()
+    optimizer.step()
+    synced = any(isinstance(module, torch.nn.SyncBatchNorm) for module in model.modules())
+    torch.save(
+        {
+            "key_bn": model.key_bn,
+            "synced": synced,
+            "loss": float(step.loss),
+            "grad": next(model.query_encoder.parameters()).grad.cpu(),
+            "weights": next(model.query_encoder.parameters()).detach().cpu(),
+            "queue": model.queue.keys.cpu(),
+            "queue_device": str(model.queue.keys.device),
+            "pointer": int(model.queue.pointer),
+        },
+        out / f"gpu-{rank}.pt",
+    )
+    dist.destroy_process_group()
+
+
+def nccl_world_of_one(rank: int, world: int, store: Path, out: Path) -> None:
+    """NCCL with one rank: the gathers and the shuffle are identities, a DDP step runs."""
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    device = torch.device("cuda", 0)
+    torch.cuda.set_device(device)
+    keys = torch.arange(12.0, device=device).view(6, 2)
+    gathered = distributed.concat_all_gather(keys)
+    shuffled, restore = distributed.shuffle_across_ranks(keys)
+    torch.manual_seed(0)
+    model = MoCoPlus(MoCoConfig(**TINY, key_bn="shuffle")).to(device)
+    ddp = DistributedDataParallel(model, device_ids=[0])
+    images = torch.randn(8, 3, 16, 16, device=device)
+    step = ddp(images, images.flip(-1))
+    step.loss.backward()
+    dist.barrier()
+    torch.save(
+        {
+            "backend": dist.get_backend(),
+            "gathered": torch.equal(gathered, keys),
+            "roundtrip": torch.equal(distributed.unshuffle_across_ranks(shuffled, restore), keys),
+            "loss": float(step.loss),
+        },
+        out / "nccl-0.pt",
+    )
+    dist.destroy_process_group()

@@ -180,7 +180,11 @@ def test_two_gloo_processes_under_torchrun_learn_and_stay_identical(fashion_shar
     command = [str(BIN / "torchrun"), "--nproc_per_node=2", "--no-python", str(BIN / "mocoplus")]
     overrides = ("train.epochs=10", "train.max_steps=40", "train.global_batch=64", "train.checkpoint_every=20")
     args = cli_args(fashion_shards, run, *overrides)
-    result = subprocess.run([*command, *args], capture_output=True, text=True, timeout=600, check=False)
+    # gloo on the CPU even on a GPU host (one GPU would put rank 1 on a missing cuda:1; tests/test_gpu.py has NCCL)
+    environment = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=600, check=False, env=environment
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "train.json").read_text())
     assert summary["replicas_identical"] is True  # weights and queues hash alike on both ranks

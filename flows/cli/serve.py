@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -79,6 +80,7 @@ def serve_command(
     import uvicorn
 
     from serving.app import CONFIG_ENV, Service, ServiceConfig, config_to_json, create_app
+    from serving.gpus import SLOTS_ENV, make_slots
     from serving.protocol import ConnectionLimits, protocol_factory
 
     limits = given(
@@ -114,7 +116,10 @@ def serve_command(
         uvicorn.run(create_app(config, service), **options)
         return
     os.environ[CONFIG_ENV] = config_to_json(config)  # checked above; each worker process loads its own copy
-    uvicorn.run("serving.app:app_from_env", factory=True, workers=workers, **options)
+    del service  # the check's session (on GPU 0 with cuda) is not kept beside the workers' own
+    with tempfile.TemporaryDirectory(prefix="mocoplus-serve-") as slots:
+        os.environ[SLOTS_ENV] = str(make_slots(Path(slots), workers))  # worker i takes GPU i mod count
+        uvicorn.run("serving.app:app_from_env", factory=True, workers=workers, **options)
 
 
 @flows_commands.command(

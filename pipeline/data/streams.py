@@ -150,6 +150,8 @@ class StreamConfig:
     seed: int = 0
     max_pixels: int = DEFAULT_MAX_PIXELS
     prefetch_batches: int = 2
+    # page-locked batches, so that ``.to(cuda, non_blocking=True)`` really overlaps the copy (GPU only)
+    pin_memory: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.workers < 0 or self.shuffle_buffer < 1 or self.prefetch_batches < 1:
@@ -169,6 +171,11 @@ class TrainBatch:
     decode_failures: int = 0
     small: Tensor | None = None
 
+    def pin_memory(self) -> TrainBatch:
+        """The batch in page-locked memory (the data loader calls this when ``pin_memory`` is on)."""
+        small = None if self.small is None else self.small.pin_memory()
+        return TrainBatch(self.view1.pin_memory(), self.view2.pin_memory(), self.decode_failures, small)
+
 
 @dataclass
 class EvalBatch:
@@ -186,13 +193,14 @@ def _one_thread_per_worker() -> None:
         torch.set_num_threads(1)
 
 
-def _loader(dataset: IterableDataset, workers: int, prefetch: int) -> DataLoader:
+def _loader(dataset: IterableDataset, workers: int, prefetch: int, pin_memory: bool = False) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=None,  # the pipelines batch themselves
         num_workers=workers,
         prefetch_factor=prefetch if workers else None,
         persistent_workers=False,
+        pin_memory=pin_memory and torch.cuda.is_available(),
         # its own generator: creating a loader iterator would otherwise draw from torch's global RNG, which the
         # trainer checkpoints and restores, so a resumed run would diverge from an uninterrupted one
         generator=torch.Generator().manual_seed(0),
@@ -321,7 +329,8 @@ class TrainStream:
 
     def epoch(self, epoch: int) -> Iterator[TrainBatch]:
         """Exactly `batches_per_epoch` batches for ``epoch`` (which also seeds them)."""
-        loader = _loader(_TrainEpoch(self, epoch), self.config.workers, self.config.prefetch_batches)
+        config = self.config
+        loader = _loader(_TrainEpoch(self, epoch), config.workers, config.prefetch_batches, config.pin_memory)
         yield from islice(loader, self.batches_per_epoch)
 
 

@@ -35,7 +35,15 @@ import numpy as np
 
 from artifacts.atomic import building_dir, package_version, reusable_output, sha256_file
 from artifacts.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet
-from artifacts.index_bundle import INDEX_FORMAT, INDEX_JSON, INDEX_KIND, gpu_index, write_index_files, write_index_json
+from artifacts.index_bundle import (
+    INDEX_FORMAT,
+    INDEX_JSON,
+    INDEX_KIND,
+    gpu_index,
+    is_gpu_index,
+    write_index_files,
+    write_index_json,
+)
 from pipeline.index.config import IndexConfig
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.shards import ShardedBuild, shard_bounds
@@ -97,7 +105,7 @@ def build_index(
             clock = time.perf_counter()
             advance = lambda rows: bar.advance(task, rows)  # noqa: E731
             # shards are filled on the CPU from a file: a GPU-trained index is copied back first
-            trained = faiss.index_gpu_to_cpu(index) if config.gpu and config.num_shards > 1 else index
+            trained = faiss.index_gpu_to_cpu(index) if config.num_shards > 1 and is_gpu_index(index) else index
             sharded = ShardedBuild(trained, work, config.memory_budget) if config.num_shards > 1 else None
             merge = None
             if sharded is not None:
@@ -126,7 +134,8 @@ def build_index(
         timings["total_seconds"] = time.perf_counter() - started
 
         keys, labels = embeddings.keys_and_labels()
-        write_index_files(work, faiss.index_gpu_to_cpu(index) if config.gpu else index, keys, labels, order)
+        # a sharded build's merged index is already on the CPU (and may live in an on-disk .ivfdata)
+        write_index_files(work, faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index, keys, labels, order)
         info = {**_describe(embeddings, plan, config, search, report, timings, merge, work), "inputs": inputs}
         write_index_json(work, info)
     return IndexResult(Path(out_dir), info)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from artifacts.index_bundle import set_index_parameter
+
 KNEE = 0.005
 
 
@@ -69,8 +71,9 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def set_search_parameter(index: faiss.Index, name: str, value: int) -> None:
-    """Set ``nprobe``/``efSearch`` through any wrapper (OPQ pre-transform, GPU clone)."""
-    faiss.ParameterSpace().set_index_parameter(index, name, int(value))
+    """Set ``nprobe``/``efSearch`` through any wrapper (OPQ pre-transform, GPU clone, replicas): the GPU
+    parameter space for a GPU index, the CPU one otherwise (`artifacts.index_bundle.parameter_space`)."""
+    set_index_parameter(index, name, value)
 
 
 def tune(recall_of: Callable[[int], float], parameter: str | None, *, start: int, limit: int, target: float) -> Tuning:

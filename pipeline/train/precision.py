@@ -30,7 +30,7 @@ class Precision:
 
     @property
     def name(self) -> str:
-        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.autocast_dtype, "fp32")  # type: ignore[arg-type]
 
     def autocast(self) -> AbstractContextManager[object]:
         if self.autocast_dtype is None:
@@ -52,9 +52,18 @@ def cpu_supports_bf16() -> bool:
         return False
 
 
+def cuda_capability_has_bf16(capability: tuple[int, int]) -> bool:
+    """Native bf16 tensor-core math starts with compute capability 8.0 (Ampere).
+
+    ``torch.cuda.is_bf16_supported()`` also says yes on a V100 or T4 (7.x),
+    where bf16 is emulated and slower than fp32: ``auto`` must not pick it there.
+    """
+    return tuple(capability) >= (8, 0)
+
+
 def bf16_is_native(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_available() and cuda_capability_has_bf16(torch.cuda.get_device_capability(device))
     return device.type == "cpu" and cpu_supports_bf16()
 
 

@@ -102,8 +102,13 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     tensorboard: bool = False
+    # seconds a rank may wait at a collective (the process group's timeout): covers the kNN monitor, which
+    # runs on rank 0 while the others wait at a barrier (NCCL's own default, 10 minutes, is too short)
+    collective_timeout: float = 3600.0
 
     def __post_init__(self) -> None:
+        if not self.collective_timeout > 0:
+            raise ValueError(f"collective_timeout must be > 0 seconds; got {self.collective_timeout}")
         if self.epochs < 1 or self.global_batch < 2 or self.max_steps < 0 or not self.time_budget >= 0:
             raise ValueError("need epochs >= 1, global_batch >= 2, max_steps >= 0 and time_budget >= 0")
         if self.precision not in (*PRECISIONS, "fp16"):

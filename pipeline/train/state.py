@@ -30,12 +30,23 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore `rng_state`'s states, wherever the checkpoint was loaded to.
+
+    A checkpoint loaded with ``map_location="cuda:N"`` carries its RNG states
+    as CUDA tensors, and the setters take only CPU byte tensors (``TypeError:
+    RNG state must be a torch.ByteTensor``), so each state comes back to the
+    CPU first.
+    """
+    torch.set_rng_state(_cpu_bytes(state["torch"]))
     random.setstate(_as_tuple(state["python"]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
+    np.random.set_state((kind, keys.cpu().numpy(), *rest))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+        torch.cuda.set_rng_state(_cpu_bytes(state["cuda"]))
+
+
+def _cpu_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().to("cpu", torch.uint8)
 
 
 def _as_tuple(value: Any) -> Any:

@@ -94,7 +94,10 @@ class Trainer:
             workers=config.data.workers,
             shuffle_buffer=config.data.shuffle_buffer,
             seed=config.train.seed,
+            pin_memory=self.device.type == "cuda",
         )
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed batch shapes: cuDNN times its kernels once, then reuses
         self.stream = TrainStream(
             config.data.train,
             self.augment,
@@ -163,7 +166,9 @@ class Trainer:
 
     def _resume(self) -> None:
         path = resolve_checkpoint(self.run_dir, "last")
-        state = load_checkpoint(path, map_location=self.device)
+        # to the CPU: load_state_dict copies onto the model's and optimizer's devices, and the RNG
+        # setters take CPU byte tensors only (a CUDA map_location broke every GPU resume)
+        state = load_checkpoint(path, map_location="cpu")
         saved = config_from_dict(state["config"])
         if asdict(saved.model) != asdict(self.config.model):
             raise ValueError(f"{path} was trained with another model config; resume with the run's own config.json")
@@ -312,5 +317,5 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 def train(config: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; works alone or under torchrun."""
-    with distributed_placement() as placement:
+    with distributed_placement(config.train.collective_timeout) as placement:
         return Trainer(config, run_dir, placement, resume=resume, progress=progress).run()
