@@ -76,6 +76,7 @@ def end_to_end(
     baselines: list[str] | None = None,
     linear_probe: bool = True,
     map_sample: int = 5000,
+    monitor: bool = True,
 ) -> dict[str, Any]:
     """Everything under ``out``: shards/, run/ (with curves.png), model/, corpus/ (embeddings, index, map.png),
     search-grid.png."""
@@ -83,6 +84,7 @@ def end_to_end(
     trained = pretrain(
         source, str(root / "shards" / "train"), str(root / "run"), str(root / "model"),
         eval_source, str(root / "shards" / "test"), config, overrides, nproc, baselines, linear_probe,
+        monitor,
     )  # fmt: skip
     indexed = index_corpus(
         trained["model"], trained["shards"], str(root / "corpus"), shares=shares, map_sample=map_sample

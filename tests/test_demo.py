@@ -40,6 +40,8 @@ def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path
     assert model["whitening"]["images"] == written and model["whitening"]["fitted_on"].endswith("shards/train")
     for stage in ("demo: 1/3 ingest", "demo: 2/3 calibration", "demo: 3/3 the end-to-end flow", "demo: done"):
         assert stage in result.stderr
+    assert "expect a weak model, or give more --minutes" in result.stderr  # 1 minute leaves no training time
+    assert not (out / "run" / "checkpoints" / "best.pt").exists()  # no kNN monitor: the evaluation measures kNN
     assert "telemetry" not in result.stderr.lower()
     pictures = report["pictures"]
     assert pictures == {
@@ -55,3 +57,11 @@ def test_demo_refuses_a_budget_below_one_minute():
     result = CliRunner().invoke(app, ["demo", "--minutes", "0.5"])
     assert result.exit_code == 1 and "--minutes" in result.output
     assert result.output.startswith("error: ") and result.output.count("\n") == 1
+
+
+def test_the_reserve_after_training_grows_on_a_slower_machine_never_shrinks():
+    from flows.demo import REFERENCE_IMAGES_PER_S, RESERVE_SECONDS, reserve_seconds
+
+    assert reserve_seconds(REFERENCE_IMAGES_PER_S) == RESERVE_SECONDS
+    assert reserve_seconds(REFERENCE_IMAGES_PER_S / 2) == 2 * RESERVE_SECONDS
+    assert reserve_seconds(REFERENCE_IMAGES_PER_S * 3) == RESERVE_SECONDS

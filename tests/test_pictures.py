@@ -17,7 +17,7 @@ from artifacts.images import decode_image
 from artifacts.index_bundle import IndexBundle
 from flows.cli.main import app
 from pipeline.pictures.curves import CURVES_FILE, draw_curves, read_metrics
-from pipeline.pictures.embedding_map import MapConfig, draw_map, map_embeddings
+from pipeline.pictures.embedding_map import MapConfig, draw_map, map_embeddings, principal_components
 from pipeline.pictures.figures import DPI
 from pipeline.pictures.grid import CELL_INCHES, result_rows
 from pipeline.search import resolve_queries
@@ -207,6 +207,17 @@ def test_redrawing_keeps_the_old_picture_until_the_new_one_is_whole(trained_run,
 
 
 # --- embedding maps -----------------------------------------------------------------------------
+
+
+def test_principal_components_match_the_covariance_eigenvectors():
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(300, 12)) * np.linspace(5, 0.5, 12) + 7  # distinct variances, off-centre
+    projected = principal_components(vectors, 4)
+    centred = vectors - vectors.mean(axis=0)
+    _values, vectors_of = np.linalg.eigh(centred.T @ centred)  # the naive reference: ascending eigenvalues
+    reference = centred @ vectors_of[:, ::-1][:, :4]
+    np.testing.assert_allclose(np.abs(projected), np.abs(reference), rtol=1e-4, atol=1e-4)  # up to each sign
+    assert principal_components(vectors[:, :3], 4).shape == (300, 3)  # no wider than asked: as it is
 
 
 @pytest.mark.parametrize("method", ["tsne", "umap"])
