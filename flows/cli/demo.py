@@ -62,7 +62,7 @@ def demo_command(
     neighbours = ", ".join(name(hit["label"]) for hit in search["neighbours"])
     console.print(f"search: {search['query']} ({name(search['label'])}) → {neighbours}")
     for picture, path in report.get("pictures", {}).items():
-        console.print(f"{picture}: {path}", highlight=False)
+        typer.echo(f"{picture}: {path}")  # whole, never wrapped: a path to copy
     console.print(
         f"wrote {Path(out) / 'demo.json'}; model {report['paths']['model']}, index {report['paths']['index']}"
     )
