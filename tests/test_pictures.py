@@ -16,24 +16,14 @@ from artifacts.embedding_set import EmbeddingSet
 from artifacts.images import decode_image
 from artifacts.index_bundle import IndexBundle
 from flows.cli.main import app
+from pipeline.data.fashion_mnist import CLASS_NAMES
 from pipeline.pictures.curves import CURVES_FILE, draw_curves, read_metrics
 from pipeline.pictures.embedding_map import MapConfig, draw_map, map_embeddings, principal_components
 from pipeline.pictures.figures import DPI
 from pipeline.pictures.grid import CELL_INCHES, result_rows
 from pipeline.search import resolve_queries
 
-FASHION_NAMES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
+FASHION_NAMES = CLASS_NAMES  # what the slice's shard manifests name
 runner = CliRunner()
 
 

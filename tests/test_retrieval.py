@@ -111,3 +111,14 @@ def test_unknown_baseline_is_a_clear_error():
         baseline_features(
             "sift", torch.zeros(1, 1, 4, 4, dtype=torch.uint8), torch.zeros(1, 1, 4, 4, dtype=torch.uint8)
         )
+
+
+def test_the_suites_weighted_knn_is_the_monitors_knn_rule_so_evaluate_computes_it_once():
+    from pipeline.evaluate.knn import knn_top1
+
+    generator = torch.Generator().manual_seed(7)
+    bank, queries = torch.randn(900, 24, generator=generator), torch.randn(300, 24, generator=generator)
+    bank_labels, query_labels = torch.randint(0, 5, (900,), generator=generator), torch.randint(0, 5, (300,))
+    suite = retrieval_scores(bank, bank_labels, queries, query_labels, num_classes=5)
+    monitor = knn_top1(bank, bank_labels, queries, query_labels, num_classes=5, k=200, temperature=0.1)
+    assert round(suite.weighted_knn200 * 300) == round(monitor * 300)  # the same queries right, one by one

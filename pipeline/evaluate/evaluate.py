@@ -39,7 +39,7 @@ from pipeline.data.augment import eval_transform
 from pipeline.data.streams import EvalStream, StreamConfig
 from pipeline.evaluate.baselines import BASELINES, baseline_features
 from pipeline.evaluate.knn import knn_top1, labelled_features
-from pipeline.evaluate.retrieval import RetrievalScores, retrieval_scores
+from pipeline.evaluate.retrieval import WEIGHTED_K, WEIGHTED_TEMPERATURE, RetrievalScores, retrieval_scores
 from pipeline.progress import StageProgress, stage_progress
 from pipeline.train.checkpoints import load_run
 from pipeline.train.precision import resolve_precision
@@ -265,17 +265,20 @@ def _score_encoders(
         bank, queries = train.features[:, part], test.features[:, part]
         if whiten:
             bank, queries = whitened(bank, queries)
-        knn = knn_top1(
-            bank,
-            train.labels,
-            queries,
-            test.labels,
-            num_classes=classes,
-            k=config.eval.knn_k,
-            temperature=config.eval.knn_temperature,
-        )
-        probe = linear_probe(bank, train.labels, queries, test.labels) if linear else None
         suite = retrieval_scores(bank, train.labels, queries, test.labels, num_classes=classes)
+        if (config.eval.knn_k, config.eval.knn_temperature) == (WEIGHTED_K, WEIGHTED_TEMPERATURE):
+            knn = suite.weighted_knn200  # the same rule on the same similarities: not computed twice
+        else:
+            knn = knn_top1(
+                bank,
+                train.labels,
+                queries,
+                test.labels,
+                num_classes=classes,
+                k=config.eval.knn_k,
+                temperature=config.eval.knn_temperature,
+            )
+        probe = linear_probe(bank, train.labels, queries, test.labels) if linear else None
         scores[name] = EncoderScores(knn, probe, suite)
         bar.advance(task)
     return scores
