@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,14 +149,24 @@ def part_name(index: int) -> str:
     return f"part-{index:06d}"
 
 
+def absolute_source(url: str) -> str:
+    """A local shard by its absolute path (the set's readers run elsewhere); a URL or ``pipe:`` as it is."""
+    return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
+
+
 def part_is_done(out_dir: Path, index: int, expected: dict[str, Any], dim: int) -> bool:
-    """A part is done when its JSON (written last) holds ``expected``'s fields and its matrix fits [count, dim]."""
+    """A part is done when its JSON (written last) holds ``expected``'s fields and its matrix fits [count, dim].
+
+    A source recorded by a relative path (sets made before absolute ones) counts as the same shard.
+    """
     record_path, matrix_path = out_dir / f"{part_name(index)}.json", out_dir / f"{part_name(index)}.npy"
     try:
         record = json.loads(record_path.read_text())
         matrix = np.load(matrix_path, mmap_mode="r")
     except (OSError, ValueError):
         return False
+    if isinstance(record.get("source"), str):
+        record["source"] = absolute_source(record["source"])
     return all(record.get(name) == value for name, value in expected.items()) and matrix.shape == (
         record.get("count"),
         dim,

@@ -9,13 +9,17 @@ neighbours come back.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, task
 
 from flows.index_corpus import index_corpus
 from flows.pictures import picture_failed, publish_picture
 from flows.pretrain import pretrain
+
+if TYPE_CHECKING:
+    from artifacts.index_bundle import Hit, IndexBundle
+    from pipeline.search import Query
 
 GRID_QUERIES = 8  # the result grid's rows: one held-out image per class, the first classes found
 
@@ -45,18 +49,16 @@ def search_smoke(model: str, index: str, query_shards: str, k: int = 5, grid: st
     smoke = {"query": batch.keys[0], "label": labels[0], "neighbours": [hit.as_dict() for hit in results[0]]}
     if grid:
         queries = [Query(batch.keys[row], vectors[position], pixels=pixels[row]) for position, row in enumerate(chosen)]
-        smoke["grid"] = draw_search_grid(queries, results, searcher, Path(grid), k)
+        smoke["grid"] = draw_search_grid(queries, results, searcher, Path(grid))
     return smoke
 
 
-def draw_search_grid(queries: list, results: list, searcher: Any, path: Path, k: int) -> str | None:
-    """The queries and their neighbours as a picture (and an artifact); a picture never fails the flow."""
-    from artifacts.corpus_images import CorpusImages
-    from pipeline.pictures.grid import draw_result_grid, result_rows
+def draw_search_grid(queries: list[Query], results: list[list[Hit]], index: IndexBundle, path: Path) -> str | None:
+    """The queries and their neighbours as a picture and an artifact; a picture never fails the flow."""
+    from pipeline.pictures.grid import draw_search_results
 
     try:
-        rows = result_rows(queries, results, CorpusImages.of_index(searcher))
-        draw_result_grid(rows, path, title=f"held-out queries and their {k} nearest neighbours")
+        draw_search_results(queries, results, index, path, f"held-out queries and their {len(results[0])} neighbours")
         publish_picture(path, "end-to-end-search", "end-to-end: held-out queries and their neighbours")
     except Exception as error:
         picture_failed("search grid", error)

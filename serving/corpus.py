@@ -5,13 +5,16 @@ no build step) that searches with an uploaded image, a corpus key or a random
 corpus image and shows the neighbours as a grid. ``GET /v1/images/{key}``
 answers a corpus image as PNG: the key only ever goes through the index's id
 map, so no path is taken from the request, and the stored image is held to the
-service's image caps before it is decoded. Without an index the page says so;
-with an index whose shards are not readable here, searches work and images
-answer 404 with the reason.
+service's image caps before it is decoded, and the answer is a thumbnail at
+most `THUMBNAIL_SIDE` pixels wide. An ETag names each image of each index, so
+browsers revalidate instead of showing another index's picture. Without an
+index the page says so; with an index whose shards are not readable here,
+searches work and images answer 503 with the reason.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import random
@@ -19,11 +22,11 @@ from dataclasses import dataclass
 from importlib.resources import files
 from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import HTMLResponse
 
-from artifacts.corpus_images import CorpusImages, CorpusImagesError
-from artifacts.images import InvalidImageError, decode_image
+from artifacts.corpus_images import CorpusImages, CorpusImagesError, StoredImageTooLargeError
+from artifacts.images import InvalidImageError, decode_image, limit_side
 from artifacts.index_bundle import IndexBundle
 from serving.payloads import Limits, RequestError, shorten
 
@@ -31,7 +34,7 @@ if TYPE_CHECKING:
     from serving.app import Service
 
 log = logging.getLogger("mocoplus.serve")
-IMAGE_CACHE_SECONDS = 3600  # an index bundle's images do not change while it is served
+THUMBNAIL_SIDE = 256  # the page shows ~120 px cards: a 40-megapixel original would cost seconds and megabytes
 
 
 @dataclass
@@ -62,24 +65,33 @@ class Corpus:
         }
 
     def random_key(self) -> str:
+        if not self.index.keys:
+            raise RequestError(404, "the corpus is empty")
         return self.index.keys[self.sampler.randrange(len(self.index.keys))]
 
+    def etag(self, key: str) -> str:
+        """Names this image of this index: another index served on the same address is never taken for it."""
+        version = (self.index.info.get("embeddings") or {}).get("manifest_sha256", "")
+        return '"' + hashlib.sha256(f"{version}\0{key}".encode()).hexdigest()[:32] + '"'
+
     def png(self, key: str, limits: Limits) -> bytes:
-        """The image of ``key`` re-encoded as PNG, within ``limits`` (blocking: run it in a thread)."""
+        """The image of ``key`` as a PNG at most `THUMBNAIL_SIDE` wide, within ``limits`` (blocking: a thread)."""
         if self.images is None:
-            raise RequestError(404, f"no corpus images: {self.unavailable}")
+            raise RequestError(503, f"no corpus images: {self.unavailable}")
         try:
             self.index.id_of(key)
         except KeyError:
             raise RequestError(404, f"no sample with key {shorten(key)!r} in the index") from None
         try:
-            data, _extension = self.images.read(key, max_bytes=limits.max_image_bytes)
+            data = self.images.read(key, max_bytes=limits.max_image_bytes)
             decoded = decode_image(data, max_pixels=limits.max_pixels, max_decoded_bytes=limits.max_decoded_bytes)
+        except StoredImageTooLargeError:
+            raise RequestError(413, f"the image of {shorten(key)!r} exceeds {limits.max_image_bytes:,} bytes") from None
         except (CorpusImagesError, InvalidImageError) as error:
             log.warning("image of key %r: %s", shorten(key), error)
-            raise RequestError(404, f"the image of {shorten(key)!r} cannot be read on this server") from None
+            raise RequestError(503, f"the image of {shorten(key)!r} cannot be read on this server") from None
         buffer = io.BytesIO()
-        decoded.image.save(buffer, format="PNG")
+        limit_side(decoded.image, THUMBNAIL_SIDE).save(buffer, format="PNG")
         return buffer.getvalue()
 
 
@@ -109,6 +121,9 @@ def add_corpus_routes(app: FastAPI, service: Service) -> None:
         responses={200: {"content": {"image/png": {}}}},
         response_class=Response,
     )
-    async def corpus_image(key: str) -> Response:
-        data = await service.corpus_png(key)
-        return Response(data, media_type="image/png", headers={"Cache-Control": f"max-age={IMAGE_CACHE_SECONDS}"})
+    async def corpus_image(key: str, request: Request) -> Response:
+        etag = service.require_corpus().etag(key)
+        headers = {"ETag": etag, "Cache-Control": "no-cache"}  # revalidated each time: a 304 costs no decode
+        if request.headers.get("if-none-match") == etag:
+            return Response(status_code=304, headers=headers)
+        return Response(await service.corpus_png(key), media_type="image/png", headers=headers)

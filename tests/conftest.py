@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -119,3 +120,16 @@ def corpus(bundle, fashion_test_shards, tmp_path_factory) -> dict:
                 if member.name.endswith(".png"):
                     images[member.name.removesuffix(".png")] = tar.extractfile(member).read()
     return {"index": root / "index", "vectors": vectors, "images": images, "keys": record["keys"]}
+
+
+def copy_corpus(corpus: dict, tmp_path: Path) -> tuple[Path, Path]:
+    """A private copy of the corpus's embedding set and index, the index pointing at the copy."""
+    source = json.loads((Path(corpus["index"]) / "index.json").read_text())["embeddings"]["path"]
+    embeddings = tmp_path / "emb"
+    shutil.copytree(source, embeddings)
+    copied = tmp_path / "index"
+    shutil.copytree(corpus["index"], copied)
+    info = json.loads((copied / "index.json").read_text())
+    info["embeddings"]["path"] = str(embeddings)
+    (copied / "index.json").write_text(json.dumps(info))
+    return embeddings, copied

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -29,12 +30,16 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen, str]:
+def start_server(*args: str, log: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """`mocoplus serve` on a free port; its output to a pipe, or to ``log`` for a server that answers many
+    requests (its access log would fill a pipe nobody reads, and the server would block writing)."""
     port = free_port()
     command = [sys.executable, "-m", "flows.cli", "serve", *args, "--port", str(port)]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1]
-    )
+    with open(log, "w") if log else open(os.devnull) as sink:
+        output = sink if log else subprocess.PIPE
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, text=True, cwd=Path(__file__).parents[1]
+        )
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -42,7 +47,7 @@ def wait_listening(process: subprocess.Popen, url: str, seconds: float = 90) -> 
     client = httpx.Client(base_url=url, timeout=30)
     deadline = time.monotonic() + seconds
     while True:
-        assert process.poll() is None, process.stdout.read()
+        assert process.poll() is None, process.stdout.read() if process.stdout else "the server exited (see its log)"
         try:
             if client.get("/readyz").status_code == 200:
                 return client

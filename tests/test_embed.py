@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -68,6 +69,19 @@ def test_rerun_skips_done_parts_and_redoes_missing_or_foreign_ones(bundle, fashi
     resumed = embed(bundle, str(fashion_shards), out, EmbedConfig(workers=2), **QUIET)
     assert (resumed.parts_written, resumed.parts_skipped) == (2, 1) and resumed.complete
     np.testing.assert_array_equal(read_part(out, 1)[0], before)
+
+
+def test_parts_recorded_with_relative_shard_paths_are_still_done(bundle, fashion_shards, tmp_path, monkeypatch):
+    """Sets made before sources were absolute name their shards relative to where embed ran: not redone."""
+    out = tmp_path / "emb"
+    embed(bundle, str(fashion_shards), out, EmbedConfig(workers=0), **QUIET)
+    monkeypatch.chdir(fashion_shards.parent)
+    for part in sorted(out.glob("part-*.json")):
+        record = json.loads(part.read_text())
+        assert Path(record["source"]).is_absolute()
+        part.write_text(json.dumps({**record, "source": os.path.relpath(record["source"])}))
+    again = embed(bundle, fashion_shards.name, out, EmbedConfig(workers=0), **QUIET)
+    assert (again.parts_written, again.parts_skipped) == (0, 3)
 
 
 KILLED_AFTER_FIRST_PART = """

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_corpus
 from PIL import Image
 from typer.testing import CliRunner
 
-from artifacts.corpus_images import CorpusImages, CorpusImagesError
+from artifacts.atomic import sha256_file
+from artifacts.corpus_images import CorpusImages, CorpusImagesError, scan_shard
 from artifacts.embedding_set import EmbeddingSet
 from artifacts.images import decode_image
 from artifacts.index_bundle import IndexBundle
@@ -33,27 +38,37 @@ def png_size(path: Path) -> tuple[int, int]:
         return image.size
 
 
-def copy_corpus(corpus: dict, tmp_path: Path) -> tuple[Path, Path]:
-    """A private copy of the corpus's embedding set and index, the index pointing at the copy."""
-    index = IndexBundle(corpus["index"])
-    embeddings = tmp_path / "emb"
-    shutil.copytree(index.info["embeddings"]["path"], embeddings)
-    copied = tmp_path / "index"
-    shutil.copytree(corpus["index"], copied)
-    info = json.loads((copied / "index.json").read_text())
-    info["embeddings"]["path"] = str(embeddings)
-    (copied / "index.json").write_text(json.dumps(info))
-    return embeddings, copied
+def point_part_at(embeddings: Path, index_path: Path, shard: Path) -> None:
+    """The copied embedding set's first part names ``shard``; the index accepts the edited manifest."""
+    manifest = json.loads((embeddings / "manifest.json").read_text())
+    manifest["parts"][0]["source"] = str(shard)
+    (embeddings / "manifest.json").write_text(json.dumps(manifest))
+    info = json.loads((index_path / "index.json").read_text())
+    info["embeddings"]["manifest_sha256"] = sha256_file(embeddings / "manifest.json")
+    (index_path / "index.json").write_text(json.dumps(info))
 
 
 # --- corpus images ------------------------------------------------------------------------------
 
 
-def test_every_key_reads_back_its_stored_image_bytes(corpus):
+def test_every_key_reads_back_its_stored_image_bytes_from_many_threads_at_once(corpus):
     images = CorpusImages.of_index(IndexBundle(corpus["index"]))
-    for key, stored in corpus["images"].items():
-        data, extension = images.read(key)
-        assert (data, extension) == (stored, "png")
+    keys = list(corpus["images"]) * 3
+    with ThreadPoolExecutor(8) as pool:  # the service's decode threads share one reader
+        read = list(pool.map(images.read, keys))
+    assert read == [corpus["images"][key] for key in keys]
+
+
+def test_a_shard_scan_keeps_the_preferred_image_of_each_key(tmp_path):
+    shard = tmp_path / "mixed-000000.tar"
+    with tarfile.open(shard, "w") as tar:
+        for name, data in (("a.webp", b"w" * 3), ("a.png", b"p" * 5), ("a.cls", b"1"), ("dir/b.jpg", b"j" * 7)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    found = scan_shard(str(shard))
+    assert set(found) == {"a", "dir/b"}
+    assert (found["a"].size, found["dir/b"].size) == (5, 7)  # png before webp, as the streams choose
 
 
 def test_labels_are_named_from_the_shard_sets_manifest(corpus):
@@ -66,9 +81,7 @@ def test_an_unknown_key_is_a_key_error_and_a_missing_shard_names_itself(corpus, 
     embeddings, index_path = copy_corpus(corpus, tmp_path)
     with pytest.raises(KeyError):
         CorpusImages.of_index(IndexBundle(index_path)).read("../../etc/passwd")
-    manifest = json.loads((embeddings / "manifest.json").read_text())
-    manifest["parts"][0]["source"] = str(tmp_path / "gone" / "shard-000000.tar")
-    (embeddings / "manifest.json").write_text(json.dumps(manifest))
+    point_part_at(embeddings, index_path, tmp_path / "gone" / "shard-000000.tar")
     images = CorpusImages.of_index(IndexBundle(index_path))
     with pytest.raises(CorpusImagesError, match=r"shard .*gone/shard-000000\.tar .* is missing"):
         images.read(corpus["keys"][0])
@@ -81,18 +94,33 @@ def test_an_index_without_its_embedding_set_says_so(corpus, tmp_path):
         CorpusImages.of_index(IndexBundle(index_path))
 
 
-def test_a_shard_rewritten_without_the_sample_is_a_clear_error(corpus, tmp_path):
+def test_a_shard_or_embedding_set_that_changed_after_indexing_is_a_clear_error(corpus, tmp_path):
     embeddings, index_path = copy_corpus(corpus, tmp_path)
-    empty = tmp_path / "shards" / "shard-000000.tar"
-    empty.parent.mkdir()
-    import tarfile
-
-    with tarfile.open(empty, "w"):
-        pass
     manifest = json.loads((embeddings / "manifest.json").read_text())
-    manifest["parts"][0]["source"] = str(empty)
+    shard = Path(manifest["parts"][0]["source"])
+    moved = tmp_path / "shards" / shard.name
+    moved.parent.mkdir()
+    moved.write_bytes(shard.read_bytes() + b"\0" * 512)  # one more (empty) tar block: not the shard embedded
+    manifest["parts"][0]["source"] = str(moved)
     (embeddings / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(CorpusImagesError, match="has no image for key"):
+    with pytest.raises(CorpusImagesError, match=r"changed after index .* was built"):
+        CorpusImages.of_index(IndexBundle(index_path))  # the manifest is not the one indexed
+    info = json.loads((index_path / "index.json").read_text())
+    info["embeddings"]["manifest_sha256"] = sha256_file(embeddings / "manifest.json")
+    (index_path / "index.json").write_text(json.dumps(info))
+    with pytest.raises(CorpusImagesError, match=r"changed after it was embedded"):
+        CorpusImages.of_index(IndexBundle(index_path)).read(corpus["keys"][0])  # the shard is not the one embedded
+
+
+def test_an_embedding_set_with_relative_shard_paths_says_to_rerun_embed(corpus, tmp_path):
+    embeddings, index_path = copy_corpus(corpus, tmp_path)
+    manifest = json.loads((embeddings / "manifest.json").read_text())
+    manifest["parts"][0]["source"] = "shards/shard-000000.tar"
+    (embeddings / "manifest.json").write_text(json.dumps(manifest))
+    info = json.loads((index_path / "index.json").read_text())
+    info["embeddings"]["manifest_sha256"] = sha256_file(embeddings / "manifest.json")
+    (index_path / "index.json").write_text(json.dumps(info))
+    with pytest.raises(CorpusImagesError, match="relative paths"):
         CorpusImages.of_index(IndexBundle(index_path)).read(corpus["keys"][0])
 
 
@@ -143,9 +171,7 @@ def test_search_grid_writes_one_row_per_answered_query(corpus, bundle, tmp_path)
 
 def test_search_grid_with_a_missing_shard_is_one_error_line(corpus, bundle, tmp_path):
     embeddings, index_path = copy_corpus(corpus, tmp_path)
-    manifest = json.loads((embeddings / "manifest.json").read_text())
-    manifest["parts"][0]["source"] = str(tmp_path / "moved.tar")
-    (embeddings / "manifest.json").write_text(json.dumps(manifest))
+    point_part_at(embeddings, index_path, tmp_path / "moved.tar")
     out = tmp_path / "grid.png"
     key = corpus["keys"][0]
     result = runner.invoke(app, ["search", str(index_path), "--model", str(bundle), f"key:{key}", "--grid", str(out)])
@@ -188,12 +214,20 @@ def test_plot_errors_are_one_line(trained_run, tmp_path):
     assert wrong.exit_code == 1 and "PNG" in wrong.output
 
 
-def test_redrawing_keeps_the_old_picture_until_the_new_one_is_whole(trained_run, tmp_path):
+def test_a_failed_redraw_keeps_the_old_picture_and_leaves_no_temp_file(trained_run, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
     out = tmp_path / "curves.png"
     out.write_bytes(b"old")
-    with pytest.raises(FileNotFoundError):
-        draw_curves([tmp_path / "not-a-run"], out)
-    assert out.read_bytes() == b"old"
+
+    def half_written(figure, target, **options):
+        Path(target).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        draw_curves([trained_run], out)
+    assert out.read_bytes() == b"old" and sorted(tmp_path.iterdir()) == [out]
 
 
 # --- embedding maps -----------------------------------------------------------------------------

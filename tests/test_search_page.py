@@ -39,8 +39,9 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def served(bundle, corpus):
-    process, url = start_server("--model", str(bundle), "--index", str(corpus["index"]))
+def served(bundle, corpus, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    process, url = start_server("--model", str(bundle), "--index", str(corpus["index"]), log=log)
     try:
         wait_listening(process, url)
         yield url
@@ -65,8 +66,8 @@ def open_page(browser, url: str) -> None:
     k.send_keys(str(K))
 
 
-def results(browser, previous: list | None = None) -> list[dict[str, str]]:
-    """The hit cards once all ``K`` are shown (and differ from ``previous``), their images loaded."""
+def results(browser, first: str | None = None) -> list[dict[str, str]]:
+    """The hit cards once all ``K`` are shown (the first one ``first``, when given), their images loaded."""
 
     def shown(b):
         cards = b.find_elements(By.CSS_SELECTOR, "#results .card.hit")
@@ -76,7 +77,7 @@ def results(browser, previous: list | None = None) -> list[dict[str, str]]:
                      for image in b.find_elements(By.CSS_SELECTOR, "#results .card.hit img"))  # fmt: skip
         hits = [{part: card.find_element(By.CLASS_NAME, part).text for part in ("key", "label", "score")}
                 for card in cards]  # fmt: skip
-        return hits if loaded and hits != previous else False
+        return hits if loaded and (first is None or hits[0]["key"] == first) else False
 
     return wait_for(browser, shown, f"{K} results with their images")
 
@@ -106,13 +107,13 @@ def test_a_corpus_key_comes_back_first_and_random_searches_a_real_key(browser, s
     key = corpus["keys"][42]
     browser.find_element(By.ID, "key").send_keys(key)
     browser.find_element(By.ID, "key-search").click()
-    by_key = results(browser)
-    assert by_key[0]["key"] == key
+    assert results(browser, first=key)[0]["key"] == key
 
+    browser.find_element(By.ID, "key").clear()
     browser.find_element(By.ID, "random").click()
-    random_hits = results(browser, previous=by_key)
-    chosen = browser.find_element(By.ID, "key").get_attribute("value")
-    assert chosen in corpus["keys"] and random_hits[0]["key"] == chosen
+    chosen = wait_for(browser, lambda b: b.find_element(By.ID, "key").get_attribute("value"), "a random key")
+    assert chosen in corpus["keys"]
+    assert results(browser, first=chosen)[0]["key"] == chosen  # its own image comes back first
 
 
 def test_an_api_error_is_shown_as_its_one_line_message(browser, served):
@@ -123,8 +124,8 @@ def test_an_api_error_is_shown_as_its_one_line_message(browser, served):
     assert error == "error: no sample with key 'no-such-key' in the index"
 
 
-def test_without_an_index_the_page_says_so(browser, bundle):
-    process, url = start_server("--model", str(bundle))
+def test_without_an_index_the_page_says_so(browser, bundle, tmp_path):
+    process, url = start_server("--model", str(bundle), log=tmp_path / "serve.log")
     try:
         wait_listening(process, url)
         browser.get(url + "/")

@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import shutil
 import signal
 import threading
 import time
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from conftest import copy_corpus
 from fastapi.testclient import TestClient
 from PIL import Image
 from processes import start_server, stop, wait_listening
@@ -372,19 +374,32 @@ def test_the_corpus_summary_names_the_classes_and_a_random_key_is_in_the_index(c
 
 
 @pytest.mark.parametrize(
-    "key", ["no-such-key", "../../../../etc/passwd", "%2e%2e/%2e%2e/etc/passwd", "k" * 4000, "test_00001.png"]
-)
-def test_an_unknown_or_path_like_key_is_a_short_json_404(client, key):
-    answer = client.get(f"/v1/images/{key}")
+    "path",
+    ["no-such-key", "%2e%2e%2f%2e%2e%2fetc%2fpasswd", "..%2F..%2Fetc%2Fpasswd", "dir/no-such-key", "dir%2Fx",
+     "k" * 4000, "test_00001.png", "%25"],
+)  # fmt: skip
+def test_an_unknown_or_path_like_key_is_a_short_json_404_from_the_id_map(client, path):
+    answer = client.get(f"/v1/images/{path}")
     assert answer.status_code == 404 and answer.headers["content-type"] == "application/json"  # never a file
-    assert len(answer.json()["error"]) < 200  # the key is shortened, not echoed in full
+    error = answer.json()["error"]
+    assert error.startswith("no sample with key") and len(error) < 200  # the key is shortened, not echoed
+
+
+def test_a_corpus_image_is_revalidated_by_its_etag(client, corpus):
+    key = corpus["keys"][3]
+    first = client.get(f"/v1/images/{key}")
+    assert first.headers["cache-control"] == "no-cache" and first.headers["etag"]
+    again = client.get(f"/v1/images/{key}", headers={"If-None-Match": first.headers["etag"]})
+    assert again.status_code == 304 and not again.content
+    other = client.get(f"/v1/images/{corpus['keys'][4]}")
+    assert other.headers["etag"] != first.headers["etag"]
 
 
 def test_images_over_the_byte_cap_are_refused_before_decoding(bundle, corpus):
     with make_client(bundle, corpus["index"], limits=Limits(max_image_bytes=50)) as small:
         wait_ready(small)
         answer = small.get(f"/v1/images/{corpus['keys'][0]}")
-    assert answer.status_code == 404 and "cannot be read on this server" in answer.json()["error"]
+    assert answer.status_code == 413 and "exceeds 50 bytes" in answer.json()["error"]
 
 
 def test_without_an_index_the_page_loads_and_the_corpus_says_why(bundle):
@@ -398,17 +413,8 @@ def test_without_an_index_the_page_loads_and_the_corpus_says_why(bundle):
 
 
 def test_an_index_whose_shards_are_gone_still_searches_and_says_why_there_are_no_images(bundle, corpus, tmp_path):
-    import shutil
-
-    from artifacts.index_bundle import IndexBundle
-
-    index = IndexBundle(corpus["index"])
-    embeddings, copied = tmp_path / "emb", tmp_path / "index"
-    shutil.copytree(index.info["embeddings"]["path"], embeddings)
-    shutil.copytree(corpus["index"], copied)
-    info = json.loads((copied / INDEX_JSON).read_text())
-    info["embeddings"]["path"] = str(tmp_path / "moved")
-    (copied / INDEX_JSON).write_text(json.dumps(info))
+    embeddings, copied = copy_corpus(corpus, tmp_path)
+    shutil.rmtree(embeddings)  # the embedding set (and so the way to its shards) is gone from this server
     with make_client(bundle, copied) as moved:
         wait_ready(moved)
         summary = moved.get("/v1/corpus").json()
@@ -416,4 +422,28 @@ def test_an_index_whose_shards_are_gone_still_searches_and_says_why_there_are_no
         assert str(tmp_path) not in json.dumps(summary)
         assert moved.post("/v1/search", json={"key": corpus["keys"][0], "k": 1}).status_code == 200
         answer = moved.get(f"/v1/images/{corpus['keys'][0]}")
-        assert answer.status_code == 404 and str(tmp_path) not in answer.text
+        assert answer.status_code == 503 and str(tmp_path) not in answer.text
+
+
+def test_a_large_stored_image_is_served_as_a_thumbnail(bundle, tmp_path):
+    """A 1,200 × 900 photo in the corpus comes back at most 256 px wide: the page shows small cards."""
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.embed import embed
+    from pipeline.index.build import build_index
+    from pipeline.index.config import IndexConfig
+
+    photos = tmp_path / "photos" / "big"
+    photos.mkdir(parents=True)
+    for index in range(12):
+        Image.new("RGB", (1200, 900), (index * 20, 80, 160)).save(photos / f"p{index}.jpg")
+    ingest(str(tmp_path / "photos"), tmp_path / "shards", IngestConfig(image_format="jpg", workers=1), progress=False)
+    embed(bundle, str(tmp_path / "shards"), tmp_path / "emb", EmbedConfig(workers=0), progress=False)
+    build_index(tmp_path / "emb", tmp_path / "index", IndexConfig(kind="flat", queries=2), progress=False)
+    with make_client(bundle, tmp_path / "index") as photos_client:
+        wait_ready(photos_client)
+        key = photos_client.get("/v1/corpus/random").json()["key"]
+        answer = photos_client.get(f"/v1/images/{key}")
+    assert answer.status_code == 200
+    assert Image.open(io.BytesIO(answer.content)).size == (256, 192)

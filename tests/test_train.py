@@ -129,6 +129,7 @@ def test_a_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_checkpoin
     last = resolve_checkpoint(tmp_path / "run", "last")
     state = load_checkpoint(last)
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+    assert (tmp_path / "run" / "curves.png").read_bytes().startswith(b"\x89PNG")  # drawn when it mattered most
 
 
 def test_a_corrupt_sample_is_skipped_and_counted(tmp_path):

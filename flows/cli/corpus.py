@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -16,10 +16,6 @@ from flows.cli.options import byte_size, byte_text, choice, from_env, progress_o
 from pipeline.embed.config import EmbedConfig
 from pipeline.index.config import IndexConfig
 from pipeline.index.plan import IndexKind, Metric
-
-if TYPE_CHECKING:  # faiss and the search stack load only when a command runs (mocoplus --help stays instant)
-    from artifacts.index_bundle import Hit, IndexBundle
-    from pipeline.search import Query
 
 commands = typer.Typer()
 
@@ -216,19 +212,15 @@ def search_command(
             table.add_row(str(hit.rank), hit.key, "" if hit.label < 0 else str(hit.label), f"{hit.score:.4f}")
         console.print(table)
     if grid is not None and answered:
-        _draw_grid(grid, answered, searcher, k)
-        errors.print(f"grid: {grid}", markup=False)
+        from pipeline.pictures.grid import MAX_NEIGHBOURS, MAX_ROWS, draw_search_results
+
+        queries_drawn, hits_drawn = zip(*answered, strict=True)
+        draw_search_results(list(queries_drawn), list(hits_drawn), searcher, grid, f"{index.name}: top {k}")
+        cut = len(answered) > MAX_ROWS or k > MAX_NEIGHBOURS
+        note = f" (the first {MAX_ROWS} queries, {MAX_NEIGHBOURS} neighbours each at most)" if cut else ""
+        errors.print(f"grid: {grid}{note}", markup=False)
     if len(good) < len(resolved):
         raise typer.Exit(code=1)
-
-
-def _draw_grid(path: Path, answered: list[tuple[Query, list[Hit]]], index: IndexBundle, k: int) -> None:
-    from artifacts.corpus_images import CorpusImages
-    from pipeline.pictures.grid import draw_result_grid, result_rows
-
-    queries, results = zip(*answered, strict=True)
-    rows = result_rows(list(queries), list(results), CorpusImages.of_index(index))
-    draw_result_grid(rows, path, title=f"{index.path.name}: top {k}")
 
 
 def _search_override(parameter: str | None, nprobe: int | None, ef: int | None) -> int | None:

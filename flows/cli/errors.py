@@ -17,7 +17,8 @@ import typer
 from rich.console import Console
 from typer.core import TyperGroup
 
-EXPECTED_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError)
+# ImportError: an optional package missing where a command needs it (matplotlib for pictures in the serve image)
+EXPECTED_ERRORS = (FileNotFoundError, ValueError, OSError, FloatingPointError, ImportError)
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 

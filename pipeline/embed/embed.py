@@ -30,7 +30,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from artifacts.atomic import prepare_out_dir, sweep_stale_temps
-from artifacts.embedding_set import part_is_done, write_manifest, write_part
+from artifacts.embedding_set import absolute_source, part_is_done, write_manifest, write_part
 from artifacts.images import InvalidImageError, fit_square
 from artifacts.model_bundle import ModelBundle
 from artifacts.shard_set import resolve_shards
@@ -145,7 +145,7 @@ def embed(
     out_dir = prepare_out_dir(Path(out_dir))
     sweep_stale_temps(out_dir)  # half-written parts of a killed run (of this host; shares elsewhere are not touched)
     # local shards by absolute path: the set's readers (corpus images for grids and the service) run elsewhere
-    urls = [os.path.abspath(url) if os.path.isfile(url) else url for url in shard_list.urls]
+    urls = [absolute_source(url) for url in shard_list.urls]
     mine = [(index, url) for index, url in enumerate(urls) if index % config.num_shards == config.shard_index]
 
     def is_done(index: int, url: str) -> bool:

@@ -42,7 +42,8 @@ def read_metrics(run_dir: Path) -> RunMetrics:
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: not a training run, or it logged nothing yet")
-    metrics = RunMetrics(Path(run_dir).resolve().name)
+    resolved = Path(run_dir).resolve()
+    metrics = RunMetrics(f"{resolved.parent.name}/{resolved.name}")  # flows name every run folder "run"
     with open(path) as handle:
         for line in handle:
             try:
@@ -55,7 +56,7 @@ def read_metrics(run_dir: Path) -> RunMetrics:
                 metrics.knn.append((int(record.get("epoch", 0)) + 1, 100 * float(record["knn_top1"])))
                 continue
             for name, value in record.items():
-                if name not in ("step", "epoch") and isinstance(value, int | float):
+                if name not in ("step", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
                     metrics.series.setdefault(name, []).append((record["step"], float(value)))
     return metrics
 

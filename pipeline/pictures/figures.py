@@ -15,8 +15,10 @@ DPI = 100
 
 def new_figure(width: float, height: float) -> Figure:
     """A figure not tied to any GUI backend (the machines have no screen; pyplot's global state is not used)."""
-    from matplotlib.figure import Figure
-
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # the serve image, say, leaves matplotlib out
+        raise ImportError(f"pictures need matplotlib ({error}): pip install matplotlib") from None
     return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 

@@ -2,7 +2,10 @@
 
 Each neighbour shows its key, label name and score underneath, so a reader can
 tell at a glance whether the neighbours look alike and where they go wrong. A
-query given as vectors has no picture: its first cell says so.
+query given as vectors has no picture: its first cell says so. A grid holds at
+most `MAX_ROWS` queries and `MAX_NEIGHBOURS` neighbours each (a figure of a
+thousand cells helps no one and can exhaust memory); images are shrunk to
+`TILE_SIDE` pixels before they are drawn.
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from pathlib import Path
 import numpy as np
 
 from artifacts.corpus_images import CorpusImages
-from artifacts.images import decode_image
-from artifacts.index_bundle import Hit
+from artifacts.images import decode_image, limit_side
+from artifacts.index_bundle import Hit, IndexBundle
 from pipeline.pictures.figures import new_figure, save_png
 from pipeline.search import Query
 
 CELL_INCHES = 1.35  # a 28 px Fashion-MNIST image stays crisp, a caption of three short lines fits under it
 MAX_KEY_CHARACTERS = 16
+MAX_ROWS, MAX_NEIGHBOURS = 32, 20
+TILE_SIDE = 256
 
 
 @dataclass(frozen=True)
@@ -36,16 +41,22 @@ class GridRow:
     neighbours: list[Tile]
 
 
+def draw_search_results(
+    queries: list[Query], results: list[list[Hit]], index: IndexBundle, path: Path, title: str
+) -> Path:
+    """The answered ``queries`` and their ``results`` (same order) from ``index`` as the PNG ``path``."""
+    rows = result_rows(queries[:MAX_ROWS], [hits[:MAX_NEIGHBOURS] for hits in results[:MAX_ROWS]],
+                       CorpusImages.of_index(index))  # fmt: skip
+    return draw_result_grid(rows, path, title)
+
+
 def result_rows(queries: list[Query], results: list[list[Hit]], images: CorpusImages) -> list[GridRow]:
     """One row per answered query (``results`` in the same order): its picture, then its neighbours'."""
     rows = []
     for query, hits in zip(queries, results, strict=True):
         picture = _corpus_pixels(images, query.key) if query.key is not None else query.pixels
-        rows.append(
-            GridRow(
-                Tile(picture, f"query\n{_short(Path(query.name).name)}"), [corpus_tile(images, hit) for hit in hits]
-            )
-        )
+        name = query.name if query.key is not None else Path(query.name).name  # a file by its name, a key whole
+        rows.append(GridRow(Tile(picture, f"query\n{_short(name)}"), [corpus_tile(images, hit) for hit in hits]))
     return rows
 
 
@@ -92,8 +103,7 @@ def _draw_tile(axis, tile: Tile, *, query: bool) -> None:
 
 
 def _corpus_pixels(images: CorpusImages, key: str) -> np.ndarray:
-    data, _extension = images.read(key)
-    return np.asarray(decode_image(data).image)
+    return np.asarray(limit_side(decode_image(images.read(key)).image, TILE_SIDE))
 
 
 def _short(text: str) -> str:

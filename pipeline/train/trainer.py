@@ -217,6 +217,8 @@ class Trainer:
                 progress.finish(loss, stopped_by)
         finally:
             log.close()
+            if self.placement.is_main:  # also when a NaN loss or an error ends the run: then they matter most
+                draw_run_curves(self.run_dir)
         result = TrainResult(
             self.run_dir,
             self.step,
@@ -230,7 +232,6 @@ class Trainer:
         )
         if self.placement.is_main:
             write_json_atomic(self.run_dir / SUMMARY_NAME, {**asdict(result), "run_dir": str(self.run_dir)})
-            draw_run_curves(self.run_dir)
         return result
 
     def _prepare_run_dir(self) -> None:
