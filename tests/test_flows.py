@@ -101,7 +101,7 @@ def test_end_to_end_chains_pretrain_index_and_a_search(fashion_mnist_env, tmp_pa
 
     with get_client(sync_client=True) as client:
         published = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=list(pictures))))
-    by_key = {artifact.key: artifact for artifact in published}
+    by_key = {artifact.key: artifact for artifact in sorted(published, key=lambda a: a.created)}  # newest wins
     assert set(by_key) == set(pictures)
     for key, path in pictures.items():  # each picture travels inside its artifact: the UI cannot read the disk
         assert by_key[key].type == "image"

@@ -14,7 +14,7 @@ import pytest
 from processes import start_server, stop, wait_listening
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
@@ -50,8 +50,9 @@ def served(bundle, corpus, tmp_path_factory):
 
 
 def wait_for(browser, condition, what: str):
+    """``condition`` once it holds; an element the page replaced meanwhile (a re-render) is simply asked again."""
     try:
-        return WebDriverWait(browser, WAIT_S).until(condition)
+        return WebDriverWait(browser, WAIT_S, ignored_exceptions=(StaleElementReferenceException,)).until(condition)
     except TimeoutException:
         status = browser.find_element(By.ID, "status").text
         error = browser.find_element(By.ID, "error").text

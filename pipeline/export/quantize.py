@@ -6,7 +6,12 @@ re-measuring ranges per batch. QDQ keeps the graph a standard ONNX graph
 (QuantizeLinear/DequantizeLinear pairs around each quantized op) that any
 execution provider can run, fusing the pairs where it has int8 kernels.
 Weights are per-channel int8, activations uint8 (MinMax calibration), the
-combination ONNX Runtime's CPU kernels are fastest with.
+combination ONNX Runtime's CPU kernels are fastest with. Weights use 7 of
+their 8 bits (``reduce_range``): without VNNI (AVX2 machines) the u8 × s8
+kernels add pairs of products in 16 bits, which full-range weights overflow
+(saturate): a bundle quantized that way scored a mean cosine of 0.95 to fp32
+on an AVX2 machine. A bundle must serve wherever it is copied, so its weights
+never rely on the machine that made it.
 """
 
 from __future__ import annotations
@@ -51,4 +56,5 @@ def quantize_int8(fp32_model: Path, out_model: Path, calibration: np.ndarray, ba
             per_channel=True,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
+            reduce_range=True,
         )
