@@ -62,7 +62,7 @@ from mocoplus.whitening import CovarianceAccumulator, PcaWhitening, WhiteningCon
 from pipeline.data.augment import AugmentConfig
 from pipeline.data.streams import EvalStream, StreamConfig
 from pipeline.export.config import PARITY_BATCH_SIZES, ExportConfig
-from pipeline.export.quantize import quantize_int8
+from pipeline.export.quantize import FP32_EDGE_LAYERS, quantize_int8
 from pipeline.progress import StageProgress, stage_progress
 from pipeline.train.checkpoints import load_run, resolve_checkpoint
 from pipeline.train.run_config import config_from_dict
@@ -342,7 +342,8 @@ def export(
         if config.quantize == "int8":
             info["parity"]["min_mean_cosine"] = config.min_cosine
             info["quantization"] = {
-                "method": "ONNX Runtime static QDQ: per-channel int8 weights, uint8 activations, MinMax calibration",
+                "method": "ONNX Runtime static QDQ: per-channel int8 weights (7 bits), uint8 activations, "
+                f"moving-average MinMax calibration; the first and last {FP32_EDGE_LAYERS} weighted layers fp32",
                 "calibration_images": len(calibration) if calibration is not None else 0,
                 "calibration_shards": config.calibration or run_config.data.train,
             }

@@ -11,7 +11,12 @@ their 8 bits (``reduce_range``): without VNNI (AVX2 machines) the u8 × s8
 kernels add pairs of products in 16 bits, which full-range weights overflow
 (saturate): a bundle quantized that way scored a mean cosine of 0.95 to fp32
 on an AVX2 machine. A bundle must serve wherever it is copied, so its weights
-never rely on the machine that made it.
+never rely on the machine that made it. The first and last `FP32_EDGE_LAYERS`
+convolutions stay fp32 (the stem sees raw pixels through three channels, the
+last ones make the embedding itself: the most sensitive, and the first are
+cheap), and the calibration ranges are moving averages over the batches, not
+the single most extreme one: on a briefly trained model these took the mean
+cosine to fp32 from 0.9909 to 0.9941.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ from pathlib import Path
 import numpy as np
 
 from artifacts.model_bundle import INPUT_NAME
+
+FP32_EDGE_LAYERS = 3
+WEIGHTED_OPS = ("Conv", "Gemm", "MatMul")
 
 
 class _Batches:
@@ -57,4 +65,14 @@ def quantize_int8(fp32_model: Path, out_model: Path, calibration: np.ndarray, ba
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             reduce_range=True,
+            nodes_to_exclude=edge_layers(prepared, FP32_EDGE_LAYERS),
+            extra_options={"CalibMovingAverage": True},
         )
+
+
+def edge_layers(model: Path, count: int) -> list[str]:
+    """The names of the first and last ``count`` weighted layers of ``model``, in graph order."""
+    import onnx
+
+    names = [node.name for node in onnx.load(str(model)).graph.node if node.op_type in WEIGHTED_OPS]
+    return names if len(names) <= 2 * count else names[:count] + names[-count:]
