@@ -123,7 +123,8 @@ def run_demo(out: Path, config: DemoConfig = DemoConfig()) -> dict[str, Any]:
         )
     overrides = [*config.overrides, f"train.max_steps={steps}"]
     clock.stage(
-        f"3/3 the end-to-end flow: pretrain {steps:,} steps (≈ {_clock(max(training_seconds, 0))} at "
+        f"3/3 the end-to-end flow: pretrain {steps:,} step{'s' if steps != 1 else ''} "
+        f"(≈ {_clock(max(training_seconds, 0))} at "
         f"{calibration_rate:,.0f} images/s) → evaluate → export → embed → index → search"
     )
     result = end_to_end(

@@ -46,7 +46,8 @@ def demo_command(
     table = Table(title=f"mocoplus demo: Fashion-MNIST, {report['seconds'] / 60:.1f} min")
     table.add_column("measure")
     table.add_column("value", justify="right")
-    table.add_row(f"kNN top-1 (key encoder, {report['planned_steps']} steps)", f"{report['knn_top1']:.2%}")
+    steps = report["planned_steps"]
+    table.add_row(f"kNN top-1 (key encoder, {steps:,} step{'s' if steps != 1 else ''})", f"{report['knn_top1']:.2%}")
     if report.get("linear_top1") is not None:
         table.add_row("linear probe top-1", f"{report['linear_top1']:.2%}")
     table.add_row(f"recall@10 ({report['index']})", f"{report['recall_at_10']:.3f}")
