@@ -63,6 +63,21 @@ REPLAN_AFTER_STEPS, REPLAN_EVERY_STEPS = 20, 10  # a time budget's pace: measure
 
 
 @dataclass
+class StepPlan:
+    """How many steps the run takes; a time budget re-plans it while the LR schedule reads it every step.
+
+    A holder the schedule can share, not a closure over the trainer: such a
+    closure made a trainer ↔ scheduler reference cycle that kept the
+    DistributedDataParallel wrapper, and with it the gloo process group and
+    its worker threads, alive past ``destroy_process_group`` until the
+    interpreter's shutdown, where a worker thread that still released a tensor
+    aborted the process (``terminate called without an active exception``).
+    """
+
+    total: int
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     steps: int
@@ -109,14 +124,15 @@ class Trainer:
         self.steps_per_epoch = self.stream.batches_per_epoch
         full = config.train.epochs * self.steps_per_epoch
         self.step_cap = min(full, config.train.max_steps) if config.train.max_steps else full
-        self.total_steps = self.step_cap  # a time budget re-plans it (`_replan`)
+        self.plan = StepPlan(self.step_cap)  # a time budget re-plans it (`_replan`)
         self.elapsed_before = 0.0  # wall-clock seconds of earlier segments of a resumed run
         self.knn_seconds = 0.0  # the last kNN pass's duration: the budget keeps room for the final one
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.model = MoCoPlus(config.model).to(self.device, memory_format=self.precision.memory_format())
         self.optimizer = build_optimizer(self.model.query_encoder, config)
-        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch, lambda: self.total_steps)
+        plan = self.plan  # the schedule holds the plan, never the trainer (`StepPlan`)
+        self.scheduler = build_scheduler(self.optimizer, config, self.steps_per_epoch, lambda: plan.total)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision.autocast_dtype == torch.float16)
         network: torch.nn.Module = self.model
         if placement.world_size > 1:
@@ -124,7 +140,7 @@ class Trainer:
             network = DistributedDataParallel(self.model, device_ids=device_ids)
         if config.train.compile:
             network = torch.compile(network)  # type: ignore[assignment]
-        self.training_step = TrainingStep(
+        self.training_step: TrainingStep | None = TrainingStep(
             network, self.optimizer, self.precision, self.device, scheduler=self.scheduler, scaler=self.scaler
         )
 
@@ -137,6 +153,22 @@ class Trainer:
             self._resume()  # restores the RNG states too
         elif _has_checkpoints(self.run_dir):
             raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume, or choose another --out")
+
+    @property
+    def total_steps(self) -> int:
+        return self.plan.total
+
+    @total_steps.setter
+    def total_steps(self, steps: int) -> None:
+        self.plan.total = steps
+
+    def close(self) -> None:
+        """Let go of the network: the DDP wrapper holds the process group, which must go before it is destroyed.
+
+        Also on an error, whose traceback keeps this trainer alive past
+        `distributed_placement`'s exit.
+        """
+        self.training_step = None
 
     # -- checkpoints --
 
@@ -247,6 +279,8 @@ class Trainer:
         return itertools.islice(self.stream.epoch(epoch), self.step - epoch * self.steps_per_epoch, None)
 
     def _train_step(self, batch: TrainBatch, epoch: int) -> dict[str, float]:
+        if self.training_step is None:
+            raise RuntimeError("this trainer is closed")
         result = self.training_step(
             batch.view1,
             batch.view2,
@@ -319,4 +353,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def train(config: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train (or resume) a run in ``run_dir``; works alone or under torchrun."""
     with distributed_placement(config.train.collective_timeout) as placement:
-        return Trainer(config, run_dir, placement, resume=resume, progress=progress).run()
+        trainer = Trainer(config, run_dir, placement, resume=resume, progress=progress)
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
