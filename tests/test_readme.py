@@ -5,9 +5,12 @@ order and run in a sandbox folder whose paths are small fixtures (a real
 Fashion-MNIST slice behind ``fashion-mnist:*``, generated photos under
 ``~/photos``, a synthetic embedding set for ``emb/web``, query images...),
 with their documented options and nothing added: no ``--no-progress``. The
-whole sequence runs twice, once with output to a pipe and once under a
-pseudo-terminal, so the live progress bar and the plain progress lines are
-both exercised at the commands' defaults. ``mocoplus serve`` is started like
+sequence runs once; each command alternates between output to a pipe and a
+pseudo-terminal (`mode_of`: the first ``mocoplus train`` piped, the second
+under a terminal, the third piped...), so the plain progress lines and the live
+progress bar are both exercised at the commands' defaults by every command the
+README shows more than once, at half the cost of running the whole sequence
+in both modes. ``mocoplus serve`` is started like
 any other line, waited for until ready, and the service's ``curl`` examples run
 against it.
 
@@ -226,6 +229,27 @@ def wait_ready(server: subprocess.Popen, seconds: float = 120) -> None:
     raise AssertionError("mocoplus serve did not become ready")
 
 
+MODES = ("piped", "terminal")
+
+
+def mode_of(example: Example, seen: dict[str, int]) -> str:
+    """The mode an example runs in: its command's (``mocoplus train``, ``curl``) earlier examples alternate them."""
+    command = " ".join(example.command.split()[:2]) if example.command.startswith("mocoplus ") else "curl"
+    count = seen.get(command, 0)
+    seen[command] = count + 1
+    return MODES[count % len(MODES)]
+
+
+def test_each_command_alternates_between_a_pipe_and_a_terminal():
+    examples = [Example(line, command) for line, command in enumerate(
+        ["mocoplus train a", "mocoplus train b", "curl x", "mocoplus train c", "mocoplus index d", "curl y"]
+    )]  # fmt: skip
+    seen: dict[str, int] = {}
+    assert [mode_of(example, seen) for example in examples] == [
+        "piped", "terminal", "piped", "piped", "piped", "terminal"
+    ]  # fmt: skip
+
+
 def check_output(example: Example, code: int, output: str, mode: str) -> None:
     where = f"README line {example.line} ({mode}): {example.command}\n{output[-3000:]}"
     assert code == 0, f"exit {code}: {where}"
@@ -235,13 +259,12 @@ def check_output(example: Example, code: int, output: str, mode: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["piped", "terminal"])
-def test_every_readme_example_runs_as_written(mode, fashion_mnist_slice, tmp_path):
+def test_every_readme_example_runs_as_written(fashion_mnist_slice, tmp_path):
     root = tmp_path / "sandbox"
     env = make_sandbox(root, fashion_mnist_slice)
-    run = run_piped if mode == "piped" else run_in_terminal
+    runners = {"piped": run_piped, "terminal": run_in_terminal}
     servers: dict[str, subprocess.Popen] = {}
-    ran, skipped = [], []
+    ran, skipped, seen, modes = [], [], {}, {}
     try:
         for example in readme_examples(README.read_text()):
             if example.skip_reason:
@@ -258,9 +281,11 @@ def test_every_readme_example_runs_as_written(mode, fashion_mnist_slice, tmp_pat
                     wait_ready(servers[command])
                 ran.append(example)
                 continue
-            code, output = run(command, root, env)
+            mode = mode_of(example, seen)
+            code, output = runners[mode](command, root, env)
             check_output(example, code, output, mode)
             ran.append(example)
+            modes.setdefault(example.command.split()[1], set()).add(mode)
     finally:
         for server in servers.values():
             stop(server)
@@ -268,6 +293,8 @@ def test_every_readme_example_runs_as_written(mode, fashion_mnist_slice, tmp_pat
     assert {"ingest", "verify", "train", "evaluate", "export", "embed", "index", "search", "serve"} <= commands
     assert sum(example.command.startswith("curl ") for example in ran) >= 5
     assert all(example.skip_reason for example in skipped)
+    stages = ("ingest", "verify", "train", "evaluate", "export", "embed", "index", "search")
+    assert all(modes[stage] == set(MODES) for stage in stages), modes  # each stage under a pipe and a terminal
 
 
 def test_piped_training_prints_progress_lines_spread_over_the_run(fashion_shards, tmp_path):
