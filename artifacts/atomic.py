@@ -24,6 +24,9 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+from artifacts.files import read_regular_file
+
+MAX_INFO_BYTES = 64 << 20  # an output's info file (index.json, model.json): options, inputs and measurements
 TEMP_PREFIX = "."  # temp files are hidden dot-files: `ls`, globs and shard patterns skip them
 TEMP_SUFFIX = ".tmp"
 # Every temp name carries its writer (host and pid), so a later run can tell the leftovers of a killed
@@ -83,9 +86,9 @@ def reusable_output(out_dir: Path, info_name: str, inputs: dict[str, Any]) -> di
     out_dir = Path(out_dir)
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return None
-    try:
-        info = json.loads((out_dir / info_name).read_text())
-    except (OSError, ValueError):
+    try:  # a bounded regular-file read: a FIFO or a link to /dev/zero in the folder must not hang or fill memory
+        info = json.loads(read_regular_file(out_dir / info_name, MAX_INFO_BYTES))
+    except (OSError, ValueError, RecursionError):
         info = None
     if isinstance(info, dict) and info.get("inputs") == json.loads(json.dumps(inputs)):
         return info

@@ -11,6 +11,7 @@ order, rows in part order — the ids the index stores.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from artifacts.atomic import commit_file, package_version, prepare_out_dir, temp_path_for, write_json_atomic
-from artifacts.jsonfile import read_json
+from artifacts.files import require_regular_file
+from artifacts.jsonfile import MAX_JSON_BYTES, read_json
 
 EMBEDDINGS_MANIFEST = "manifest.json"
 EMBEDDINGS_KIND = "mocoplus.embeddings"
@@ -38,6 +40,7 @@ class EmbeddingPart:
     start: int  # global id of its first row
     count: int
     source: str = ""  # the shard it was embedded from
+    keys_sha256: str | None = None  # of its keys as the manifest saw them (None in sets made before it was recorded)
 
     @property
     def stop(self) -> int:
@@ -61,8 +64,10 @@ class EmbeddingSet:
         self.parts: list[EmbeddingPart] = []
         start = 0
         for entry in self.manifest["parts"]:
-            self.parts.append(EmbeddingPart(entry["part"], start, int(entry["count"]), str(entry.get("source", ""))))
+            source, keys_sha256 = str(entry.get("source", "")), entry.get("keys_sha256")
+            self.parts.append(EmbeddingPart(entry["part"], start, int(entry["count"]), source, keys_sha256))
             start += int(entry["count"])
+        self._checked: set[str] = set()  # parts whose JSON was found to match the manifest
         if start != self.manifest["samples"]:
             raise EmbeddingSetError(
                 f"{manifest_path}: parts hold {start} rows, the manifest says {self.manifest['samples']}"
@@ -87,7 +92,9 @@ class EmbeddingSet:
     def matrix(self, part: EmbeddingPart) -> np.ndarray:
         """The part's matrix, memory-mapped (nothing is read until rows are touched)."""
         path = self.path / f"{part.name}.npy"
+        self._check_record(part)
         try:
+            require_regular_file(path)
             matrix = np.load(path, mmap_mode="r")
         except (OSError, ValueError) as error:
             raise EmbeddingSetError(f"{path}: unreadable ({error})") from None
@@ -96,11 +103,33 @@ class EmbeddingSet:
         return matrix
 
     def record(self, part: EmbeddingPart) -> dict[str, Any]:
+        """The part's JSON, refused unless it is the part the manifest lists: model, rows, source shard, keys.
+
+        A part replaced after the manifest was written (another shard set embedded
+        into this folder, a re-embed killed half-way) never passes for it.
+        """
         path = self.path / f"{part.name}.json"
         record = read_json(path, EmbeddingSetError, f"{path}: missing (the embedding set is damaged)")
-        if record.get("bundle_hash") != self.bundle_hash or len(record.get("keys", ())) != part.count:
+        keys = record.get("keys")
+        if record.get("bundle_hash") != self.bundle_hash or not isinstance(keys, list) or len(keys) != part.count:
             raise EmbeddingSetError(f"{path} does not match {EMBEDDINGS_MANIFEST} (bundle hash or row count)")
+        if part.source and not same_source(str(record.get("source", "")), part.source):
+            raise EmbeddingSetError(
+                f"{path} was embedded from {record.get('source')}, {EMBEDDINGS_MANIFEST} lists {part.source}: "
+                "the set changed after it was completed (rerun mocoplus embed)"
+            )
+        if part.keys_sha256 is not None and keys_digest(keys) != part.keys_sha256:
+            raise EmbeddingSetError(
+                f"{path}: its keys differ from those {EMBEDDINGS_MANIFEST} lists: the set changed after it was "
+                "completed (rerun mocoplus embed)"
+            )
+        self._checked.add(part.name)
         return record
+
+    def _check_record(self, part: EmbeddingPart) -> None:
+        """`record`'s checks, once per part, before its rows are used."""
+        if part.name not in self._checked:
+            self.record(part)
 
     def chunks(self, rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """(first global id, float32 rows) in id order, at most ``rows`` at a time."""
@@ -154,14 +183,34 @@ def absolute_source(url: str) -> str:
     return url if "://" in url or url.startswith("pipe:") else os.path.abspath(url)
 
 
+def same_source(recorded: str, listed: str) -> bool:
+    """Whether a part's recorded shard is the one the manifest lists (older sets recorded relative paths)."""
+    return recorded == listed or absolute_source(recorded) == absolute_source(listed)
+
+
+def keys_digest(keys: list[str]) -> str:
+    """sha256 of a part's keys in order: the manifest's fingerprint of what each part holds."""
+    return hashlib.sha256(json.dumps(keys, ensure_ascii=False).encode()).hexdigest()
+
+
+def withdraw_manifest(out_dir: Path) -> None:
+    """Remove the manifest before any part changes: a set is never complete while a part differs from its list."""
+    (Path(out_dir) / EMBEDDINGS_MANIFEST).unlink(missing_ok=True)
+
+
+def _read_part_record(path: Path) -> dict[str, Any]:
+    return read_json(path, EmbeddingSetError, f"{path}: missing", max_bytes=MAX_JSON_BYTES)
+
+
 def part_is_done(out_dir: Path, index: int, expected: dict[str, Any], dim: int) -> bool:
     """A part is done when its JSON (written last) holds ``expected``'s fields and its matrix fits [count, dim].
 
     A source recorded by a relative path (sets made before absolute ones) counts as the same shard.
     """
     record_path, matrix_path = out_dir / f"{part_name(index)}.json", out_dir / f"{part_name(index)}.npy"
-    try:
-        record = json.loads(record_path.read_text())
+    try:  # bounded, regular-file reads: a FIFO or a link to /dev/zero named like a part is simply not done
+        record = _read_part_record(record_path)
+        require_regular_file(matrix_path)
         matrix = np.load(matrix_path, mmap_mode="r")
     except (OSError, ValueError):
         return False
@@ -192,10 +241,11 @@ def write_manifest(out_dir: Path, urls: list[str], source: tuple[str, str, bool]
     model, hash_, normalized = source
     parts = []
     for index, url in enumerate(urls):
-        record = json.loads((out_dir / f"{part_name(index)}.json").read_text())
+        record = _read_part_record(out_dir / f"{part_name(index)}.json")
         parts.append(
-            {"part": part_name(index), "source": url, "count": record["count"], "skipped": len(record["skipped"])}
-        )
+            {"part": part_name(index), "source": url, "count": record["count"], "skipped": len(record["skipped"]),
+             "keys_sha256": keys_digest(record["keys"])}
+        )  # fmt: skip
     samples = sum(part["count"] for part in parts)
     skipped = sum(part["skipped"] for part in parts)
     manifest = {

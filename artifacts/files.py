@@ -37,8 +37,8 @@ def describe_size(size: int) -> str:
     return f"{size:,} bytes ({size / 2**20:,.0f} MiB)" if size >= 2**20 else f"{size:,} bytes"
 
 
-def read_regular_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The whole content of the regular file at ``path``, if it holds at most ``max_bytes``."""
+def _open_regular(path: str | os.PathLike[str], max_bytes: int) -> int:
+    """A descriptor of the regular file at ``path`` of at most ``max_bytes`` (opened without blocking)."""
     try:
         descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
     except FileNotFoundError:
@@ -58,6 +58,18 @@ def read_regular_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BY
         raise FileTooLargeError(
             f"file of {describe_size(status.st_size)} exceeds the cap of {describe_size(max_bytes)}"
         )
+    return descriptor
+
+
+def require_regular_file(path: str | os.PathLike[str]) -> None:
+    """Refuse anything but a regular file before a reader that would block on a FIFO or stream a device
+    (``np.load`` with ``mmap_mode``, which needs a path and maps the file rather than reading it)."""
+    os.close(_open_regular(path, max_bytes=1 << 62))
+
+
+def read_regular_file(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> bytes:
+    """The whole content of the regular file at ``path``, if it holds at most ``max_bytes``."""
+    descriptor = _open_regular(path, max_bytes)
     with os.fdopen(descriptor, "rb", buffering=0) as handle:
         os.set_blocking(descriptor, True)
         try:

@@ -13,7 +13,9 @@ product for ``ip`` indexes, the negated squared distance for ``l2`` ones.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,13 +26,17 @@ import numpy as np
 
 from artifacts.files import read_npy, read_regular_file
 from artifacts.jsonfile import MAX_JSON_BYTES, read_json
+from artifacts.query_vectors import QueryVectorError, query_vector_problem
 
 INDEX_FORMAT = 1
 INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
 ROWS_FILE = "rows.npy"  # index id → row of the embedding set it came from
 INDEX_KIND = "mocoplus.index"
 SEARCH_PARAMETERS = ("nprobe", "efSearch")  # what index.json's "search" may tune: IVF's and HNSW's
-FAISS_DEFAULTS = {"nprobe": 1, "efSearch": 16}  # what an index searches with before anything is set
+FAISS_DEFAULTS = {"nprobe": 1, "efSearch": 16}
+# a query vector's largest norm: scores are float32 (inner products, or squared L2 distances up to about
+# norm²), so beyond sqrt(float32 max) ≈ 1.8e19 they overflow to infinity and rank nothing; embeddings have norm 1
+MAX_QUERY_NORM = 1e18  # what an index searches with before anything is set
 
 
 class IndexBundleError(ValueError):
@@ -284,12 +290,16 @@ class IndexBundle:
         """Top-``k`` hits for each row of ``vectors`` (float32 ``[N, dim]``), best first.
 
         ``effort`` overrides the tuned ``nprobe``/``efSearch`` for this call only.
+        Raises `QueryVectorError` for a vector that cannot be searched (see
+        `query_vector_problem`) or whose scores still come out non-finite.
         """
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[1] != self.dim:
             raise ValueError(f"query vectors must be [N, {self.dim}]; got shape {list(vectors.shape)}")
-        if not np.isfinite(vectors).all():
-            raise ValueError("query vectors contain NaN or infinity")
+        for row, vector in enumerate(vectors):
+            problem = query_vector_problem(vector)
+            if problem:
+                raise QueryVectorError(f"query vector {row}: {problem}")
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
         count = min(k, self.index.ntotal)
@@ -306,6 +316,8 @@ class IndexBundle:
                 finally:
                     if effort is not None and self._setting is not None:
                         set_index_parameter(self.index, self.search_parameter, self._setting)  # type: ignore[arg-type]
+        if not np.isfinite(scores[ids >= 0]).all():
+            raise QueryVectorError("the scores of these query vectors overflow float32; send vectors of norm about 1")
         if self.metric == "l2":
             scores = -scores
         return [
@@ -373,9 +385,28 @@ def _reconstruct(index: faiss.Index, row: int) -> np.ndarray:
 # --- the writer side (`mocoplus index`) -------------------------------------------------------------
 
 
+STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO, errno.EFBIG)
+
+
+def write_faiss_index(index: faiss.Index, path: Path) -> None:
+    """``faiss.write_index``, its failures as `OSError` in one line (FAISS raises a RuntimeError with a C++ trace).
+
+    A full disk or a read-only folder is then the command line's one ``error:``
+    line like every other storage error; the bundle folder being built is a
+    temp folder, so nothing half-written is ever taken for a finished index.
+    """
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as error:
+        text = str(error)
+        known = next((code for code in STORAGE_ERRNOS if os.strerror(code) in text), None)
+        reason = os.strerror(known) if known is not None else (text.strip().splitlines() or ["write failed"])[-1]
+        raise OSError(known or errno.EIO, f"cannot write {path}: {reason}") from None
+
+
 def write_index_files(folder: Path, index: faiss.Index, keys: list[str], labels: np.ndarray, rows: np.ndarray) -> None:
     """The index and its id maps into a bundle folder being built: id i is embedding-set row ``rows[i]``."""
-    faiss.write_index(index, str(folder / INDEX_FILE))
+    write_faiss_index(index, folder / INDEX_FILE)
     (folder / KEYS_FILE).write_text(json.dumps([keys[row] for row in rows]))
     np.save(folder / LABELS_FILE, labels[rows])
     np.save(folder / ROWS_FILE, rows)

@@ -15,7 +15,7 @@ typo in a list of a hundred files costs one line, not the run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +23,8 @@ import numpy as np
 
 from artifacts.files import read_npy, read_regular_file
 from artifacts.images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_image, fit_square, to_mode
-from artifacts.index_bundle import IndexBundle
+from artifacts.index_bundle import Hit, IndexBundle
+from artifacts.query_vectors import query_vector_problem
 
 KEY_PREFIX = "key:"
 
@@ -45,6 +46,30 @@ def image_pixels(path: Path, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """An image file → uint8 RGB ``[size, size, 3]``, as `mocoplus embed` prepares shard images."""
     image = to_mode(decode_image(read_regular_file(path), max_pixels=max_pixels).image, "RGB")
     return np.asarray(fit_square(image, size), dtype=np.uint8)
+
+
+QUERY_BATCH = 64  # query specs resolved, embedded and searched together: memory stays flat for any number
+
+
+def search_queries(
+    specs: list[str],
+    index: IndexBundle,
+    embed: Callable[[np.ndarray], np.ndarray],
+    image_size: int,
+    k: int,
+    batch: int = QUERY_BATCH,
+) -> Iterator[tuple[Query, list[Hit] | None]]:
+    """Each query with its top-``k`` hits (None for a query with an error), in order, ``batch`` specs at a time.
+
+    Ten thousand image files are not decoded, embedded and searched as one
+    batch (2 GB at the peak): memory is that of one batch, whatever the count.
+    """
+    for start in range(0, len(specs), batch):
+        resolved = resolve_queries(specs[start : start + batch], index, embed, image_size)
+        good = [query.vector for query in resolved if query.vector is not None]
+        hits = iter(index.search(np.stack(good), k) if good else [])
+        for query in resolved:
+            yield query, (next(hits) if query.vector is not None else None)
 
 
 def resolve_queries(
@@ -82,6 +107,6 @@ def _vector_queries(spec: str, array: np.ndarray, dim: int) -> list[Query | tupl
     queries: list[Query | tuple[str, np.ndarray]] = []
     for row, vector in enumerate(matrix.astype(np.float32)):
         name = spec if array.ndim == 1 else f"{spec}[{row}]"
-        finite = np.isfinite(vector).all()
-        queries.append(Query(name, vector) if finite else Query(name, error="vector contains NaN or infinity"))
+        problem = query_vector_problem(vector)
+        queries.append(Query(name, error=f"vector {problem}") if problem else Query(name, vector))
     return queries

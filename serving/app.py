@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -34,17 +35,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from artifacts.index_bundle import IndexBundle, IndexBundleError
 from artifacts.model_bundle import ModelBundle
+from artifacts.query_vectors import QueryVectorError
 from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
 from serving.corpus import Corpus, add_corpus_routes
 from serving.gpus import worker_device
-from serving.guards import BodyGuard, Gate
+from serving.guards import BodyGuard, Gate, MemoryBudget
 from serving.metrics import ServiceMetrics
 from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, read_payload, shorten
 from serving.protocol import RETRY_AFTER_SECONDS
+
+log = logging.getLogger("uvicorn.error")
 
 FAISS_DEFAULT_EFFORT = {"ef": 16, "nprobe": 1}  # what FAISS searches with when an index was never tuned
 
@@ -214,7 +219,10 @@ class Service:
         vectors = await self.query_vectors(payload)
         async with self.searches.slot():
             started = time.perf_counter()
-            hits = await asyncio.to_thread(self.index.search, vectors, k, effort)
+            try:
+                hits = await asyncio.to_thread(self.index.search, vectors, k, effort)
+            except QueryVectorError as error:  # a stored vector, or scores that overflow all the same
+                raise RequestError(422, str(error)) from None
         self.metrics.stage_seconds.labels(stage="search").observe(time.perf_counter() - started)
         return {
             "index": self.index.info["factory"],
@@ -280,7 +288,12 @@ def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI
     )
     app.state.service = service
 
-    app.add_middleware(BodyGuard, max_bytes=config.limits.max_body_bytes, timeout_s=config.limits.body_timeout_s)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=config.limits.max_body_bytes,
+        timeout_s=config.limits.body_timeout_s,
+        budget=MemoryBudget(config.limits.max_request_memory),
+    )
     app.add_middleware(RequestMetrics, metrics=service.metrics)
     add_error_handlers(app, service)
 
@@ -351,6 +364,12 @@ def add_error_handlers(app: FastAPI, service: Service) -> None:
         if error.close:
             headers["Connection"] = "close"
         return error_response(error.status, error.reason, headers)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_left(request: Request, error: ClientDisconnect) -> Response:
+        # the client went away before its body was read: one log line, not a traceback; nobody reads an answer
+        log.info("%s %s: the client disconnected before sending its whole body", request.method, request.url.path)
+        return Response(status_code=400, headers={"Connection": "close"})
 
     @app.exception_handler(IndexBundleError)
     async def bad_search_parameter(request: Request, error: IndexBundleError) -> JSONResponse:

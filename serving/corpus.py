@@ -69,6 +69,13 @@ class Corpus:
             raise RequestError(404, "the corpus is empty")
         return self.index.keys[self.sampler.randrange(len(self.index.keys))]
 
+    def require_key(self, key: str) -> None:
+        """404 for a key the index does not hold: before any answer about its image, a 304 included."""
+        try:
+            self.index.id_of(key)
+        except KeyError:
+            raise RequestError(404, f"no sample with key {shorten(key)!r} in the index") from None
+
     def etag(self, key: str) -> str:
         """Names this image of this index: another index served on the same address is never taken for it."""
         version = (self.index.info.get("embeddings") or {}).get("manifest_sha256", "")
@@ -78,10 +85,7 @@ class Corpus:
         """The image of ``key`` as a PNG at most `THUMBNAIL_SIDE` wide, within ``limits`` (blocking: a thread)."""
         if self.images is None:
             raise RequestError(503, f"no corpus images: {self.unavailable}")
-        try:
-            self.index.id_of(key)
-        except KeyError:
-            raise RequestError(404, f"no sample with key {shorten(key)!r} in the index") from None
+        self.require_key(key)
         try:
             data = self.images.read(key, max_bytes=limits.max_image_bytes)
             decoded = decode_image(data, max_pixels=limits.max_pixels, max_decoded_bytes=limits.max_decoded_bytes)
@@ -122,7 +126,9 @@ def add_corpus_routes(app: FastAPI, service: Service) -> None:
         response_class=Response,
     )
     async def corpus_image(key: str, request: Request) -> Response:
-        etag = service.require_corpus().etag(key)
+        corpus = service.require_corpus()
+        corpus.require_key(key)  # an unknown key is 404 even to a client that sends a matching If-None-Match
+        etag = corpus.etag(key)
         headers = {"ETag": etag, "Cache-Control": "no-cache"}  # revalidated each time: a 304 costs no decode
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)

@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 
 from artifacts.images import InvalidImageError, decode_image, fit_square, to_mode
+from artifacts.query_vectors import query_vector_problem
 
 SHORT = 80  # characters of a client's string that an error message quotes
 
@@ -39,6 +40,7 @@ class Limits:
     max_image_bytes: int = 16 << 20
     max_body_bytes: int = 64 << 20  # counted as received, whatever Content-Length says
     body_timeout_s: float = 60.0  # the whole body must arrive within this of the app's first read
+    max_request_memory: int = 512 << 20  # all request bodies held at once, per server process; beyond, 503
     max_pixels: int = 40_000_000
     max_decoded_bytes: int = 64 << 20  # width × height × bytes per pixel, from the header
     max_k: int = 1000
@@ -54,6 +56,11 @@ class Limits:
         for limit in fields(self):
             if not getattr(self, limit.name) > 0:
                 raise ValueError(f"limit {limit.name} must be > 0; got {getattr(self, limit.name)!r}")
+        if self.max_request_memory < self.max_body_bytes:
+            raise ValueError(
+                f"max_request_memory ({self.max_request_memory:,}) must hold at least one body of max_body_bytes "
+                f"({self.max_body_bytes:,})"
+            )
 
 
 class RequestError(Exception):
@@ -211,6 +218,10 @@ def _vectors(value: Any, limits: Limits) -> np.ndarray:
         finite = False
     if not finite:
         raise RequestError(422, "'vectors' contains NaN or infinity (or a number beyond float32)")
+    for row, vector in enumerate(array):
+        problem = query_vector_problem(vector)
+        if problem:
+            raise RequestError(422, f"'vectors' row {row}: {problem}")
     return array
 
 

@@ -8,7 +8,10 @@ re-armed only after a response), and its own refusals are plain text.
 `GuardedHttpToolsProtocol` adds, per connection: a cap on the bytes and the
 number of headers of a request head (431), a deadline for the head once a
 connection opens or a request's first byte arrives (408, or a silent close for a
-connection that sent nothing), a cap on open connections (503), and JSON
+connection that sent nothing), a cap on open connections (503), a write timeout
+(a connection whose client stops reading is dropped once its unsent bytes have
+not drained for ``write_timeout_s``, freeing its slot: 40 clients that pipeline
+requests and never read would otherwise hold every slot for ever), and JSON
 bodies for all of those and for malformed requests (400). `mocoplus serve`
 hands it to uvicorn with `protocol_factory`.
 """
@@ -36,10 +39,18 @@ class ConnectionLimits:
     head_timeout_s: float = 10.0  # from the connection's opening, or a request's first byte, to its last header
     keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
     max_connections: int = 1024  # open at once, per server process; beyond, 503
+    write_timeout_s: float = 30.0  # unsent response bytes that do not drain for this long: the connection is dropped
 
     def __post_init__(self) -> None:
         if (
-            min(self.max_head_bytes, self.max_headers, self.head_timeout_s, self.keep_alive_s, self.max_connections)
+            min(
+                self.max_head_bytes,
+                self.max_headers,
+                self.head_timeout_s,
+                self.keep_alive_s,
+                self.max_connections,
+                self.write_timeout_s,
+            )
             <= 0
         ):
             raise ValueError(f"connection limits must be > 0; got {self}")
@@ -64,6 +75,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(config, server_state, app_state, _loop)
         self.limits = limits
         self._head_timer: asyncio.TimerHandle | None = None  # armed while a request head is awaited
+        self._write_timer: asyncio.TimerHandle | None = None  # armed while unsent bytes wait for the client to read
         self._head_bytes = 0
         self._head_begun = False  # a request line has started since the head was awaited
         self._header_count = 0
@@ -81,7 +93,50 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_received()
+        self._writes_drained()
         super().connection_lost(exc)
+
+    # -- the write timeout: a client must keep reading what it asked for --
+
+    def pause_writing(self) -> None:
+        """The transport's buffer passed its high-water mark: the client has stopped reading, for now."""
+        super().pause_writing()
+        self._await_drain()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._writes_drained()
+
+    def timeout_keep_alive_handler(self) -> None:
+        super().timeout_keep_alive_handler()
+        self._await_drain_after_close()
+
+    def _await_drain(self) -> None:
+        if self._write_timer is None and not self.transport.is_closing():
+            self._write_timer = self.loop.call_later(self.limits.write_timeout_s, self._write_timed_out)
+
+    def _await_drain_after_close(self) -> None:
+        """A closed transport stays open until its buffer is sent: a client that never reads would keep its slot."""
+        if self.transport.is_closing() and self.transport.get_write_buffer_size() and self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.limits.write_timeout_s, self._write_timed_out)
+
+    def _writes_drained(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+
+    def _write_timed_out(self) -> None:
+        """Nothing drained for `write_timeout_s`: drop the connection (unsent bytes too) and free its slot."""
+        self._write_timer = None
+        unsent = self.transport.get_write_buffer_size()
+        client = f"{self.client[0]}:{self.client[1]}" if self.client else "a client"
+        self.logger.info(
+            "%s: dropped after %gs without reading its response (%s bytes unsent)",
+            client,
+            self.limits.write_timeout_s,
+            f"{unsent:,}",
+        )
+        self.transport.abort()  # connection_lost follows: the app's pending send is released, the slot freed
 
     def data_received(self, data: bytes) -> None:
         """Count the bytes httptools would buffer without a bound: a request head while one is awaited, and
@@ -130,6 +185,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
+        self._await_drain_after_close()  # a ``Connection: close`` response still unsent
         idle = self.cycle is None or self.cycle.response_complete  # no pipelined request started instead
         if idle and not self.transport.is_closing():
             self._await_head()
@@ -155,6 +211,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         if not self._head_begun:
             self.transport.close()  # nothing to answer: no request was started (an idle or silent connection)
+            self._await_drain_after_close()
             return
         self._refuse(408, f"request head not received within {self.limits.head_timeout_s:g} s")
 
@@ -171,6 +228,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         head = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
         self.transport.write(STATUS_LINE[status] + head + b"\r\n" + body)
         self.transport.close()
+        self._await_drain_after_close()
 
 
 def protocol_factory(limits: ConnectionLimits) -> Callable[..., GuardedHttpToolsProtocol]:

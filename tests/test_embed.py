@@ -180,3 +180,104 @@ def test_cli_takes_its_share_from_torchrun_style_env(bundle, fashion_shards, tmp
     monkeypatch.setenv("RANK", "one")
     bad = CliRunner().invoke(app, [*args[:-2], str(tmp_path / "f")])
     assert bad.exit_code == 1 and "$RANK must be a non-negative integer" in bad.stderr
+
+
+# --- a set whose parts are replaced: never read as complete ----------------------------------------------
+
+
+def _indexed_set(bundle: Path, shards: Path, root: Path) -> tuple[Path, Path]:
+    from pipeline.index.build import build_index
+    from pipeline.index.config import IndexConfig
+
+    embed(bundle, str(shards), root / "emb", EmbedConfig(workers=0), **QUIET)
+    build_index(root / "emb", root / "index", IndexConfig(kind="flat", queries=20), progress=False)
+    return root / "emb", root / "index"
+
+
+def _search_key(index: Path, bundle: Path, key: str) -> dict:
+    result = CliRunner().invoke(app, ["search", str(index), "--model", str(bundle), f"key:{key}", "-k", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout.splitlines()[0])
+
+
+def test_a_partial_re_embed_of_other_shards_withdraws_the_manifest_and_keys_still_find_themselves(
+    bundle, fashion_shards, fashion_mnist_env, tmp_path
+):
+    from artifacts.embedding_set import EmbeddingSet, EmbeddingSetError
+    from pipeline.data.config import IngestConfig
+    from pipeline.data.ingest import ingest
+
+    emb, index = _indexed_set(bundle, fashion_shards, tmp_path)
+    key = EmbeddingSet(emb).keys_and_labels()[0][42]
+    assert _search_key(index, bundle, key)["results"][0]["key"] == key
+    other_shards = tmp_path / "other-shards"  # the 200 test images as two shards
+    ingest("fashion-mnist:test", other_shards, IngestConfig(shard_size=100, workers=1), progress=False)
+    other = embed(bundle, str(other_shards), emb, EmbedConfig(workers=0, shard_index=0, num_shards=2), **QUIET)
+    assert other.parts_written == 1 and not other.complete  # part 0 now holds test images, parts 1-2 train images
+    assert not (emb / MANIFEST).exists()
+    with pytest.raises(EmbeddingSetError, match="not a complete embedding set"):
+        EmbeddingSet(emb)
+    best = _search_key(index, bundle, key)["results"][0]  # the vector comes from the index itself now
+    assert best["key"] == key and best["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_a_part_replaced_behind_the_manifests_back_is_refused_on_read(
+    bundle, fashion_shards, fashion_test_shards, tmp_path
+):
+    from artifacts.embedding_set import EmbeddingSet, EmbeddingSetError
+
+    emb = tmp_path / "emb"
+    embed(bundle, str(fashion_shards), emb, EmbedConfig(workers=0), **QUIET)
+    embed(bundle, str(fashion_test_shards), tmp_path / "other", EmbedConfig(workers=0), **QUIET)
+    manifest = (emb / MANIFEST).read_bytes()
+    for suffix in (".npy", ".json"):  # what a writer that never withdrew the manifest left behind
+        name = f"{part_name(0)}{suffix}"
+        (emb / name).write_bytes((tmp_path / "other" / name).read_bytes())
+    record = json.loads((emb / f"{part_name(0)}.json").read_text())
+    matrix = np.load(emb / f"{part_name(0)}.npy")[:250]
+    (emb / f"{part_name(0)}.json").write_text(json.dumps({**record, "count": 250, "keys": (record["keys"] * 2)[:250]}))
+    np.save(emb / f"{part_name(0)}.npy", np.concatenate([matrix, matrix])[:250])  # even the row count agrees
+    assert (emb / MANIFEST).read_bytes() == manifest
+    with pytest.raises(EmbeddingSetError, match=r"was embedded from .*fashion-test"):
+        EmbeddingSet(emb).rows(np.array([0]))
+    with pytest.raises(EmbeddingSetError, match="was embedded from"):
+        EmbeddingSet(emb).keys_and_labels()
+    train_record = json.loads((tmp_path / "other" / f"{part_name(0)}.json").read_text())
+    (emb / f"{part_name(0)}.json").write_text(
+        json.dumps({**record, "source": str(sorted(fashion_shards.glob("*.tar"))[0]), "count": 250,
+                    "keys": [f"x{row}" for row in range(250)], "labels": train_record["labels"][:1] * 250})
+    )  # fmt: skip
+    with pytest.raises(EmbeddingSetError, match="keys differ"):
+        EmbeddingSet(emb).rows(np.array([0]))
+    assert EmbeddingSet(emb).rows(np.array([300])).shape == (1, ModelBundle(bundle).dim)  # the other parts read
+
+
+def test_a_re_embed_killed_after_its_first_part_leaves_no_complete_set(
+    bundle, fashion_shards, fashion_test_shards, tmp_path
+):
+    from artifacts.embedding_set import EmbeddingSet, EmbeddingSetError
+
+    emb = tmp_path / "emb"
+    embed(bundle, str(fashion_shards), emb, EmbedConfig(workers=0), **QUIET)
+    args = [sys.executable, "-c", KILLED_AFTER_FIRST_PART, str(bundle), str(fashion_test_shards), str(emb)]
+    killed = subprocess.run(args, capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert read_part(emb, 0)[1]["source"].startswith(str(fashion_test_shards))  # the replaced part landed
+    with pytest.raises(EmbeddingSetError, match="not a complete embedding set"):
+        EmbeddingSet(emb)
+
+
+@pytest.mark.parametrize("name", [f"{part_name(0)}.json", f"{part_name(0)}.npy"])
+@pytest.mark.parametrize("special", ["fifo", "dev-zero"])
+def test_special_files_named_like_parts_are_not_done_and_never_block(
+    bundle, fashion_test_shards, tmp_path, name, special
+):
+    out = tmp_path / "emb"
+    out.mkdir()
+    if special == "fifo":
+        os.mkfifo(out / name)
+    else:
+        (out / name).symlink_to("/dev/zero")
+    result = embed(bundle, str(fashion_test_shards), out, EmbedConfig(workers=0), **QUIET)
+    assert result.parts_written == 1 and result.complete
+    assert (out / name).is_file() and not (out / name).is_symlink()

@@ -536,3 +536,135 @@ def test_connections_beyond_the_cap_get_503_until_one_closes(two_connections):
     while httpx.get(f"http://127.0.0.1:{two_connections}/healthz", timeout=SECONDS).status_code != 200:
         assert time.monotonic() < deadline, "closed connections were never released"
         time.sleep(0.1)
+
+
+# --- across requests: clients that never read, the memory all bodies hold at once --------------------------------
+
+
+def test_clients_that_never_read_are_dropped_after_the_write_timeout_and_their_slots_freed(bundle):
+    """Pipelined requests for a 1.5 MB asset on sockets with a 4 KiB receive buffer, never read: every slot is
+    held until the write timeout drops them; then the server answers again."""
+    process, port = start_ready("--model", str(bundle), "--max-connections", "4", "--write-timeout", "1")
+    request = b"GET /static-offline-docs/swagger-ui-bundle.js HTTP/1.1\r\nHost: x\r\n\r\n"
+    readers: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(request * 8)
+            readers.append(sock)
+        deadline = time.monotonic() + SECONDS
+        while True:  # until the slots are free: without a write timeout, never
+            with contextlib.suppress(httpx.TransportError):
+                answer = httpx.get(f"http://127.0.0.1:{port}/healthz", headers={"connection": "close"}, timeout=5)
+                if answer.status_code == 200:
+                    break
+                assert_error(answer, 503, "too many connections")
+            assert time.monotonic() < deadline, "clients that never read kept every connection slot"
+            time.sleep(0.2)
+        for sock in readers:  # each was dropped, its unsent response with it
+            sock.settimeout(SECONDS)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(1 << 20):
+                    pass
+    finally:
+        for sock in readers:
+            sock.close()
+        stop(process)
+
+
+def resident_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        line = next(line for line in status if line.startswith("VmRSS:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_bodies_held_by_64_clients_stay_within_the_request_memory_budget(bundle, corpus):
+    """64 connections each send a 2 MiB body but its last byte: 8 fit the 16 MiB budget, 56 get 503 unread;
+    the server's memory grows by the budget, not by 128 MiB; once they close, a search is answered again."""
+    body, budget, clients = 2 << 20, 16 << 20, 64
+    process, port = start_ready(
+        "--model", str(bundle), "--index", str(corpus["index"]), "--max-body-bytes", str(body),
+        "--max-request-memory", str(budget), "--body-timeout", "120",
+    )  # fmt: skip
+    held: list[socket.socket] = []
+    try:
+        before = resident_bytes(process.pid)
+        head = f"POST /v1/search HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {body}"
+        head += "\r\n\r\n"
+        for _ in range(clients):
+            sock = connect(port)
+            sock.sendall(head.encode())
+            with contextlib.suppress(OSError):  # a refused body is closed on while it is still being sent
+                sock.sendall(b" " * (body - 1))
+            held.append(sock)
+        refused, deadline = 0, time.monotonic() + SECONDS
+        waiting = list(held)
+        while refused < clients - budget // body and time.monotonic() < deadline:
+            for sock in select.select(waiting, [], [], 0.5)[0]:
+                status, _, answer = read_response(sock)
+                assert status == 503 and "do not fit" in json.loads(answer)["error"], answer
+                refused += 1
+                waiting.remove(sock)
+        assert refused == clients - budget // body  # the bodies that fit are still held, unanswered
+        assert resident_bytes(process.pid) - before < 3 * budget  # 128 MiB of bodies without the budget
+    finally:
+        for sock in held:
+            sock.close()
+    try:
+        vector = [[1.0] + [0.0] * (len(next(iter(corpus["vectors"].values()))) - 1)]
+        deadline = time.monotonic() + SECONDS
+        while True:  # the held bodies' bytes return to the budget as their connections close
+            answer = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"vectors": vector}, timeout=SECONDS)
+            if answer.status_code == 200:
+                break
+            assert_error(answer, 503, "do not fit")
+            assert time.monotonic() < deadline, "the budget was never released"
+            time.sleep(0.2)
+    finally:
+        stop(process)
+
+
+def test_a_memory_budget_smaller_than_one_body_is_refused():
+    with pytest.raises(ValueError, match="must hold at least one body"):
+        Limits(max_body_bytes=2 << 20, max_request_memory=1 << 20)
+
+
+def test_finite_vectors_whose_scores_overflow_are_a_422(client, corpus):
+    dim = len(next(iter(corpus["vectors"].values())))
+    answer = client.post("/v1/search", json={"vectors": [[1e38] * dim]})
+    assert_error(answer, 422, "scores would overflow")
+    answer = client.post("/v1/search", json={"vectors": [[0.0] * (dim - 1) + [1.0], [3e18] * dim]})
+    assert_error(answer, 422, "'vectors' row 1")
+
+
+def test_an_unknown_key_is_404_even_with_a_matching_if_none_match(client, corpus):
+    import hashlib
+
+    version = json.loads((corpus["index"] / INDEX_JSON).read_text())["embeddings"]["manifest_sha256"]
+    etag = '"' + hashlib.sha256(f"{version}\0nope".encode()).hexdigest()[:32] + '"'
+    assert_error(client.get("/v1/images/nope", headers={"if-none-match": etag}), 404, "no sample with key 'nope'")
+
+
+def test_a_client_that_disconnects_mid_body_is_one_log_line_not_a_traceback(client, caplog):
+    async def disconnect_mid_body(app) -> int:
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+                 "path": "/v1/search", "raw_path": b"/v1/search", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"1000")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}  # fmt: skip
+        messages = iter([{"type": "http.request", "body": b'{"vec', "more_body": True}, {"type": "http.disconnect"}])
+        sent: list[dict] = []
+
+        async def receive() -> dict:
+            return next(messages, {"type": "http.disconnect"})
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)  # a traceback would be this raising
+        return sent[0]["status"]
+
+    with caplog.at_level("INFO"):
+        assert client.portal.call(disconnect_mid_body, client.app) == 400
+    assert "disconnected before sending its whole body" in caplog.text and "Traceback" not in caplog.text

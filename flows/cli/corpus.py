@@ -178,32 +178,31 @@ def search_command(
     ] = None,
 ) -> None:
     """Search an index with images, keys or vectors."""
-    import numpy as np
-
     from artifacts.index_bundle import IndexBundle
     from artifacts.model_bundle import ModelBundle
-    from pipeline.search import resolve_queries
+    from pipeline.search import search_queries
 
     bundle = ModelBundle(model, provider=provider)
     searcher = IndexBundle(index, gpu=gpu)
     searcher.check_model(bundle.hash, model)
     override = _search_override(searcher.search_parameter, nprobe, ef)
     searcher.set_search_parameter(override)
-    resolved = resolve_queries(queries, searcher, bundle.embed, bundle.size)
-    good = [query for query in resolved if query.vector is not None]
-    hits = iter(searcher.search(np.stack([query.vector for query in good]), k) if good else [])
     console, errors = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
-    answered = []
-    for query in resolved:
-        if query.vector is None:
+    drawn, answered, failed = [], 0, 0  # only what a grid draws is kept: memory stays one batch of queries
+    max_rows = _grid_rows() if grid is not None else 0
+    for query, results in search_queries(queries, searcher, bundle.embed, bundle.size, k):
+        if results is None:
+            failed += 1
             if as_json:
-                typer.echo(json.dumps({"query": query.name, "error": query.error}))
+                typer.echo(json.dumps({"query": query.name, "error": query.error}, allow_nan=False))
             errors.print(f"error: {query.name}: {query.error}", markup=False)
             continue
-        results = next(hits)
-        answered.append((query, results))
+        answered += 1
+        if len(drawn) < max_rows:
+            drawn.append((query, results))
         if as_json:
-            typer.echo(json.dumps({"query": query.name, "results": [hit.as_dict() for hit in results]}))
+            hits = [hit.as_dict() for hit in results]
+            typer.echo(json.dumps({"query": query.name, "results": hits}, allow_nan=False))
             continue
         table = Table(title=query.name, title_justify="left")
         for column in ("rank", "key", "label", "score"):
@@ -211,16 +210,22 @@ def search_command(
         for hit in results:
             table.add_row(str(hit.rank), hit.key, "" if hit.label < 0 else str(hit.label), f"{hit.score:.4f}")
         console.print(table)
-    if grid is not None and answered:
+    if grid is not None and drawn:
         from pipeline.pictures.grid import MAX_NEIGHBOURS, MAX_ROWS, draw_search_results
 
-        queries_drawn, hits_drawn = zip(*answered, strict=True)
+        queries_drawn, hits_drawn = zip(*drawn, strict=True)
         draw_search_results(list(queries_drawn), list(hits_drawn), searcher, grid, f"{index.name}: top {k}")
-        cut = len(answered) > MAX_ROWS or k > MAX_NEIGHBOURS
+        cut = answered > MAX_ROWS or k > MAX_NEIGHBOURS
         note = f" (the first {MAX_ROWS} queries, {MAX_NEIGHBOURS} neighbours each at most)" if cut else ""
         errors.print(f"grid: {grid}{note}", markup=False)
-    if len(good) < len(resolved):
+    if failed:
         raise typer.Exit(code=1)
+
+
+def _grid_rows() -> int:
+    from pipeline.pictures.grid import MAX_ROWS
+
+    return MAX_ROWS
 
 
 def _search_override(parameter: str | None, nprobe: int | None, ef: int | None) -> int | None:

@@ -66,6 +66,9 @@ def serve_command(
     workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model and batcher.")] = 1,
     max_body_bytes: Annotated[int | None, _limit("Most request body bytes, as received (64 MiB).")] = None,
     body_timeout: Annotated[float | None, _limit("Seconds a request body may take to arrive (60).")] = None,
+    max_request_memory: Annotated[
+        int | None, _limit("Most request body bytes held at once, all connections together; beyond, 503 (512 MiB).")
+    ] = None,
     max_decoded_bytes: Annotated[int | None, _limit("Most bytes one image may decode to (64 MiB).")] = None,
     max_search_work: Annotated[int | None, _limit("Most queries × k × nprobe/ef in one search (2^24).")] = None,
     max_concurrent_decodes: Annotated[int | None, _limit("Requests decoding images at once (4).")] = None,
@@ -75,6 +78,9 @@ def serve_command(
     ] = None,
     head_timeout: Annotated[float | None, _limit("Seconds a request head may take to arrive (10).")] = None,
     max_connections: Annotated[int | None, _limit("Open connections per server process; beyond, 503 (1024).")] = None,
+    write_timeout: Annotated[
+        float | None, _limit("Seconds unsent response bytes may wait for the client to read; then it is dropped (30).")
+    ] = None,
 ) -> None:
     """Serve the embedding and search API."""
     import uvicorn
@@ -87,13 +93,16 @@ def serve_command(
         max_images=max_images,
         max_body_bytes=max_body_bytes,
         body_timeout_s=body_timeout,
+        max_request_memory=max_request_memory,
         max_decoded_bytes=max_decoded_bytes,
         max_search_work=max_search_work,
         max_concurrent_decodes=max_concurrent_decodes,
         max_concurrent_searches=max_concurrent_searches,
         max_waiting=max_waiting,
     )
-    connection = ConnectionLimits(**given(head_timeout_s=head_timeout, max_connections=max_connections))
+    connection = ConnectionLimits(
+        **given(head_timeout_s=head_timeout, max_connections=max_connections, write_timeout_s=write_timeout)
+    )
     config = ServiceConfig(
         model=model,
         index=index,

@@ -53,6 +53,8 @@ from artifacts.atomic import (
     temp_path_for,
     write_json_atomic,
 )
+from artifacts.files import read_regular_file
+from artifacts.jsonfile import MAX_JSON_BYTES
 from artifacts.shard_set import MANIFEST_NAME, ShardRecord, ShardSetManifest, SkippedInput, read_manifest
 from pipeline.data.config import IngestConfig
 from pipeline.data.samples import PreparedSample, SampleOptions, prepare_chunk
@@ -195,7 +197,7 @@ class _Progress:
 def _load_state(out_dir: Path, identity: dict[str, Any]) -> _Progress | None:
     """The progress of an interrupted run of this same ingest, if its finished shards are intact."""
     try:
-        state = json.loads((out_dir / STATE_NAME).read_text())
+        state = json.loads(read_regular_file(out_dir / STATE_NAME, MAX_JSON_BYTES))
         if state.get("identity") != identity:
             return None
         shards = [ShardRecord(**shard) for shard in state["shards"]]

@@ -14,7 +14,10 @@ and the bundle and redoes the rest; a killed run resumes where it stopped.
 ``shard_index``/``num_shards`` split the input shards disjointly (shard i
 belongs to process i mod n): n processes on n machines writing to one shared
 folder build one embedding set, the unit the flows map over a cluster.
-Whichever process finds every part complete writes ``manifest.json``.
+Whichever process finds every part complete writes ``manifest.json``; a
+process with parts to write withdraws it first, so a set whose parts are
+being replaced (or were, by a run killed half-way) never reads as complete,
+and the reader checks each part's source shard and keys against the manifest.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from artifacts.atomic import prepare_out_dir, sweep_stale_temps
-from artifacts.embedding_set import absolute_source, part_is_done, write_manifest, write_part
+from artifacts.embedding_set import absolute_source, part_is_done, withdraw_manifest, write_manifest, write_part
 from artifacts.images import InvalidImageError, fit_square
 from artifacts.model_bundle import ModelBundle
 from artifacts.shard_set import resolve_shards
@@ -154,6 +157,7 @@ def embed(
     todo = [(index, url) for index, url in mine if not is_done(index, url)]
     written = samples = skipped_samples = 0
     if todo:
+        withdraw_manifest(out_dir)  # parts are about to change: the set is incomplete until they all match again
         dataset = _ShardBatches(todo, bundle.size, config.batch_size, config.max_pixels)
         loader = DataLoader(dataset, batch_size=None, num_workers=min(config.workers, len(todo)))
         parts: dict[int, _Part] = {}

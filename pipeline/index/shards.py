@@ -23,6 +23,7 @@ import faiss
 import numpy as np
 
 from artifacts.embedding_set import EmbeddingSet
+from artifacts.index_bundle import write_faiss_index
 
 TRAINED_FILE, IVFDATA_FILE = "trained.faiss", "index.ivfdata"
 
@@ -80,7 +81,7 @@ class ShardedBuild:
     def __init__(self, trained: faiss.Index, work: Path, memory_budget: int) -> None:
         self.work, self.memory_budget = work, memory_budget
         self.trained_path = work / TRAINED_FILE
-        faiss.write_index(trained, str(self.trained_path))
+        write_faiss_index(trained, self.trained_path)
         self.shards: list[Path] = []
 
     def fill(
@@ -92,7 +93,7 @@ class ShardedBuild:
         advance: Callable[[int], None] = lambda rows: None,
     ) -> None:
         path = self.work / f"shard-{len(self.shards):04d}.faiss"
-        faiss.write_index(fill_shard(self.trained_path, embeddings, order, bounds, chunk_rows, advance), str(path))
+        write_faiss_index(fill_shard(self.trained_path, embeddings, order, bounds, chunk_rows, advance), path)
         self.shards.append(path)
 
     @property

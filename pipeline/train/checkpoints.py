@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from artifacts.atomic import commit_file, temp_path_for, write_json_atomic
+from artifacts.files import read_regular_file
 from mocoplus import MoCoPlus
 from pipeline.train.run_config import config_from_dict
 
@@ -80,7 +81,7 @@ def resolve_checkpoint(run_dir: Path, which: str = "last") -> Path:
             raise FileNotFoundError(f"{run_dir} has no best checkpoint (the kNN monitor needs --eval shards)")
         return folder / "best.pt"
     try:
-        pointer = json.loads((folder / "last.json").read_text())
+        pointer = json.loads(read_regular_file(folder / "last.json", 1 << 20))
         path = folder / pointer["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError):
         steps = sorted(p for p in folder.glob("step-*.pt") if _STEP_FILE.fullmatch(p.name)) if folder.is_dir() else []

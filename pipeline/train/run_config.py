@@ -27,6 +27,7 @@ import json
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -41,6 +42,7 @@ from pipeline.train.precision import PRECISIONS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_DEPTH = 16  # levels of [ and { in a config value; the deepest real one needs 3
 
 
 @dataclass(frozen=True)
@@ -259,13 +261,68 @@ def read_config_file(spec: str | Path) -> dict[str, Any]:
         path = PRESET_DIR / f"{spec}.toml"
     if not path.is_file():
         raise FileNotFoundError(f"config {spec!r} is neither a preset ({', '.join(preset_names())}) nor a file")
+    language = "JSON" if path.suffix == ".json" else "TOML"
     try:
         text = read_regular_file(path, MAX_CONFIG_BYTES).decode()
-        return json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+        data = _bounded_parse(json.loads if path.suffix == ".json" else tomllib.loads, text)
     except UnreadableFileError as error:
         raise ValueError(f"{path}: {error}") from None
     except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} ({error})") from None
+        raise ValueError(f"{path}: not valid {language} ({error})") from None
+    except NestedTooDeeplyError as error:
+        raise ValueError(f"{path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: not a {language} table of sections")
+    return data
+
+
+class NestedTooDeeplyError(ValueError):
+    """A config value nested deeper than any config needs (`MAX_CONFIG_DEPTH`)."""
+
+
+def _bounded_parse(parse: Callable[[str], Any], text: str) -> Any:
+    """``parse(text)``, its recursion bounded: a value nested past `MAX_CONFIG_DEPTH` is one error.
+
+    The parsers recurse once per level of ``[``/``{``: thousands of them exhaust
+    the interpreter's stack (a ``RecursionError`` traceback). Nesting is
+    measured on the text first (brackets outside strings and comments), so a
+    hostile file is refused before the parser descends into it.
+    """
+    depth = _bracket_depth(text)
+    if depth > MAX_CONFIG_DEPTH:
+        raise NestedTooDeeplyError(f"values nested {depth} levels deep (a config needs at most {MAX_CONFIG_DEPTH})")
+    try:
+        return parse(text)
+    except RecursionError:  # a form the bracket count does not see: still one line, never a traceback
+        raise NestedTooDeeplyError(f"values nested too deeply (a config needs at most {MAX_CONFIG_DEPTH})") from None
+
+
+def _bracket_depth(text: str) -> int:
+    """The deepest nesting of ``[``/``{`` in TOML or JSON text, outside quoted strings and ``#`` comments."""
+    depth = deepest = 0
+    quote: str | None = None
+    index, length = 0, len(text)
+    while index < length:
+        char = text[index]
+        if quote is not None:
+            if char == "\\" and quote.startswith('"'):
+                index += 1  # an escaped character inside a basic string
+            elif text.startswith(quote, index):
+                index += len(quote) - 1
+                quote = None
+        elif char in "\"'":
+            quote = char * 3 if text.startswith(char * 3, index) else char
+            index += len(quote) - 1
+        elif char == "#":
+            newline = text.find("\n", index)
+            index = length if newline < 0 else newline
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+        index += 1
+    return deepest
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -275,9 +332,11 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if not sep or not dot or not section or not key:
         raise ValueError(f"an override is section.field=value (e.g. train.epochs=3); got {text!r}")
     try:
-        value = tomllib.loads(f"value = {raw.strip()}")["value"]
+        value = _bounded_parse(tomllib.loads, f"value = {raw.strip()}")["value"]
     except tomllib.TOMLDecodeError:
         value = raw.strip()
+    except NestedTooDeeplyError as error:
+        raise ValueError(f"override {name.strip()}: {error}") from None
     return section, key, value
 
 

@@ -35,6 +35,7 @@ from torch import distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from artifacts.atomic import prepare_out_dir, sweep_stale_temps, write_json_atomic
+from artifacts.files import read_regular_file
 from mocoplus import MoCoPlus
 from pipeline.data.streams import StreamConfig, TrainBatch, TrainStream
 from pipeline.progress import stage_progress
@@ -59,6 +60,7 @@ from pipeline.train.step import TrainingStep
 CHECKPOINT_FORMAT = "mocoplus.checkpoint"
 CONFIG_NAME = "config.json"
 SUMMARY_NAME = "train.json"
+MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl: a line a step
 REPLAN_AFTER_STEPS, REPLAN_EVERY_STEPS = 20, 10  # a time budget's pace: measured after 20 steps, every 10
 
 
@@ -346,7 +348,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines logged after ``step`` (the run is replayed from there)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    text = read_regular_file(path, MAX_METRICS_BYTES).decode()
+    kept = [line for line in text.splitlines() if line.strip() and json.loads(line)["step"] <= step]
     path.write_text("".join(f"{line}\n" for line in kept))
 
 
