@@ -183,3 +183,21 @@ def test_search_resolves_embeds_and_searches_in_batches_with_the_same_answers(tm
         assert (hits is None) == (expected is None)
         if hits is not None:
             assert [hit.key for hit in hits] == [hit.key for hit in expected]
+
+
+def test_training_on_a_full_disk_is_one_error_line_and_no_checkpoint_looks_finished(tmp_path, fashion_shards):
+    from test_train import TINY
+
+    overrides = (*TINY, "train.max_steps=2", "train.checkpoint_every=1")
+    sets = [item for override in overrides for item in ("--set", override)]
+    with tmpfs(tmp_path / "disk", "size=256k") as disk:
+        result = subprocess.run(
+            [sys.executable, "-m", "flows.cli", "train", "--data", str(fashion_shards), "--out", str(disk / "run"),
+             "--config", "fashion-mnist-cpu", *sets, "--no-progress"],
+            capture_output=True, text=True, cwd=ROOT, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "cannot write" in errors[0] and "bytes free" in errors[0], result.stderr
+        assert "Traceback" not in result.stderr
+        assert not list(disk.rglob("*.pt")) and not (disk / "run" / "checkpoints" / "last.json").exists()

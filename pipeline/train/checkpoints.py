@@ -13,6 +13,7 @@ then ``last.json`` is pointed at it; only then are older ones beyond
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import shutil
@@ -34,6 +35,17 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR
 
 
+def _save(state: dict[str, Any], path: Path) -> None:
+    """``torch.save``, a failed write as `OSError`: on a full disk torch raises a RuntimeError that says only
+    ``unexpected pos 704 vs 598``; the command line's one ``error:`` line should say what happened."""
+    try:
+        torch.save(state, path)
+    except RuntimeError as error:
+        free = shutil.disk_usage(path.parent).free
+        reason = (str(error).strip().splitlines() or ["write failed"])[0]
+        raise OSError(errno.EIO, f"cannot write {path} ({free:,} bytes free on its disk): {reason}") from None
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, *, keep_last: int) -> Path:
     """Write ``state`` as ``step-NNNNNNNN.pt`` atomically, point ``last.json`` at it, prune old ones."""
     folder = checkpoint_dir(run_dir)
@@ -41,7 +53,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, *, keep_las
     path = folder / f"step-{step:08d}.pt"
     temp = temp_path_for(path)
     try:
-        torch.save(state, temp)
+        _save(state, temp)
         commit_file(temp, path)
     except BaseException:
         temp.unlink(missing_ok=True)
