@@ -120,7 +120,10 @@ class CorpusImages:
             )
         if not os.path.isfile(shard):
             raise CorpusImagesError(f"shard {shard} (a source of embedding set {self.embeddings.path}) is missing")
-        embedded_size = self.embeddings.record(self.embeddings.parts[part]).get("source_bytes")
+        try:  # the part must still be the one the manifest lists (`EmbeddingSet.record`)
+            embedded_size = self.embeddings.record(self.embeddings.parts[part]).get("source_bytes")
+        except EmbeddingSetError as error:
+            raise CorpusImagesError(str(error)) from None
         if embedded_size is not None and os.path.getsize(shard) != embedded_size:
             raise CorpusImagesError(f"shard {shard} changed after it was embedded ({embedded_size:,} bytes then)")
         return scan_shard(shard)

@@ -161,6 +161,7 @@ def test_eval_stream_resizes_by_the_serving_policy(fashion_shards):
     assert torch.equal(batch.images[:, 0], batch.images[:, 1])  # gray replicated to RGB
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_with_two_workers_each(fashion_shards, tmp_path):
     (tmp_path / "shards").symlink_to(fashion_shards, target_is_directory=True)
     mp.spawn(distributed_workers.streams_per_rank, args=(2, tmp_path / "store", tmp_path), nprocs=2, join=True)

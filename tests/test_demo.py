@@ -8,12 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from test_train import TINY
 from typer.testing import CliRunner
 
 from flows.cli.main import app
 
 
+@pytest.mark.slow
 def test_demo_runs_the_whole_chain_within_its_budget(fashion_mnist_env, tmp_path):
     """As a user runs it: a fresh process on Prefect's ephemeral API (its own PREFECT_HOME)."""
     out = tmp_path / "demo"

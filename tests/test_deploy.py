@@ -52,6 +52,7 @@ def prefect_server(tmp_path):
         log.close()
 
 
+@pytest.mark.slow
 def test_cron_deployment_is_scheduled_and_an_on_demand_run_completes(
     prefect_server, bundle, fashion_test_shards, tmp_path
 ):

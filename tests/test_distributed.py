@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import distributed_workers
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -12,6 +13,7 @@ def spawn(worker, tmp_path) -> list[dict]:
     return sorted(tmp_path.glob("*-[01].pt"))
 
 
+@pytest.mark.slow
 def test_all_gathered_keys_fill_identical_queues_in_rank_order(tmp_path):
     files = spawn(distributed_workers.gather_into_queue, tmp_path)
     results = [torch.load(f) for f in files]
@@ -24,6 +26,7 @@ def test_all_gathered_keys_fill_identical_queues_in_rank_order(tmp_path):
     assert in_age_order.tolist() == [float(v) for v in written[-10:]]
 
 
+@pytest.mark.slow
 def test_shuffle_bn_under_ddp_mixes_ranks_and_keeps_keys_aligned(tmp_path):
     rank0, rank1 = (torch.load(f) for f in spawn(distributed_workers.shuffle_bn_step, tmp_path))
     assert rank0["key_bn"] == rank1["key_bn"] == "shuffle"  # auto picks shuffle-BN under DDP

@@ -15,6 +15,7 @@ from pipeline.embed.embed import embed
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
 
+@pytest.mark.slow
 def test_index_corpus_embeds_in_shares_indexes_and_skips_what_is_done(bundle, fashion_shards, tmp_path):
     from flows.index_corpus import index_corpus
 
@@ -49,6 +50,7 @@ def test_a_task_that_fails_once_is_retried_and_the_flow_completes(bundle, fashio
     assert len(calls) == 2 and result["samples_embedded_now"] == 200
 
 
+@pytest.mark.slow
 def test_pretrain_ingests_trains_under_torchrun_evaluates_exports_then_skips(fashion_mnist_env, tmp_path):
     from test_train import TINY
 
@@ -76,6 +78,7 @@ def test_pretrain_ingests_trains_under_torchrun_evaluates_exports_then_skips(fas
     assert [record["step"] for record in metrics_again if "loss" in record] == [1, 2, 3]
 
 
+@pytest.mark.slow
 def test_end_to_end_chains_pretrain_index_and_a_search(fashion_mnist_env, tmp_path):
     from test_train import TINY
 
@@ -108,6 +111,7 @@ def test_end_to_end_chains_pretrain_index_and_a_search(fashion_mnist_env, tmp_pa
         assert base64.b64decode(by_key[key].data.removeprefix("data:image/png;base64,")) == Path(path).read_bytes()
 
 
+@pytest.mark.slow
 def test_the_dask_path_with_two_local_workers_embeds_as_the_sequential_path(bundle, fashion_shards, tmp_path):
     from flows.index_corpus import with_dask
 

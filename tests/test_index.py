@@ -110,6 +110,7 @@ def test_index_json_describes_the_bundle(bundle, embeddings, tmp_path):
     assert info["bytes"] == (tmp_path / "index" / "index.faiss").stat().st_size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["hnsw", "ivf", "ivfpq"])
 def test_tuned_recall_against_naive_exact_search_reaches_the_target(kind, tmp_path):
     n = 6_000 if kind == "ivfpq" else 12_000  # OPQ training is the slow part
@@ -147,6 +148,7 @@ def test_l2_metric_scores_are_negated_squared_distances(tmp_path):
 # --- sharded builds --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("kind", "budget", "merge"), [("ivf", 1 << 30, "memory"), ("ivf", 4096, "disk"), ("ivfpq", 1 << 30, "memory")]
 )

@@ -114,6 +114,7 @@ def test_killed_index_build_reruns_to_the_uninterrupted_bundle_and_leaves_nothin
     assert other.returncode == 1 and other.stderr.startswith("error: ") and other.stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_killed_export_reruns_and_a_second_rerun_is_up_to_date(trained_run, tmp_path):
     out = tmp_path / "models" / "m"
     killed("pipeline.export.export", "_write_models", 1, "export", str(trained_run), "--out", str(out))
@@ -127,6 +128,7 @@ def test_killed_export_reruns_and_a_second_rerun_is_up_to_date(trained_run, tmp_
     assert (out / "model.json").read_text() == model_json  # nothing rewritten
 
 
+@pytest.mark.slow
 def test_killed_training_resumes_to_the_uninterrupted_curve_without_leftovers(fashion_shards, tmp_path):
     overrides = [arg for item in [*TINY, "train.max_steps=12", "train.checkpoint_every=4"] for arg in ("--set", item)]
     common = ["--data", str(fashion_shards), "--config", "fashion-mnist-cpu", *overrides, "--no-progress"]

@@ -103,6 +103,12 @@ def test_a_shard_or_embedding_set_that_changed_after_indexing_is_a_clear_error(c
     moved.write_bytes(shard.read_bytes() + b"\0" * 512)  # one more (empty) tar block: not the shard embedded
     manifest["parts"][0]["source"] = str(moved)
     (embeddings / "manifest.json").write_text(json.dumps(manifest))
+    record_path = embeddings / f"{manifest['parts'][0]['part']}.json"
+    index = IndexBundle(index_path)
+    images = CorpusImages(EmbeddingSet(embeddings), lambda key: int(index.rows[index.id_of(key)]))
+    with pytest.raises(CorpusImagesError, match=r"was embedded from .* lists"):  # the part disagrees with it
+        images.read(corpus["keys"][0])
+    record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "source": str(moved)}))
     with pytest.raises(CorpusImagesError, match=r"changed after index .* was built"):
         CorpusImages.of_index(IndexBundle(index_path))  # the manifest is not the one indexed
     info = json.loads((index_path / "index.json").read_text())

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from datasets import write_image
+from datasets import write_fashion_mnist_slice, write_image
 from processes import stop
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -126,6 +126,10 @@ def test_every_absolute_path_of_an_example_has_a_fixture():
 # --- the sandbox ---------------------------------------------------------------------------------
 
 
+README_SLICE = {"train": 320, "test": 100}  # images: every example runs on them, the costly ones (train,
+# evaluate, export's whitening fit, embed) in time proportional to them
+
+
 def make_sandbox(root: Path, fashion_mnist_slice: Path) -> dict[str, str]:
     """The files the examples name, and the environment they run in."""
     from PIL import Image
@@ -134,6 +138,7 @@ def make_sandbox(root: Path, fashion_mnist_slice: Path) -> dict[str, str]:
     from pipeline.data.fashion_mnist import ENV_VAR, load_split
 
     root.mkdir(parents=True)
+    fashion_mnist_slice = write_fashion_mnist_slice(fashion_mnist_slice, root / "fashion-mnist", **README_SLICE)
     home = root / "home"
     for index in range(6):  # ~/photos: two labelled folders of photo-sized JPEGs
         write_image(home / "photos" / ("cats", "dogs")[index % 2] / f"img{index}.jpg", size=(96, 72), seed=index)
@@ -297,6 +302,7 @@ def test_every_readme_example_runs_as_written(fashion_mnist_slice, tmp_path):
     assert all(modes[stage] == set(MODES) for stage in stages), modes  # each stage under a pipe and a terminal
 
 
+@pytest.mark.slow
 def test_piped_training_prints_progress_lines_spread_over_the_run(fashion_shards, tmp_path):
     """With stderr a pipe, a long training run reports step, loss and images/s as it goes, not only at the end."""
     env = {**os.environ, "MOCOPLUS_PROGRESS_SECONDS": "1"}

@@ -292,6 +292,7 @@ def test_real_server_serves_concurrent_clients_and_isolates_a_bad_image(bundle, 
         stop(process)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_a_request_in_flight(bundle, corpus):
     process, url = start_server("--model", str(bundle), "--max-wait-ms", "1500", "--max-batch", "64")
     try:

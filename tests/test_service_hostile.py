@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import json
+import logging
 import re
 import select
 import shutil
@@ -541,6 +542,7 @@ def test_connections_beyond_the_cap_get_503_until_one_closes(two_connections):
 # --- across requests: clients that never read, the memory all bodies hold at once --------------------------------
 
 
+@pytest.mark.slow
 def test_clients_that_never_read_are_dropped_after_the_write_timeout_and_their_slots_freed(bundle):
     """Pipelined requests for a 1.5 MB asset on sockets with a 4 KiB receive buffer, never read: every slot is
     held until the write timeout drops them; then the server answers again."""
@@ -580,6 +582,7 @@ def resident_bytes(pid: int) -> int:
     return int(line.split()[1]) * 1024
 
 
+@pytest.mark.slow
 def test_bodies_held_by_64_clients_stay_within_the_request_memory_budget(bundle, corpus):
     """64 connections each send a 2 MiB body but its last byte: 8 fit the 16 MiB budget, 56 get 503 unread;
     the server's memory grows by the budget, not by 128 MiB; once they close, a search is answered again."""
@@ -665,6 +668,11 @@ def test_a_client_that_disconnects_mid_body_is_one_log_line_not_a_traceback(clie
         await app(scope, receive, send)  # a traceback would be this raising
         return sent[0]["status"]
 
-    with caplog.at_level("INFO"):
-        assert client.portal.call(disconnect_mid_body, client.app) == 400
+    logger = logging.getLogger("uvicorn.error")  # uvicorn's logging config may stop it short of the root logger
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="uvicorn.error"):
+            assert client.portal.call(disconnect_mid_body, client.app) == 400
+    finally:
+        logger.removeHandler(caplog.handler)
     assert "disconnected before sending its whole body" in caplog.text and "Traceback" not in caplog.text

@@ -161,6 +161,7 @@ def cli_args(shards: Path, run: Path, *overrides: str) -> list[str]:
     return ["train", "--data", str(shards), "--out", str(run), "--config", "fashion-mnist-cpu", *sets, "--no-progress"]
 
 
+@pytest.mark.slow
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_cleanly(fashion_shards, tmp_path):
     run = tmp_path / "run"
     process = run_cli(*cli_args(fashion_shards, run, "train.max_steps=10000", "train.checkpoint_every=0"))
@@ -206,6 +207,7 @@ def test_two_gloo_processes_under_torchrun_learn_and_stay_identical(fashion_shar
     assert state["step"] == 40
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("end", "outcome"), [("finish", "stopped by None"), ("sigterm", "stopped by "), ("error", "error: the loss")]
 )
