@@ -19,9 +19,11 @@ serves Swagger UI from an installed package (fastapi-offline), not a CDN.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,8 +40,9 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from artifacts.index_bundle import IndexBundle, IndexBundleError
-from artifacts.model_bundle import ModelBundle
+from artifacts.files import read_regular_file
+from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
+from artifacts.model_bundle import MODEL_JSON, ModelBundle
 from artifacts.query_vectors import QueryVectorError
 from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
 from serving.corpus import Corpus, add_corpus_routes
@@ -66,49 +69,179 @@ class ServiceConfig:
     batcher: BatcherConfig = field(default_factory=BatcherConfig)
     limits: Limits = field(default_factory=Limits)
     default_k: int = 10
+    watch_s: float | None = None  # poll the bundles every this many seconds and reload when they change
+
+
+class Generation:
+    """One loaded (model, index) pair with its batcher: what a request uses from its start to its answer.
+
+    A reload builds the next generation beside the live one and swaps them in
+    one assignment; a request pins the generation it started on (`Service.pinned`),
+    so it finishes on it and no query ever meets an index of another model's
+    vectors. A retired generation's batcher stops once its last request is done.
+    """
+
+    def __init__(self, number: int, model: ModelBundle, index: IndexBundle | None, batcher: MicroBatcher) -> None:
+        self.number, self.model, self.index, self.batcher = number, model, index, batcher
+        self.corpus = Corpus.of(index) if index is not None else None  # its images and class names, for the page
+        self.fingerprint = bundle_fingerprint(model.path, index.path if index is not None else None)
+        self.users = 0  # requests pinned to it now
+        self.retired = False  # swapped out by a reload: its batcher stops once its last request is done
+        self.stopped = False
+
+    async def close(self) -> None:
+        """Stop its batcher once every queued image is embedded."""
+        await self.batcher.stop()
+        self.stopped = True
+
+    def summary(self) -> dict[str, Any]:
+        """What `/v1/model` says about the index: its kind and size, and which build of it this is."""
+        if self.index is None:
+            return {}
+        fields = ("factory", "index_kind", "metric", "count", "dim", "search", "recall_at_k")
+        return {
+            **{name: self.index.info.get(name) for name in fields},
+            "count": int(self.index.index.ntotal),
+            "version": self.fingerprint["index"]["version"] if self.fingerprint["index"] else None,
+        }
+
+
+def bundle_fingerprint(model: Path, index: Path | None) -> dict[str, Any]:
+    """Which model and index builds ``model`` and ``index`` name now: resolved folders (a symlink switched to a
+    new build counts) and a digest of their ``model.json`` / ``index.json`` (a bundle rebuilt in place counts)."""
+
+    def of(folder: Path, info: str) -> dict[str, Any] | None:
+        resolved = Path(folder).resolve()
+        try:
+            digest = hashlib.sha256(read_regular_file(resolved / info, 64 << 20)).hexdigest()[:16]
+        except (OSError, ValueError):
+            digest = None
+        return {"path": str(resolved), "version": digest}
+
+    return {"model": of(model, MODEL_JSON), "index": of(index, INDEX_JSON) if index is not None else None}
 
 
 class Service:
-    """What the endpoints share: the loaded model and index, the batcher, the metrics, readiness."""
+    """What the endpoints share: the live `Generation`, the metrics, readiness, the gates, and reloads."""
 
     def __init__(self, config: ServiceConfig) -> None:
         self.config = config
         self.metrics = ServiceMetrics()
         self.ready = False
-        self.model: ModelBundle | None = None
-        self.index: IndexBundle | None = None
-        self.corpus: Corpus | None = None  # the index's images and class names, for the search page
-        self.batcher: MicroBatcher | None = None
+        self.live: Generation | None = None
         self.failure: str | None = None  # why loading failed, for /readyz
         limits = config.limits
         self.decodes = Gate("decodes", limits.max_concurrent_decodes, limits.max_waiting)
         self.searches = Gate("searches", limits.max_concurrent_searches, limits.max_waiting)
+        self._loaded: tuple[ModelBundle, IndexBundle | None] | None = None  # by `load`, before the server starts
+        self._reload_lock = asyncio.Lock()
+        self._retiring: set[asyncio.Task[None]] = set()
+        self._generations = 0
+
+    # -- loading and reloading --
 
     def load(self) -> None:
-        """Load and cross-check the model and index (blocking: run it in a thread)."""
+        """Load and cross-check the model and index (blocking: run it in a thread); `start` or `reload` serve them."""
         config = self.config
         model = ModelBundle(config.model, provider=config.provider, threads=config.threads, device_id=config.device_id)
-        index = IndexBundle(self.config.index) if self.config.index else None
+        index = IndexBundle(config.index) if config.index else None
         if index is not None:
-            index.check_model(model.hash, self.config.model)
-        self.model, self.index = model, index
-        self.corpus = Corpus.of(index) if index is not None else None
+            index.check_model(model.hash, config.model)
+        self._loaded = (model, index)
+
+    async def _next_generation(self) -> Generation:
+        """Load (unless `load` just did), start a batcher and run a warm-up batch: ready to swap in."""
+        if self._loaded is None:
+            await asyncio.to_thread(self.load)
+        assert self._loaded is not None
+        (model, index), self._loaded = self._loaded, None
+        batcher = MicroBatcher(model.embed, self.config.batcher, self._record_batch)
+        await batcher.start()
+        try:
+            warmup = np.zeros((min(self.config.batcher.max_batch, 8), model.size, model.size, 3), np.uint8)
+            await batcher.embed(warmup)
+        except BaseException:
+            await batcher.stop()
+            raise
+        self._generations += 1
         self.metrics.provider.labels(provider=model.session.get_providers()[0]).set(1)
+        self.metrics.generation.set(self._generations)
+        return Generation(self._generations, model, index, batcher)
 
     async def start(self) -> None:
-        """Load (unless `load` ran already), start the batcher, run a warm-up batch, then become ready."""
+        """The first generation; the service is ready once its warm-up batch is done."""
         try:
-            if self.model is None:
-                await asyncio.to_thread(self.load)
+            self.live = await self._next_generation()
         except (ValueError, OSError) as error:
             self.failure = self.without_paths(str(error))
             return
-        assert self.model is not None
-        self.batcher = MicroBatcher(self.model.embed, self.config.batcher, self._record_batch)
-        await self.batcher.start()
-        warmup = np.zeros((min(self.config.batcher.max_batch, 8), self.model.size, self.model.size, 3), np.uint8)
-        await self.batcher.embed(warmup)
         self.ready = True
+
+    async def reload(self, reason: str) -> bool:
+        """Load the bundles the configured paths name now, check and warm them up, then swap them in.
+
+        A new version that fails to load (corrupt, or an index of another
+        model) is logged and counted, and the live one keeps serving. Requests
+        in flight finish on the generation they started with.
+        """
+        async with self._reload_lock:
+            if not self.ready or self.live is None:
+                return False
+            try:
+                fresh = await self._next_generation()
+            except (ValueError, OSError) as error:
+                self.metrics.reloads.labels(outcome="failed").inc()
+                log.error("reload (%s) failed, generation %d keeps serving: %s", reason, self.live.number, error)
+                return False
+            old, self.live = self.live, fresh
+            self.metrics.reloads.labels(outcome="loaded").inc()
+            log.info("reload (%s): generation %d serves %s", reason, fresh.number, fresh.fingerprint)
+            self._retire(old)
+            return True
+
+    def bundles_changed(self) -> bool:
+        """Whether the configured paths name other builds than the live generation's (what ``--watch`` polls)."""
+        if self.live is None:
+            return False
+        return bundle_fingerprint(self.config.model, self.config.index) != self.live.fingerprint
+
+    def _retire(self, generation: Generation) -> None:
+        generation.retired = True
+        if generation.users == 0:
+            self._stop_later(generation)
+
+    def _stop_later(self, generation: Generation) -> None:
+        task = asyncio.get_running_loop().create_task(generation.close())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    @asynccontextmanager
+    async def pinned(self) -> AsyncIterator[Generation]:
+        """The live generation, held by this request until it is answered, whatever reloads happen meanwhile."""
+        self.require_ready()
+        generation = self.live
+        assert generation is not None
+        generation.users += 1
+        try:
+            yield generation
+        finally:
+            generation.users -= 1
+            if generation.retired and generation.users == 0:
+                self._stop_later(generation)
+
+    # -- what the endpoints read --
+
+    @property
+    def model(self) -> ModelBundle | None:
+        return self.live.model if self.live is not None else None
+
+    @property
+    def index(self) -> IndexBundle | None:
+        return self.live.index if self.live is not None else None
+
+    @property
+    def corpus(self) -> Corpus | None:
+        return self.live.corpus if self.live is not None else None
 
     def without_paths(self, message: str) -> str:
         """``message`` with the bundles' server paths replaced by what they are: clients see it."""
@@ -129,14 +262,17 @@ class Service:
 
     async def corpus_png(self, key: str) -> bytes:
         """A corpus image as PNG, decoded in a decode slot like any uploaded image."""
-        corpus = self.require_corpus()
-        async with self.decodes.slot():
-            return await asyncio.to_thread(corpus.png, key, self.config.limits)
+        async with self.pinned() as live:
+            if live.corpus is None:
+                raise RequestError(404, "this service has no index (start it with --index)")
+            async with self.decodes.slot():
+                return await asyncio.to_thread(live.corpus.png, key, self.config.limits)
 
     async def stop(self) -> None:
         self.ready = False
-        if self.batcher is not None:
-            await self.batcher.stop()
+        if self.live is not None:
+            await self.live.close()
+        await asyncio.gather(*self._retiring, return_exceptions=True)
 
     def _record_batch(self, stats: BatchStats) -> None:
         self.metrics.batch_size.observe(stats.size)
@@ -144,22 +280,22 @@ class Service:
         for wait in stats.queue_waits:
             self.metrics.stage_seconds.labels(stage="queue_wait").observe(wait)
 
-    async def embed_images(self, blobs: list[bytes]) -> np.ndarray:
-        self.require_ready()
-        assert self.model is not None and self.batcher is not None
+    # -- embedding and search, each on the generation it started with --
+
+    async def embed_images(self, blobs: list[bytes], live: Generation) -> np.ndarray:
         if not blobs:
             raise RequestError(422, "no images: send one or more 'images'")
         async with self.decodes.slot():
             started = time.perf_counter()
-            pixels = await asyncio.to_thread(decode_images, blobs, self.model.size, self.config.limits)
+            pixels = await asyncio.to_thread(decode_images, blobs, live.model.size, self.config.limits)
         self.metrics.stage_seconds.labels(stage="decode").observe(time.perf_counter() - started)
-        self.metrics.queue_depth.set(self.batcher.depth + len(pixels))
+        self.metrics.queue_depth.set(live.batcher.depth + len(pixels))
         try:
-            return await self.batcher.embed(pixels)
+            return await live.batcher.embed(pixels)
         except QueueFullError as error:
             raise RequestError(503, f"overloaded: {error}; retry later") from None
         finally:
-            self.metrics.queue_depth.set(self.batcher.depth)
+            self.metrics.queue_depth.set(live.batcher.depth)
 
     @staticmethod
     def query_count(payload: Payload) -> int:
@@ -172,30 +308,26 @@ class Service:
             return 1
         return len(payload.vectors) if payload.vectors is not None else len(payload.images)
 
-    async def query_vectors(self, payload: Payload) -> np.ndarray:
+    async def query_vectors(self, payload: Payload, live: Generation, index: IndexBundle) -> np.ndarray:
         """The search queries as vectors (`query_count` has checked the payload)."""
-        assert self.index is not None
         if payload.key is not None:
             try:
-                return self.index.vector_of(payload.key)[None, :]
+                return index.vector_of(payload.key)[None, :]
             except KeyError:
                 raise RequestError(404, f"no sample with key {shorten(payload.key)!r} in the index") from None
         if payload.vectors is not None:
-            if payload.vectors.shape[1] != self.index.dim:
-                raise RequestError(
-                    422, f"vectors must have {self.index.dim} dimensions; got {payload.vectors.shape[1]}"
-                )
+            if payload.vectors.shape[1] != index.dim:
+                raise RequestError(422, f"vectors must have {index.dim} dimensions; got {payload.vectors.shape[1]}")
             return payload.vectors
-        return await self.embed_images(payload.images)
+        return await self.embed_images(payload.images, live)
 
-    def check_work(self, count: int, k: int, effort_name: str, effort: int | None) -> None:
+    def check_work(self, index: IndexBundle, count: int, k: int, effort_name: str, effort: int | None) -> None:
         """Refuse a search whose cost (queries × k × nprobe/efSearch, the tuned one unless overridden) is over budget.
 
         Each factor has its own cap, but their product is what a search costs: 64 queries × k 1000 × ef 65536
         took 44 s of CPU.
         """
-        assert self.index is not None
-        used = effort or self.index.tuned_effort or FAISS_DEFAULT_EFFORT.get(effort_name, 1)
+        used = effort or index.tuned_effort or FAISS_DEFAULT_EFFORT.get(effort_name, 1)
         work, budget = count * k * used, self.config.limits.max_search_work
         if work > budget:
             raise RequestError(
@@ -205,32 +337,71 @@ class Service:
             )
 
     async def search(self, payload: Payload) -> dict[str, Any]:
-        self.require_ready()
-        if self.index is None:
-            raise RequestError(404, "this service has no index (start it with --index)")
-        limits = self.config.limits
-        k = int_field(payload, "k", self.config.default_k, 1, limits.max_k)
-        effort_name = "nprobe" if self.index.search_parameter == "nprobe" else "ef"
-        for name in {"nprobe", "ef"} - {effort_name} if self.index.search_parameter else {"nprobe", "ef"}:
-            if name in payload.fields:
-                raise RequestError(422, f"{name!r} does not apply to this {self.index.info['index_kind']} index")
-        effort = int_field(payload, effort_name, None, 1, limits.max_effort)
-        self.check_work(self.query_count(payload), k, effort_name, effort)
-        vectors = await self.query_vectors(payload)
-        async with self.searches.slot():
-            started = time.perf_counter()
-            try:
-                hits = await asyncio.to_thread(self.index.search, vectors, k, effort)
-            except QueryVectorError as error:  # a stored vector, or scores that overflow all the same
-                raise RequestError(422, str(error)) from None
-        self.metrics.stage_seconds.labels(stage="search").observe(time.perf_counter() - started)
-        return {
-            "index": self.index.info["factory"],
-            "model": self.index.bundle_hash,
-            "results": [
-                {"query": position, "hits": [hit.as_dict() for hit in row]} for position, row in enumerate(hits)
-            ],
-        }
+        async with self.pinned() as live:
+            index = live.index
+            if index is None:
+                raise RequestError(404, "this service has no index (start it with --index)")
+            limits = self.config.limits
+            k = int_field(payload, "k", self.config.default_k, 1, limits.max_k)
+            effort_name = "nprobe" if index.search_parameter == "nprobe" else "ef"
+            for name in {"nprobe", "ef"} - {effort_name} if index.search_parameter else {"nprobe", "ef"}:
+                if name in payload.fields:
+                    raise RequestError(422, f"{name!r} does not apply to this {index.info['index_kind']} index")
+            effort = int_field(payload, effort_name, None, 1, limits.max_effort)
+            self.check_work(index, self.query_count(payload), k, effort_name, effort)
+            vectors = await self.query_vectors(payload, live, index)
+            async with self.searches.slot():
+                started = time.perf_counter()
+                try:
+                    hits = await asyncio.to_thread(index.search, vectors, k, effort)
+                except QueryVectorError as error:  # a stored vector, or scores that overflow all the same
+                    raise RequestError(422, str(error)) from None
+            self.metrics.stage_seconds.labels(stage="search").observe(time.perf_counter() - started)
+            return {
+                "index": index.info["factory"],
+                "model": index.bundle_hash,
+                "generation": live.number,
+                "results": [
+                    {"query": position, "hits": [hit.as_dict() for hit in row]} for position, row in enumerate(hits)
+                ],
+            }
+
+
+class ReloadTriggers:
+    """What starts a `Service.reload`: SIGHUP (where this process's event loop can take signals) and, with
+    ``watch_s``, a poll of the bundles' fingerprints every ``watch_s`` seconds."""
+
+    def __init__(self, service: Service, watch_s: float | None) -> None:
+        self.service, self.watch_s = service, watch_s
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._signal = False
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, self._spawn, "SIGHUP")
+            self._signal = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no signals
+            log.debug("SIGHUP reloads are not available in this process")
+        if self.watch_s:
+            self._tasks.add(loop.create_task(self._watch(self.watch_s)))
+
+    def stop(self) -> None:
+        if self._signal:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in self._tasks:
+            task.cancel()
+
+    def _spawn(self, reason: str) -> None:
+        task = asyncio.get_running_loop().create_task(self.service.reload(reason))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _watch(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            if self.service.ready and await asyncio.to_thread(self.service.bundles_changed):
+                await self.service.reload("the bundles changed")
 
 
 class RequestMetrics:
@@ -262,20 +433,28 @@ class RequestMetrics:
             self.metrics.responses.labels(endpoint=endpoint, code=str(status)).inc()
 
 
-def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI:
+def create_app(config: ServiceConfig, service: Service | None = None, *, ready_before_serving: bool = False) -> FastAPI:
     """The FastAPI application for ``config``.
 
     Loading and the warm-up run in the background from startup on, so
     ``/healthz`` answers at once and ``/readyz`` says 503 until they are done;
     pass a ``service`` whose `Service.load` already ran to fail fast on a bad
-    model or index before the server listens (the CLI does).
+    model or index before the server listens (the CLI does). With
+    ``ready_before_serving`` the server accepts no request before they are
+    done: a ``--workers`` process that uvicorn's rolling restart (SIGHUP)
+    brings in beside an old one must not answer 503 "still loading".
     """
     service = service or Service(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         starting = asyncio.create_task(service.start())
+        if ready_before_serving:
+            await starting
+        reloads = ReloadTriggers(service, config.watch_s)
+        reloads.start()
         yield
+        reloads.stop()
         await asyncio.gather(starting, return_exceptions=True)
         await service.stop()
 
@@ -306,9 +485,9 @@ def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI
     async def embed(request: Request) -> dict[str, Any]:
         service.require_ready()
         payload = await read_payload(request, config.limits)
-        vectors = await service.embed_images(payload.images)
-        assert service.model is not None
-        return {"model": service.model.hash, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
+        async with service.pinned() as live:
+            vectors = await service.embed_images(payload.images, live)
+            return {"model": live.model.hash, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
 
     @app.post(
         "/v1/search",
@@ -321,16 +500,12 @@ def create_app(config: ServiceConfig, service: Service | None = None) -> FastAPI
 
     add_corpus_routes(app, service)
 
-    @app.get("/v1/model", summary="The model bundle's model.json and the index summary")
+    @app.get("/v1/model", summary="The model bundle's model.json, the index summary and the generation serving")
     async def model() -> dict[str, Any]:
-        if service.model is None:
+        live = service.live
+        if live is None:
             raise RequestError(503, "still loading")
-        index = service.index.info if service.index else None
-        summary = None
-        if index is not None:
-            fields = ("factory", "index_kind", "metric", "count", "dim", "search", "recall_at_k")
-            summary = {name: index.get(name) for name in fields}
-        return {"model": service.model.info, "index": summary}
+        return {"model": live.model.info, "index": live.summary() or None, "generation": live.number}
 
     @app.get("/healthz", summary="Liveness")
     async def healthz() -> dict[str, str]:
@@ -413,4 +588,4 @@ def app_from_env() -> FastAPI:
     )
     if config.provider == "cuda":  # worker slot i embeds on GPU i mod the GPU count
         config = replace(config, device_id=worker_device(config.device_id))
-    return create_app(config)
+    return create_app(config, ready_before_serving=True)

@@ -2,7 +2,7 @@
 
 Request latency per endpoint and per stage (decode, queue wait, inference,
 search) as histograms, the batch-size histogram, the queue depth, responses
-by status code, and which execution provider is active — what an operator
+by status code, reloads by outcome and the generation serving, and which execution provider is active — what an operator
 needs to see whether micro-batching works and where the time goes.
 """
 
@@ -37,6 +37,13 @@ class ServiceMetrics:
         self.queue_depth = Gauge("mocoplus_queue_depth", "Images waiting for a batch.", registry=self.registry)
         self.responses = Counter(
             "mocoplus_responses", "Responses by endpoint and status code.", ["endpoint", "code"], registry=self.registry
+        )
+        self.reloads = Counter(
+            "mocoplus_reloads", "Reloads of the model and index, by outcome (loaded, failed).", ["outcome"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.generation = Gauge(
+            "mocoplus_generation", "The number of the (model, index) generation loaded last.", registry=self.registry
         )
         self.provider = Gauge(
             "mocoplus_execution_provider", "The active ONNX Runtime execution provider (1).", ["provider"],

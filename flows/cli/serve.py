@@ -64,6 +64,14 @@ def serve_command(
     max_queue: Annotated[int, typer.Option(min=1, help="Most images waiting; beyond, 503.")] = BatcherConfig.max_queue,
     max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = Limits.max_images,
     workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model and batcher.")] = 1,
+    watch: Annotated[
+        float | None,
+        typer.Option(
+            min=0.1,
+            help="Reload when the bundles change (a symlink switched, a bundle rebuilt), polled every so many "
+            "seconds; SIGHUP reloads at any time.",
+        ),
+    ] = None,
     max_body_bytes: Annotated[int | None, _limit("Most request body bytes, as received (64 MiB).")] = None,
     body_timeout: Annotated[float | None, _limit("Seconds a request body may take to arrive (60).")] = None,
     max_request_memory: Annotated[
@@ -110,6 +118,7 @@ def serve_command(
         threads=threads,
         batcher=BatcherConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue),
         limits=Limits(**limits),
+        watch_s=watch,
     )
     service = Service(config)
     service.load()
