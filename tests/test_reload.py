@@ -72,6 +72,13 @@ class LoadClient:
         self._stop.set()
         self._thread.join(SECONDS)
 
+    def wait_for_answers(self, count: int) -> None:
+        """Until the client has ``count`` answers (a state, not a time: the deadline only bounds a stall)."""
+        deadline = time.monotonic() + SECONDS
+        while len(self.answers) < count:
+            assert time.monotonic() < deadline, f"the load client stalled at {len(self.answers)} answers"
+            time.sleep(0.05)
+
     def _run(self) -> None:
         with httpx.Client(base_url=self.url, timeout=SECONDS) as client:
             while not self._stop.is_set() and len(self.answers) < self.limit:
@@ -130,15 +137,12 @@ def test_sighup_swaps_in_each_new_build_with_no_failed_request(served, builds):
     assert generation_of(client) == (1, 200)
     dim = client.get("/v1/model").json()["index"]["dim"]
     with LoadClient(url, dim) as load:
+        load.wait_for_answers(5)  # generation 1 answers before the first switch
         for generation, build, count in ((2, "train", 600), (3, "test", 200), (4, "train", 600)):
             switch(link, builds[build])
             process.send_signal(signal.SIGHUP)
             assert wait_for(client, generation) == count
-            answered = len(load.answers)
-            deadline = time.monotonic() + SECONDS
-            while len(load.answers) < answered + 5:  # requests go on on the new generation
-                assert time.monotonic() < deadline, "the load client stalled after a reload"
-                time.sleep(0.05)
+            load.wait_for_answers(len(load.answers) + 5)  # requests go on on the new generation
     statuses = {status for status, _ in load.answers}
     assert statuses == {200}, [answer for answer in load.answers if answer[0] != 200][:5]
     assert {generation for _, generation in load.answers} >= {1, 2, 3, 4}
