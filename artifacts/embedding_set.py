@@ -24,7 +24,7 @@ import numpy as np
 
 from artifacts.atomic import commit_file, package_version, prepare_out_dir, temp_path_for, write_json_atomic
 from artifacts.files import require_regular_file
-from artifacts.jsonfile import MAX_JSON_BYTES, read_json
+from artifacts.jsonfile import read_json
 
 EMBEDDINGS_MANIFEST = "manifest.json"
 EMBEDDINGS_KIND = "mocoplus.embeddings"
@@ -199,7 +199,7 @@ def withdraw_manifest(out_dir: Path) -> None:
 
 
 def _read_part_record(path: Path) -> dict[str, Any]:
-    return read_json(path, EmbeddingSetError, f"{path}: missing", max_bytes=MAX_JSON_BYTES)
+    return read_json(path, EmbeddingSetError, f"{path}: missing")
 
 
 def part_is_done(out_dir: Path, index: int, expected: dict[str, Any], dim: int) -> bool:

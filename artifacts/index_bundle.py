@@ -19,14 +19,18 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import faiss
 import numpy as np
 
+from artifacts.atomic import sha256_file
 from artifacts.files import read_npy, read_regular_file
 from artifacts.jsonfile import MAX_JSON_BYTES, read_json
 from artifacts.query_vectors import QueryVectorError, query_vector_problem
+
+if TYPE_CHECKING:
+    from artifacts.embedding_set import EmbeddingSet
 
 INDEX_FORMAT = 1
 INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
@@ -181,6 +185,8 @@ class IndexBundle:
         if self.index.d != self.info["dim"]:
             raise IndexBundleError(f"{self.path}: index dimension {self.index.d}, index.json says {self.info['dim']}")
         self._id_of: dict[str, int] | None = None
+        self._embeddings: tuple[tuple[int, int, int], EmbeddingSet | None] | None = None  # `_indexed_embeddings`
+        self._embeddings_lock = threading.Lock()
         self._parameter, self._params = _search_settings(self.info, self.path / INDEX_JSON)
         if gpu:
             self.index = gpu_index(self.index)
@@ -247,19 +253,50 @@ class IndexBundle:
         return self._id_of[key]
 
     def vector_of(self, key: str) -> np.ndarray:
-        """The stored vector for a corpus ``key``: from the embedding set when it is still there, else the index."""
-        row = self.id_of(key)
-        from artifacts.embedding_set import EmbeddingSet, EmbeddingSetError
+        """The stored vector for a corpus ``key``: from the embedding set when it is still the one indexed, else
+        from the index itself."""
+        from artifacts.embedding_set import EmbeddingSetError
 
-        source = self.info.get("embeddings", {}).get("path")
-        if source:
+        row = self.id_of(key)
+        embeddings = self._indexed_embeddings()
+        if embeddings is not None:
             try:
-                embeddings = EmbeddingSet(source)
-                if embeddings.bundle_hash == self.bundle_hash and embeddings.count == self.index.ntotal:
-                    return embeddings.rows(self.rows[row : row + 1])[0]
-            except (EmbeddingSetError, OSError):
+                return embeddings.rows(self.rows[row : row + 1])[0]
+            except (EmbeddingSetError, OSError):  # a part changed behind its manifest's back
                 pass
         return _reconstruct(self.index, row)
+
+    def _indexed_embeddings(self) -> EmbeddingSet | None:
+        """The embedding set this index was built from, while it is still that very set (its manifest's sha256
+        as indexed). Opened once and kept while its manifest file is unchanged: a key search parses no JSON,
+        and a set being re-embedded (its manifest withdrawn or rewritten) is never read for it."""
+        from artifacts.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet, EmbeddingSetError
+
+        recorded = self.info.get("embeddings") or {}
+        if not recorded.get("path"):
+            return None
+        manifest = Path(recorded["path"]) / EMBEDDINGS_MANIFEST
+        try:
+            status = manifest.stat()
+        except OSError:
+            return None
+        stamp = (status.st_ino, status.st_size, status.st_mtime_ns)
+        with self._embeddings_lock:
+            if self._embeddings is None or self._embeddings[0] != stamp:
+                opened: EmbeddingSet | None = None
+                try:
+                    candidate = EmbeddingSet(recorded["path"])
+                    expected = recorded.get("manifest_sha256")
+                    if (
+                        candidate.bundle_hash == self.bundle_hash
+                        and candidate.count == self.index.ntotal
+                        and (not expected or sha256_file(manifest) == expected)
+                    ):
+                        opened = candidate
+                except (EmbeddingSetError, OSError):
+                    pass
+                self._embeddings = (stamp, opened)
+            return self._embeddings[1]
 
     def search_parameters(self, value: int | None) -> tuple[faiss.SearchParameters | None, object]:
         """Per-call parameters for ``nprobe``/``efSearch`` = ``value`` (None: the tuned setting).

@@ -72,6 +72,15 @@ class ServiceConfig:
     watch_s: float | None = None  # poll the bundles every this many seconds and reload when they change
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What `Service.load` read: the bundles, and the fingerprint of the builds the paths named before it."""
+
+    model: ModelBundle
+    index: IndexBundle | None
+    fingerprint: dict[str, Any]
+
+
 class Generation:
     """One loaded (model, index) pair with its batcher: what a request uses from its start to its answer.
 
@@ -81,10 +90,10 @@ class Generation:
     vectors. A retired generation's batcher stops once its last request is done.
     """
 
-    def __init__(self, number: int, model: ModelBundle, index: IndexBundle | None, batcher: MicroBatcher) -> None:
-        self.number, self.model, self.index, self.batcher = number, model, index, batcher
-        self.corpus = Corpus.of(index) if index is not None else None  # its images and class names, for the page
-        self.fingerprint = bundle_fingerprint(model.path, index.path if index is not None else None)
+    def __init__(self, number: int, loaded: Loaded, batcher: MicroBatcher) -> None:
+        self.number, self.model, self.index, self.batcher = number, loaded.model, loaded.index, batcher
+        self.fingerprint = loaded.fingerprint  # taken before loading: a switch during the load is seen next poll
+        self.corpus = Corpus.of(self.index) if self.index is not None else None  # images and class names, for the page
         self.users = 0  # requests pinned to it now
         self.retired = False  # swapped out by a reload: its batcher stops once its last request is done
         self.stopped = False
@@ -133,7 +142,7 @@ class Service:
         limits = config.limits
         self.decodes = Gate("decodes", limits.max_concurrent_decodes, limits.max_waiting)
         self.searches = Gate("searches", limits.max_concurrent_searches, limits.max_waiting)
-        self._loaded: tuple[ModelBundle, IndexBundle | None] | None = None  # by `load`, before the server starts
+        self._loaded: Loaded | None = None  # by `load` (the CLI's, before the server starts), for the next generation
         self._reload_lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._generations = 0
@@ -143,18 +152,20 @@ class Service:
     def load(self) -> None:
         """Load and cross-check the model and index (blocking: run it in a thread); `start` or `reload` serve them."""
         config = self.config
+        fingerprint = bundle_fingerprint(config.model, config.index)
         model = ModelBundle(config.model, provider=config.provider, threads=config.threads, device_id=config.device_id)
         index = IndexBundle(config.index) if config.index else None
         if index is not None:
             index.check_model(model.hash, config.model)
-        self._loaded = (model, index)
+        self._loaded = Loaded(model, index, fingerprint)
 
     async def _next_generation(self) -> Generation:
         """Load (unless `load` just did), start a batcher and run a warm-up batch: ready to swap in."""
         if self._loaded is None:
             await asyncio.to_thread(self.load)
-        assert self._loaded is not None
-        (model, index), self._loaded = self._loaded, None
+        loaded, self._loaded = self._loaded, None
+        assert loaded is not None
+        model = loaded.model
         batcher = MicroBatcher(model.embed, self.config.batcher, self._record_batch)
         await batcher.start()
         try:
@@ -166,7 +177,7 @@ class Service:
         self._generations += 1
         self.metrics.provider.labels(provider=model.session.get_providers()[0]).set(1)
         self.metrics.generation.set(self._generations)
-        return Generation(self._generations, model, index, batcher)
+        return Generation(self._generations, loaded, batcher)
 
     async def start(self) -> None:
         """The first generation; the service is ready once its warm-up batch is done."""
@@ -189,7 +200,7 @@ class Service:
                 return False
             try:
                 fresh = await self._next_generation()
-            except (ValueError, OSError) as error:
+            except Exception as error:  # whatever a bad build raises, the live generation keeps serving
                 self.metrics.reloads.labels(outcome="failed").inc()
                 log.error("reload (%s) failed, generation %d keeps serving: %s", reason, self.live.number, error)
                 return False
@@ -308,8 +319,10 @@ class Service:
             return 1
         return len(payload.vectors) if payload.vectors is not None else len(payload.images)
 
-    async def query_vectors(self, payload: Payload, live: Generation, index: IndexBundle) -> np.ndarray:
-        """The search queries as vectors (`query_count` has checked the payload)."""
+    async def query_vectors(self, payload: Payload, live: Generation) -> np.ndarray:
+        """The search queries as vectors (`query_count` has checked the payload, `search` that there is an index)."""
+        index = live.index
+        assert index is not None
         if payload.key is not None:
             try:
                 return index.vector_of(payload.key)[None, :]
@@ -349,7 +362,7 @@ class Service:
                     raise RequestError(422, f"{name!r} does not apply to this {index.info['index_kind']} index")
             effort = int_field(payload, effort_name, None, 1, limits.max_effort)
             self.check_work(index, self.query_count(payload), k, effort_name, effort)
-            vectors = await self.query_vectors(payload, live, index)
+            vectors = await self.query_vectors(payload, live)
             async with self.searches.slot():
                 started = time.perf_counter()
                 try:

@@ -281,3 +281,30 @@ def test_special_files_named_like_parts_are_not_done_and_never_block(
     result = embed(bundle, str(fashion_test_shards), out, EmbedConfig(workers=0), **QUIET)
     assert result.parts_written == 1 and result.complete
     assert (out / name).is_file() and not (out / name).is_symlink()
+
+
+def test_key_vectors_come_from_the_indexed_set_opened_once_until_its_manifest_changes(
+    bundle, fashion_shards, tmp_path, monkeypatch
+):
+    import artifacts.embedding_set as contract
+    from artifacts.index_bundle import IndexBundle
+
+    emb, index_path = _indexed_set(bundle, fashion_shards, tmp_path)
+    index = IndexBundle(index_path)
+    opened: list[object] = []
+    real_init = contract.EmbeddingSet.__init__
+
+    def counting_init(self, path) -> None:
+        opened.append(path)
+        real_init(self, path)
+
+    embeddings = contract.EmbeddingSet(emb)
+    row_of = {key: row for row, key in enumerate(embeddings.keys_and_labels()[0])}
+    monkeypatch.setattr(contract.EmbeddingSet, "__init__", counting_init)
+    for key in index.keys[:20]:  # a key search parses no JSON once the set is open
+        np.testing.assert_array_equal(index.vector_of(key), embeddings.rows(np.array([row_of[key]]))[0])
+    assert len(opened) == 1
+    manifest = json.loads((emb / MANIFEST).read_text())
+    (emb / MANIFEST).write_text(json.dumps({**manifest, "note": "rewritten"}))  # no longer the set indexed
+    assert index._indexed_embeddings() is None and len(opened) == 2
+    assert index.vector_of(index.keys[0]).shape == (ModelBundle(bundle).dim,)  # from the index itself
