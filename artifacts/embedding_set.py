@@ -7,6 +7,12 @@ The index builder reads it in chunks, so memory stays bounded by one part and
 never by the corpus; the search command reads single rows by id to turn a
 ``key:...`` query into its vector. Row ids are global: the parts in manifest
 order, rows in part order — the ids the index stores.
+
+A set embedded from an updated shard set (`mocoplus ingest --update`) carries
+its removals: each part lists, under ``removed``, the keys of its rows that a
+later generation removed. Those rows stay in the part (parts are never
+rewritten for a removal) but are dead: `live_rows` leaves them out, and the
+index builder never indexes them.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class EmbeddingPart:
     count: int
     source: str = ""  # the shard it was embedded from
     keys_sha256: str | None = None  # of its keys as the manifest saw them (None in sets made before it was recorded)
+    removed: frozenset[str] = frozenset()  # keys of its rows that a later generation of the shard set removed
 
     @property
     def stop(self) -> int:
@@ -65,7 +72,8 @@ class EmbeddingSet:
         start = 0
         for entry in self.manifest["parts"]:
             source, keys_sha256 = str(entry.get("source", "")), entry.get("keys_sha256")
-            self.parts.append(EmbeddingPart(entry["part"], start, int(entry["count"]), source, keys_sha256))
+            removed = frozenset(str(key) for key in entry.get("removed", []))
+            self.parts.append(EmbeddingPart(entry["part"], start, int(entry["count"]), source, keys_sha256, removed))
             start += int(entry["count"])
         self._checked: set[str] = set()  # parts whose JSON was found to match the manifest
         if start != self.manifest["samples"]:
@@ -80,6 +88,25 @@ class EmbeddingSet:
     @property
     def dim(self) -> int:
         return int(self.manifest["dim"])
+
+    @property
+    def live_count(self) -> int:
+        return self.count - sum(len(part.removed) for part in self.parts)
+
+    def live_rows(self) -> np.ndarray:
+        """Row ids of the samples not removed since they were embedded, in id order."""
+        if not any(part.removed for part in self.parts):
+            return np.arange(self.count, dtype=np.int64)
+        dead = [
+            part.start + position
+            for part in self.parts
+            if part.removed
+            for position, key in enumerate(self.record(part)["keys"])
+            if key in part.removed
+        ]
+        keep = np.ones(self.count, dtype=bool)
+        keep[np.asarray(dead, dtype=np.int64)] = False
+        return np.flatnonzero(keep).astype(np.int64)
 
     @property
     def bundle_hash(self) -> str:
@@ -202,6 +229,21 @@ def _read_part_record(path: Path) -> dict[str, Any]:
     return read_json(path, EmbeddingSetError, f"{path}: missing")
 
 
+def embedded_with(out_dir: Path) -> str | None:
+    """The model bundle hash of what ``out_dir`` holds: its manifest's, else its parts' when they agree."""
+    try:
+        return str(read_json(Path(out_dir) / EMBEDDINGS_MANIFEST, EmbeddingSetError, "missing")["bundle_hash"])
+    except (EmbeddingSetError, OSError, KeyError):
+        pass
+    hashes = set()
+    for path in sorted(Path(out_dir).glob("part-*.json")):
+        try:
+            hashes.add(str(_read_part_record(path).get("bundle_hash")))
+        except (EmbeddingSetError, OSError):
+            continue
+    return hashes.pop() if len(hashes) == 1 else None
+
+
 def part_is_done(out_dir: Path, index: int, expected: dict[str, Any], dim: int) -> bool:
     """A part is done when its JSON (written last) holds ``expected``'s fields and its matrix fits [count, dim].
 
@@ -236,16 +278,28 @@ def write_part(out_dir: Path, index: int, matrix: np.ndarray, record: dict[str, 
     write_json_atomic(out_dir / f"{part_name(index)}.json", record)
 
 
-def write_manifest(out_dir: Path, urls: list[str], source: tuple[str, str, bool], dim: int, dtype: str) -> None:
-    """The manifest over finished parts, written last; ``source`` is (model path, bundle hash, normalized)."""
+def write_manifest(
+    out_dir: Path,
+    urls: list[str],
+    source: tuple[str, str, bool],
+    dim: int,
+    dtype: str,
+    dead: dict[str, frozenset[str]] | None = None,
+) -> None:
+    """The manifest over finished parts, written last; ``source`` is (model path, bundle hash, normalized).
+
+    ``dead`` (shard url → keys a later generation removed) marks each part's removed rows.
+    """
     model, hash_, normalized = source
     parts = []
     for index, url in enumerate(urls):
         record = _read_part_record(out_dir / f"{part_name(index)}.json")
-        parts.append(
-            {"part": part_name(index), "source": url, "count": record["count"], "skipped": len(record["skipped"]),
-             "keys_sha256": keys_digest(record["keys"])}
-        )  # fmt: skip
+        entry = {"part": part_name(index), "source": url, "count": record["count"], "skipped": len(record["skipped"]),
+                 "keys_sha256": keys_digest(record["keys"])}  # fmt: skip
+        removed = (dead or {}).get(url)
+        if removed:
+            entry["removed"] = [key for key in record["keys"] if key in removed]
+        parts.append(entry)
     samples = sum(part["count"] for part in parts)
     skipped = sum(part["skipped"] for part in parts)
     manifest = {
@@ -258,6 +312,7 @@ def write_manifest(out_dir: Path, urls: list[str], source: tuple[str, str, bool]
         "dtype": dtype,
         "normalized": normalized,
         "samples": samples,
+        "live": samples - sum(len(part.get("removed", ())) for part in parts),
         "skipped": skipped,
         "inputs": samples + skipped,
         "parts": parts,

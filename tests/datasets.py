@@ -56,3 +56,48 @@ def write_image(path: Path, *, size: tuple[int, int] = (24, 20), mode: str = "RG
     path.parent.mkdir(parents=True, exist_ok=True)
     noise_image(size, mode, seed).save(path, **save)
     return path
+
+
+class PhotoFolder:
+    """A catalogue folder of real images that changes like a user's: Fashion-MNIST rows as PNGs in class folders.
+
+    Image ``i`` of the slice's train split is ``ROOT/<class>/img<i>.png``; `add`,
+    `remove` and `overwrite` change the folder as a day of new, deleted and
+    re-shot photos would (an overwrite puts another image's pixels at the same path).
+    """
+
+    def __init__(self, slice_dir: Path, root: Path) -> None:
+        from pipeline.data.fashion_mnist import CLASS_NAMES
+
+        data = load_split(slice_dir, "train")
+        self.pixels, self.labels, self.root = data.images, data.labels, root
+        self.classes = [name.replace("/", "-").replace(" ", "_") for name in CLASS_NAMES]
+        self.shown: dict[int, int] = {}  # image number → the slice row its file shows now
+
+    def path(self, number: int) -> Path:
+        return self.root / self.classes[int(self.labels[number])] / f"img{number:04d}.png"
+
+    def key(self, number: int) -> str:
+        return f"{self.classes[int(self.labels[number])]}/img{number:04d}"
+
+    def add(self, numbers) -> None:
+        for number in numbers:
+            self._write(number, number)
+
+    def remove(self, numbers) -> None:
+        for number in numbers:
+            self.path(number).unlink()
+            del self.shown[number]
+
+    def overwrite(self, numbers, rows) -> None:
+        for number, row in zip(numbers, rows, strict=True):
+            self._write(number, row)
+
+    def _write(self, number: int, row: int) -> None:
+        path = self.path(number)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(self.pixels[row]).save(path)
+        self.shown[number] = row
+
+    def live_keys(self) -> set[str]:
+        return {self.key(number) for number in self.shown}

@@ -89,7 +89,13 @@ def test_labelled_folder(labelled_folder, tmp_path):
     assert manifest.labelled
     assert (manifest.inputs, manifest.written, manifest.skipped) == (10, 10, ())
     assert read_manifest(out) == manifest
-    assert json.loads((out / MANIFEST_NAME).read_text())["counts"] == {"inputs": 10, "written": 10, "skipped": 0}
+    assert json.loads((out / MANIFEST_NAME).read_text())["counts"] == {
+        "inputs": 10,
+        "written": 10,
+        "removed": 0,
+        "live": 10,
+        "skipped": 0,
+    }
 
     expected_keys = [f"{name}/img{index}" for name in ("bag", "shoe") for index in range(5)]
     samples = tar_samples(out)
@@ -555,7 +561,7 @@ def test_other_input_into_a_finished_folder_needs_overwrite(labelled_folder, tmp
     replaced = run(tmp_path / "other", out, overwrite=True)
     assert not replaced.up_to_date
     assert replaced.manifest.written == 1
-    assert sorted(stats(out)) == [MANIFEST_NAME, "shard-000000.tar"]
+    assert sorted(stats(out)) == ["inputs-000000.json", MANIFEST_NAME, "shard-000000.tar"]
     assert list(tar_samples(out)) == ["only"]
 
 

@@ -226,6 +226,7 @@ def test_wrong_but_consistent_manifest_count_is_a_count_problem(shard_set: Path)
         manifest["shards"][0]["count"] = 4
         manifest["counts"].update(inputs=11, written=11)
         manifest["source"]["inputs"] = 11
+        manifest["generations"][0]["added"] = 11
 
     edit_manifest(shard_set, undercount)
 

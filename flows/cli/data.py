@@ -22,6 +22,8 @@ commands = typer.Typer()
         "Examples:\n\n"
         "  mocoplus ingest fashion-mnist:train --out shards/fmnist-train\n\n"
         "  mocoplus ingest ~/photos --out shards/photos --format jpg --max-side 512 --shard-size 2000\n\n"
+        "  mocoplus ingest ~/photos --out shards/photos --format jpg --max-side 512 --shard-size 2000 --update"
+        "   # a day later: new, changed and removed photos\n\n"
         "  mocoplus ingest images.csv --out shards/listed   # CSV with a 'path' and an optional 'label' column"
     ),
 )
@@ -57,6 +59,13 @@ def ingest_command(
     workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
     name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = IngestConfig.name,
     overwrite: Annotated[bool, typer.Option(help="Replace a shard set made from other input.")] = False,
+    update: Annotated[
+        bool,
+        typer.Option(
+            help="Bring a finished set up to date with its source: new and changed inputs go into new shards, "
+            "removed ones are recorded (existing shards are never rewritten)."
+        ),
+    ] = False,
     progress: Annotated[bool, progress_option()] = True,
 ) -> None:
     """Write images as WebDataset shards with a manifest; bad inputs are skipped and listed, never fatal."""
@@ -72,6 +81,7 @@ def ingest_command(
         max_file_bytes=byte_size(max_file_bytes),
         name=name,
         overwrite=overwrite,
+        update=update,
         **settings,
     )
     result = ingest(source, out, config, progress=progress)
@@ -89,12 +99,15 @@ def ingest_command(
     state = "already up to date" if result.up_to_date else f"{result.images_per_s:,.0f} inputs/s"
     if result.resumed_inputs and not result.up_to_date:
         state += f" (resumed after {result.resumed_inputs:,} inputs)"
+    generation = len(manifest.generations) - 1
+    if generation > 0 and not result.up_to_date:
+        state = f"generation {generation}: +{result.added:,} added, −{result.removed:,} removed · {state}"
     console.print(
-        f"{manifest.inputs:,} inputs → {manifest.written:,} samples in {len(manifest.shards)} shards "
+        f"{manifest.inputs:,} inputs → {manifest.live:,} samples in {len(manifest.shards)} shards "
         f"({size:,.1f} MiB) · {len(manifest.skipped):,} skipped · {state} · {result.out_dir / 'manifest.json'}",
         highlight=False,
     )
-    if manifest.written == 0:
+    if manifest.live == 0:
         raise fail(f"nothing usable was written: all {manifest.inputs:,} inputs were skipped")
 
 

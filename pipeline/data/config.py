@@ -25,7 +25,11 @@ def _default_workers() -> int:
 
 @dataclass(frozen=True)
 class IngestConfig:
-    """How to write the shards. Only ``output_options`` (not workers or overwrite) affects the bytes."""
+    """How to write the shards. Only ``output_options`` (not workers, overwrite or update) affects the bytes.
+
+    ``update``: bring a finished set made from an earlier state of the source up
+    to date (new shards for new and changed inputs, removed keys recorded).
+    """
 
     shard_size: int = 5000
     shard_bytes: int = 512 * 2**20
@@ -36,6 +40,7 @@ class IngestConfig:
     name: str = "shard"
     workers: int = field(default_factory=_default_workers)
     overwrite: bool = False
+    update: bool = False
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.shard_bytes < 1:

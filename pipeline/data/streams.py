@@ -224,6 +224,7 @@ class _TrainEpoch(IterableDataset):
         pipeline = wds.DataPipeline(
             _resampled_urls(stream.urls, random.Random(seed)),
             wds.tarfile_to_samples(handler=failures.handler),
+            wds.select(_as_shard_list(stream.shards).keeps),  # samples removed by a later generation are skipped
             wds.shuffle(config.shuffle_buffer, initial=min(config.shuffle_buffer, 100), rng=random.Random(seed + 1)),
             partial_stage(
                 _crop_views, augment=augment, small=small, generator=generator, failures=failures, config=config
@@ -348,6 +349,7 @@ class _EvalPass(IterableDataset):
         pipeline = wds.DataPipeline(
             lambda: iter([{"url": url} for url in urls]),  # a list would be read as a list of stages
             wds.tarfile_to_samples(handler=failures.handler),
+            wds.select(_as_shard_list(stream.shards).keeps),
             partial_stage(_decode_eval, stream=stream, failures=failures),
             wds.batched(config.batch_size, collation_fn=_collate_eval, partial=True),
         )

@@ -7,6 +7,10 @@ an integer label among the classes, keys are unique across the set, and,
 unless ``quick``, every image decodes under the same rules ingest applied.
 The folder must hold no tar the manifest does not list (a shard dropped from
 the manifest would otherwise pass as "ok" while its samples sit unread).
+In a set that grew by updates, every generation is checked too: its input
+list matches its sha256 and names exactly the keys its shards hold, and every
+key it removes is a live sample of an earlier generation; a key may come back
+only after it was removed (a changed file keeps its key).
 Problems are collected, not raised: the report names every bad shard and
 sample, and the command exits non-zero when there is any.
 """
@@ -22,6 +26,7 @@ from webdataset.tariterators import base_plus_ext
 from artifacts.atomic import sha256_file
 from artifacts.images import InvalidImageError, decode_image
 from artifacts.shard_set import IMAGE_EXTENSIONS, ShardRecord, ShardSetManifest, read_manifest
+from pipeline.data.generations import read_inputs
 from pipeline.progress import stage_progress
 
 
@@ -55,7 +60,8 @@ def verify(folder: Path, *, quick: bool = False, progress: bool = True) -> Verif
     folder = Path(folder)
     manifest = read_manifest(folder)
     report = VerifyReport()
-    seen_keys: dict[str, str] = {}
+    seen_keys: dict[str, tuple[str, int]] = {}  # key → (shard, generation) of its latest sample
+    held: dict[int, set[str]] = {}  # generation → the keys its shards hold
     listed = {record.name for record in manifest.shards}
     report.problems.extend(
         Problem(path.name, None, "a tar file the manifest does not list (removed from it, or left by another ingest)")
@@ -66,9 +72,43 @@ def verify(folder: Path, *, quick: bool = False, progress: bool = True) -> Verif
         task = bar.task("verify", total=manifest.written, unit="samples")
         for record in manifest.shards:
             report.shards += 1
-            report.problems.extend(_check_shard(folder, record, manifest, quick, seen_keys, report))
+            keys = held.setdefault(record.generation, set())
+            report.problems.extend(_check_shard(folder, record, manifest, quick, seen_keys, keys, report))
             bar.update(task, completed=report.samples, status=f"{len(report.problems)} problems")
+    damaged = {shard.generation for shard in manifest.shards if any(p.shard == shard.name for p in report.problems)}
+    report.problems.extend(_check_generations(folder, manifest, held, damaged))
     return report
+
+
+def _check_generations(
+    folder: Path, manifest: ShardSetManifest, by_generation: dict[int, set[str]], damaged: set[int]
+) -> list[Problem]:
+    """Each generation's input list and removals against the keys its shards hold (where those shards are sound:
+    a damaged shard's keys are its problem, already reported)."""
+    problems: list[Problem] = []
+    live: set[str] = set()
+    for record in manifest.generations:
+        where = f"generation {record.generation}"
+        for key in record.removed:
+            if key not in live:
+                problems.append(Problem(where, key, "removed, but no earlier generation holds it live"))
+        live -= set(record.removed)
+        if record.inputs_file is None:
+            live |= by_generation.get(record.generation, set())
+            continue
+        try:
+            inputs = read_inputs(folder, record.inputs_file, record.inputs_sha256)
+        except (OSError, ValueError) as error:
+            problems.append(Problem(where, None, f"input list unreadable: {error}"))
+            continue
+        listed = {item.key for item in inputs if item.key is not None}
+        held = by_generation.get(record.generation, set())
+        if listed != held and record.generation not in damaged:
+            problems.append(
+                Problem(where, None, f"its input list names {len(listed):,} keys, its shards hold {len(held):,} others")
+            )
+        live |= held
+    return problems
 
 
 def _check_shard(
@@ -76,7 +116,8 @@ def _check_shard(
     record: ShardRecord,
     manifest: ShardSetManifest,
     quick: bool,
-    seen_keys: dict[str, str],
+    seen_keys: dict[str, tuple[str, int]],
+    held: set[str],
     report: VerifyReport,
 ) -> list[Problem]:
     path = folder / record.name
@@ -96,11 +137,17 @@ def _check_shard(
         problems.append(Problem(record.name, None, f"holds {len(samples)} samples, the manifest says {record.count}"))
     for key, fields in samples:
         report.samples += 1
-        if key in seen_keys:
-            problems.append(Problem(record.name, key, f"duplicate key (also in {seen_keys[key]})"))
-        seen_keys[key] = record.name
+        if key in seen_keys and not _removed_between(manifest, key, seen_keys[key][1], record.generation):
+            problems.append(Problem(record.name, key, f"duplicate key (also in {seen_keys[key][0]})"))
+        seen_keys[key] = (record.name, record.generation)
+        held.add(key)
         problems.extend(_check_sample(record.name, key, fields, manifest, quick, report))
     return problems
+
+
+def _removed_between(manifest: ShardSetManifest, key: str, earlier: int, later: int) -> bool:
+    """Whether ``key`` of generation ``earlier`` was removed by the time generation ``later`` wrote it again."""
+    return any(key in record.removed for record in manifest.generations[earlier + 1 : later + 1])
 
 
 def _read_samples(path: Path) -> list[tuple[str, dict[str, bytes]]]:

@@ -18,6 +18,11 @@ Whichever process finds every part complete writes ``manifest.json``; a
 process with parts to write withdraws it first, so a set whose parts are
 being replaced (or were, by a run killed half-way) never reads as complete,
 and the reader checks each part's source shard and keys against the manifest.
+
+An updated shard set (`mocoplus ingest --update`) needs the same command and
+no more: its old shards' parts are done, its new shards become new parts, and
+the manifest is rewritten with each part's removed keys. A folder that holds
+another model's embeddings is refused: one set never mixes two models.
 """
 
 from __future__ import annotations
@@ -33,7 +38,15 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from artifacts.atomic import prepare_out_dir, sweep_stale_temps
-from artifacts.embedding_set import absolute_source, part_is_done, withdraw_manifest, write_manifest, write_part
+from artifacts.embedding_set import (
+    EmbeddingSetError,
+    absolute_source,
+    embedded_with,
+    part_is_done,
+    withdraw_manifest,
+    write_manifest,
+    write_part,
+)
 from artifacts.images import InvalidImageError, fit_square
 from artifacts.model_bundle import ModelBundle
 from artifacts.shard_set import resolve_shards
@@ -146,6 +159,12 @@ def embed(
     bundle = ModelBundle(model_dir, provider=config.provider, threads=config.threads, spin=config.workers == 0)
     shard_list = resolve_shards(shards)
     out_dir = prepare_out_dir(Path(out_dir))
+    held = embedded_with(out_dir)
+    if held is not None and held != bundle.hash:
+        raise EmbeddingSetError(
+            f"{out_dir} holds embeddings of model bundle {held[:12]}, not of {model_dir} ({bundle.hash[:12]}): "
+            "one set never mixes two models; choose another --out, or remove that folder first"
+        )
     sweep_stale_temps(out_dir)  # half-written parts of a killed run (of this host; shares elsewhere are not touched)
     # local shards by absolute path: the set's readers (corpus images for grids and the service) run elsewhere
     urls = [absolute_source(url) for url in shard_list.urls]
@@ -192,5 +211,6 @@ def embed(
     if complete:
         dtype = "float16" if config.fp16 else "float32"
         source = (str(Path(bundle.path).resolve()), bundle.hash, bundle.info["output"]["normalized"])
-        write_manifest(out_dir, urls, source, bundle.dim, dtype)
+        dead = {absolute_source(url): keys for url, keys in shard_list.dead.items()}
+        write_manifest(out_dir, urls, source, bundle.dim, dtype, dead)
     return EmbedResult(out_dir, written, len(mine) - len(todo), samples, skipped_samples, complete)

@@ -27,7 +27,9 @@ class SourceItem:
     """One input: its shard key, integer label (None when unlabelled) and origin (a path or ``train[17]``).
 
     ``path`` is set for files (read by the ingest worker), ``index`` for rows
-    of an in-memory array source.
+    of an in-memory array source. ``signature`` changes when the input does
+    (a file's size and modification time, with its label where a list gives
+    one): what `mocoplus ingest --update` compares to find changed inputs.
     """
 
     key: str
@@ -35,6 +37,7 @@ class SourceItem:
     origin: str
     path: str | None = None
     index: int | None = None
+    signature: str = ""
 
 
 @dataclass

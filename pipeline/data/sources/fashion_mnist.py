@@ -35,11 +35,17 @@ def fashion_mnist_source(spec: str, directory: Path | None = None) -> Source:
     for name in splits:
         data = load_split(folder, name)  # type: ignore[arg-type]
         arrays.append(data.images)
+        files = [f"{path.name}\t{file_signature(path)}" for path in split_paths(folder, name)]  # type: ignore[arg-type]
+        signature = fingerprint(files)[:16]  # a row changes only with its split's files
         for index, label in enumerate(data.labels.tolist()):
             key = f"{name}_{index:05d}"
-            items.append(SourceItem(key=key, label=int(label), origin=f"{name}[{index}]", index=offset + index))
+            items.append(
+                SourceItem(
+                    key=key, label=int(label), origin=f"{name}[{index}]", index=offset + index, signature=signature
+                )
+            )
         offset += len(data)
-        signatures.extend(f"{path.name}\t{file_signature(path)}" for path in split_paths(folder, name))  # type: ignore[arg-type]
+        signatures.extend(files)
     pixels = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
     return Source(FASHION_MNIST, spec, items, CLASS_NAMES, fingerprint(signatures), pixels=pixels)
 

@@ -43,7 +43,8 @@ def folder_source(root: Path) -> Source:
     signatures: list[str] = [f"{item.input}\t{item.reason}" for item in rejected]
     for path in paths:
         relative = path.relative_to(root).as_posix()
-        signatures.append(f"{relative}\t{file_signature(path)}")
+        signature = file_signature(path)
+        signatures.append(f"{relative}\t{signature}")
         top = relative.split("/", 1)[0]
         if not path.exists():
             rejected.append(SkippedInput(relative, "unreadable: a broken link, or the file vanished"))
@@ -56,7 +57,7 @@ def folder_source(root: Path) -> Source:
         else:
             label = class_index[top] if class_names is not None else None
             key = make_key(relative[: -len(path.suffix)], used)
-            items.append(SourceItem(key=key, label=label, origin=relative, path=str(path)))
+            items.append(SourceItem(key=key, label=label, origin=relative, path=str(path), signature=signature))
     signatures.append(f"classes\t{class_names}")
     return Source("folder", str(root.resolve()), items, class_names, fingerprint(signatures), rejected)
 

@@ -65,12 +65,13 @@ def list_source(list_path: Path) -> Source:
     for name, label, where in rows:
         path = Path(name) if Path(name).is_absolute() else base / name
         origin = f"{name} ({where})"
-        signatures.append(f"{name}\t{label}\t{file_signature(path)}")
+        signature = f"{label}\t{file_signature(path)}"
+        signatures.append(f"{name}\t{signature}")
         if not path.is_file():
             rejected.append(SkippedInput(origin, "file not found" if not path.exists() else "not a regular file"))
             continue
         label_id = None if label is None else (int(label) if numeric else class_index[label])
         relative = os.path.relpath(path, base) if not Path(name).is_absolute() else name
         key = make_key(relative[: -len(path.suffix)] if path.suffix else relative, used)
-        items.append(SourceItem(key=key, label=label_id, origin=origin, path=str(path)))
+        items.append(SourceItem(key=key, label=label_id, origin=origin, path=str(path), signature=signature))
     return Source("list", str(list_path.resolve()), items, class_names, fingerprint(signatures), rejected)
