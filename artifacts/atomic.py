@@ -177,6 +177,18 @@ def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
         raise
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path`` and rename it: readers never see half a file."""
+    path = Path(path)
+    temp = temp_path_for(path)
+    try:
+        temp.write_text(text)
+        commit_file(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
 def sha256_file(path: Path, chunk_size: int = 1 << 20) -> str:
     """The hex sha256 of a file's bytes, read in chunks (shards can be gigabytes)."""
     digest = hashlib.sha256()

@@ -2,8 +2,13 @@
 
 An index bundle is ``index.faiss`` (the FAISS index), ``keys.json`` (id →
 sample key), ``labels.npy`` (id → label, −1 for none), ``rows.npy`` (id → row
-of the embedding set) and ``index.json`` (factory string, metric, tuned search
-parameter, measured recall@k and QPS, build times, the model bundle hash).
+of the embedding set), ``index.json`` (factory string, metric, tuned search
+parameter, measured recall@k and QPS, build times, the model bundle hash) and,
+in a version made by ``mocoplus index --update``, ``deleted.npy``: the ids of
+removed samples, which every search filters out in FAISS itself (an
+``IDSelectorBitmap`` of live ids, so the top k are k live hits). A bundle
+folder holds versions of these (`artifacts.index_versions`); readers open the
+current one unless asked for another.
 The search CLI and the service open bundles through `IndexBundle`, so both
 refuse an index made with another model, read the index memory-mapped where
 FAISS can (flat codes and IVF lists are then paged in on demand, not loaded),
@@ -26,6 +31,7 @@ import numpy as np
 
 from artifacts.atomic import sha256_file
 from artifacts.files import read_npy, read_regular_file
+from artifacts.index_versions import resolve_version
 from artifacts.jsonfile import MAX_JSON_BYTES, read_json
 from artifacts.query_vectors import QueryVectorError, query_vector_problem
 
@@ -35,6 +41,7 @@ if TYPE_CHECKING:
 INDEX_FORMAT = 1
 INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
 ROWS_FILE = "rows.npy"  # index id → row of the embedding set it came from
+DELETED_FILE = "deleted.npy"  # ids of removed samples, kept in the index but never returned
 INDEX_KIND = "mocoplus.index"
 SEARCH_PARAMETERS = ("nprobe", "efSearch")  # what index.json's "search" may tune: IVF's and HNSW's
 FAISS_DEFAULTS = {"nprobe": 1, "efSearch": 16}
@@ -162,10 +169,15 @@ def read_index_json(path: Path) -> dict[str, Any]:
 
 
 class IndexBundle:
-    """A loaded index bundle: the FAISS index, its id → key/label maps, and its description."""
+    """A loaded index bundle: the FAISS index, its id → key/label maps, and its description.
 
-    def __init__(self, path: Path | str, *, gpu: bool = False, mmap: bool = True) -> None:
-        self.path = Path(path)
+    ``path`` is a bundle folder (its current version is opened, or ``version``)
+    or one version's folder; `path` is then the version folder read.
+    """
+
+    def __init__(self, path: Path | str, *, gpu: bool = False, mmap: bool = True, version: int | None = None) -> None:
+        self.root = Path(path)
+        self.path = resolve_version(self.root, version)
         self.info = read_index_json(self.path)
         self.index = _read_faiss(self.path / INDEX_FILE, mmap)
         try:
@@ -176,12 +188,17 @@ class IndexBundle:
             raise IndexBundleError(f"{self.path}: id map unreadable ({str(error)[:200]})") from None
         if not isinstance(self.keys, list):
             raise IndexBundleError(f"{self.path}: id map unreadable ({KEYS_FILE} is not a list)")
-        if not (len(self.keys) == len(self.labels) == len(self.rows) == self.index.ntotal == self.info["count"]):
+        self.deleted = _read_deleted(self.path, self.index.ntotal)
+        live = self.index.ntotal - len(self.deleted)
+        if not (
+            len(self.keys) == len(self.labels) == len(self.rows) == self.index.ntotal and live == self.info["count"]
+        ):
             raise IndexBundleError(
-                f"{self.path}: {self.index.ntotal} vectors, {len(self.keys)} keys, {len(self.labels)} labels, "
-                f"{len(self.rows)} rows, "
+                f"{self.path}: {self.index.ntotal} vectors ({len(self.deleted)} deleted), {len(self.keys)} keys, "
+                f"{len(self.labels)} labels, {len(self.rows)} rows, "
                 f"index.json says {self.info['count']}: the bundle is damaged"
             )
+        self._selector = live_selector(self.deleted, self.index.ntotal)
         if self.index.d != self.info["dim"]:
             raise IndexBundleError(f"{self.path}: index dimension {self.index.d}, index.json says {self.info['dim']}")
         self._id_of: dict[str, int] | None = None
@@ -206,6 +223,17 @@ class IndexBundle:
     @property
     def dim(self) -> int:
         return int(self.info["dim"])
+
+    @property
+    def count(self) -> int:
+        """Searchable vectors: those indexed minus the removed ones."""
+        return int(self.info["count"])
+
+    @property
+    def version(self) -> int | None:
+        """This version's number in its bundle folder (None: a bundle built before versions)."""
+        value = self.info.get("index_version")
+        return value if isinstance(value, int) else None
 
     @property
     def metric(self) -> str:
@@ -247,9 +275,10 @@ class IndexBundle:
 
     def id_of(self, key: str) -> int:
         if self._id_of is None:
-            self._id_of = {key: position for position, key in enumerate(self.keys)}
+            removed = set(self.deleted.tolist())
+            self._id_of = {key: position for position, key in enumerate(self.keys) if position not in removed}
         if key not in self._id_of:
-            raise KeyError(f"no sample with key {key!r} in index {self.path}")
+            raise KeyError(f"no sample with key {key!r} in index {self.root}")
         return self._id_of[key]
 
     def vector_of(self, key: str) -> np.ndarray:
@@ -289,7 +318,7 @@ class IndexBundle:
                     expected = recorded.get("manifest_sha256")
                     if (
                         candidate.bundle_hash == self.bundle_hash
-                        and candidate.count == self.index.ntotal
+                        and (not len(self.rows) or int(self.rows.max()) < candidate.count)
                         and (not expected or sha256_file(manifest) == expected)
                     ):
                         opened = candidate
@@ -299,29 +328,23 @@ class IndexBundle:
             return self._embeddings[1]
 
     def search_parameters(self, value: int | None) -> tuple[faiss.SearchParameters | None, object]:
-        """Per-call parameters for ``nprobe``/``efSearch`` = ``value`` (None: the tuned setting).
+        """Per-call parameters: ``nprobe``/``efSearch`` = ``value`` (None: the tuned setting), and the live-id
+        filter of a bundle with removed samples.
 
         Unlike `set_search_parameter`, these leave the index untouched, so concurrent
         requests with different overrides do not race. The second item keeps the inner
         parameters alive while FAISS holds a pointer to them.
         """
-        if value is None:
+        if value is not None:
+            if self.search_parameter is None:
+                raise IndexBundleError(f"a {self.info['index_kind']} index is exact: it has no search parameter to set")
+            if value < 1:
+                raise IndexBundleError(f"{self.search_parameter} must be >= 1; got {value}")
+        if value is None and self._selector is None:
             return None, None
-        if self.search_parameter is None:
-            raise IndexBundleError(f"a {self.info['index_kind']} index is exact: it has no search parameter to set")
-        if value < 1:
-            raise IndexBundleError(f"{self.search_parameter} must be >= 1; got {value}")
-        if self.search_parameter == "nprobe":
-            inner = faiss.SearchParametersIVF()
-            inner.nprobe = int(value)
-        else:
-            inner = faiss.SearchParametersHNSW()
-            inner.efSearch = int(value)
-        if isinstance(self.index, faiss.IndexPreTransform):
-            outer = faiss.SearchParametersPreTransform()
-            outer.index_params = inner
-            return outer, inner
-        return inner, inner
+        return search_parameters_for(
+            self.index, self.search_parameter, value if value is not None else self._setting, self._selector
+        )
 
     def search(self, vectors: np.ndarray, k: int, effort: int | None = None) -> list[list[Hit]]:
         """Top-``k`` hits for each row of ``vectors`` (float32 ``[N, dim]``), best first.
@@ -339,11 +362,14 @@ class IndexBundle:
                 raise QueryVectorError(f"query vector {row}: {problem}")
         if k < 1:
             raise ValueError(f"k must be >= 1; got {k}")
-        count = min(k, self.index.ntotal)
+        count = min(k, self.count)
+        if not count:
+            return [[] for _ in vectors]
         if self._per_call:
             params, _keep = self.search_parameters(effort)
             scores, ids = self.index.search(vectors, count, params=params)
-        else:
+        else:  # replicas take no per-call filter: ask for enough extra hits to drop the removed ones
+            count = min(count + len(self.deleted), self.index.ntotal)
             self.search_parameters(effort)  # checks the override
             with self._lock:
                 if effort is not None:
@@ -357,15 +383,69 @@ class IndexBundle:
             raise QueryVectorError("the scores of these query vectors overflow float32; send vectors of norm about 1")
         if self.metric == "l2":
             scores = -scores
+        if len(self.deleted) and not self._per_call:
+            ids = np.where(np.isin(ids, self.deleted), -1, ids)
         return [
             [
                 Hit(rank, int(i), self.keys[i], int(self.labels[i]), float(score))
                 for rank, (i, score) in enumerate(
                     ((i, s) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0), 1
                 )
+                if rank <= k
             ]
             for row_ids, row_scores in zip(ids, scores, strict=True)
         ]
+
+
+def search_parameters_for(
+    index: faiss.Index, parameter: str | None, value: int | None, selector: faiss.IDSelector | None
+) -> tuple[faiss.SearchParameters, object]:
+    """Per-call parameters for ``index``: ``parameter`` = ``value`` (when both are set) and the id filter
+    ``selector`` (when set), wrapped for an OPQ pre-transform; and what must stay alive while FAISS uses them."""
+    if parameter == "nprobe":
+        inner = faiss.SearchParametersIVF()
+        if value is not None:
+            inner.nprobe = int(value)
+    elif parameter == "efSearch":
+        inner = faiss.SearchParametersHNSW()
+        if value is not None:
+            inner.efSearch = int(value)
+    else:
+        inner = faiss.SearchParameters()
+    if selector is not None:
+        inner.sel = selector
+    if isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
+        outer = faiss.SearchParametersPreTransform()
+        outer.index_params = inner
+        return outer, (inner, selector)
+    return inner, (inner, selector)
+
+
+def live_selector(deleted: np.ndarray, total: int) -> faiss.IDSelector | None:
+    """An id filter that passes every id in [0, total) except ``deleted`` (None when nothing is deleted)."""
+    if not len(deleted):
+        return None
+    alive = np.ones(total, dtype=bool)
+    alive[deleted] = False
+    bitmap = np.packbits(alive, bitorder="little")
+    selector = faiss.IDSelectorBitmap(total, faiss.swig_ptr(bitmap))
+    selector.bitmap_array = bitmap  # FAISS keeps a pointer: the array lives as long as the selector
+    return selector
+
+
+def _read_deleted(folder: Path, total: int) -> np.ndarray:
+    """The bundle's removed ids (none when it has no ``deleted.npy``), checked: unique, in range."""
+    if not (folder / DELETED_FILE).exists():
+        return np.zeros(0, dtype=np.int64)
+    try:
+        deleted = np.asarray(read_npy(folder / DELETED_FILE, MAX_JSON_BYTES), dtype=np.int64)
+    except (ValueError, TypeError) as error:
+        raise IndexBundleError(f"{folder / DELETED_FILE}: unreadable ({str(error)[:200]})") from None
+    if deleted.ndim != 1 or (len(deleted) and (deleted.min() < 0 or deleted.max() >= total)):
+        raise IndexBundleError(f"{folder / DELETED_FILE}: ids must be a list in [0, {total})")
+    if len(np.unique(deleted)) != len(deleted):
+        raise IndexBundleError(f"{folder / DELETED_FILE}: an id is listed twice")
+    return np.sort(deleted)
 
 
 def _search_settings(info: dict[str, Any], where: Path) -> tuple[str | None, dict[str, int]]:
@@ -441,12 +521,22 @@ def write_faiss_index(index: faiss.Index, path: Path) -> None:
         raise OSError(known or errno.EIO, f"cannot write {path}: {reason}") from None
 
 
-def write_index_files(folder: Path, index: faiss.Index, keys: list[str], labels: np.ndarray, rows: np.ndarray) -> None:
-    """The index and its id maps into a bundle folder being built: id i is embedding-set row ``rows[i]``."""
+def write_index_files(
+    folder: Path,
+    index: faiss.Index,
+    keys: list[str],
+    labels: np.ndarray,
+    rows: np.ndarray,
+    deleted: np.ndarray | None = None,
+) -> None:
+    """The index and its id maps into a bundle folder being built: id i is embedding-set row ``rows[i]``;
+    ``deleted``: ids of removed samples (an updated version's)."""
     write_faiss_index(index, folder / INDEX_FILE)
     (folder / KEYS_FILE).write_text(json.dumps([keys[row] for row in rows]))
     np.save(folder / LABELS_FILE, labels[rows])
     np.save(folder / ROWS_FILE, rows)
+    if deleted is not None and len(deleted):
+        np.save(folder / DELETED_FILE, np.sort(np.asarray(deleted, dtype=np.int64)))
 
 
 def write_index_json(folder: Path, info: dict[str, Any]) -> None:

@@ -42,6 +42,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from artifacts.files import read_regular_file
 from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
+from artifacts.index_versions import resolve_version
 from artifacts.model_bundle import MODEL_JSON, ModelBundle
 from artifacts.query_vectors import QueryVectorError
 from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
@@ -110,8 +111,9 @@ class Generation:
         fields = ("factory", "index_kind", "metric", "count", "dim", "search", "recall_at_k")
         return {
             **{name: self.index.info.get(name) for name in fields},
-            "count": int(self.index.index.ntotal),
-            "version": self.fingerprint["index"]["version"] if self.fingerprint["index"] else None,
+            "count": self.index.count,
+            "version": self.index.version,
+            "build": self.fingerprint["index"]["version"] if self.fingerprint["index"] else None,
         }
 
 
@@ -127,7 +129,11 @@ def bundle_fingerprint(model: Path, index: Path | None) -> dict[str, Any]:
             digest = None
         return {"path": str(resolved), "version": digest}
 
-    return {"model": of(model, MODEL_JSON), "index": of(index, INDEX_JSON) if index is not None else None}
+    # an index bundle folder: the version its `current` names (an update switches it)
+    return {
+        "model": of(model, MODEL_JSON),
+        "index": of(resolve_version(index), INDEX_JSON) if index is not None else None,
+    }
 
 
 class Service:

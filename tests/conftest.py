@@ -124,12 +124,12 @@ def corpus(bundle, fashion_test_shards, tmp_path_factory) -> dict:
 
 def copy_corpus(corpus: dict, tmp_path: Path) -> tuple[Path, Path]:
     """A private copy of the corpus's embedding set and index, the index pointing at the copy."""
-    source = json.loads((Path(corpus["index"]) / "index.json").read_text())["embeddings"]["path"]
+    source = json.loads((Path(corpus["index"]) / "current" / "index.json").read_text())["embeddings"]["path"]
     embeddings = tmp_path / "emb"
     shutil.copytree(source, embeddings)
     copied = tmp_path / "index"
     shutil.copytree(corpus["index"], copied)
-    info = json.loads((copied / "index.json").read_text())
+    info = json.loads((copied / "current" / "index.json").read_text())
     info["embeddings"]["path"] = str(embeddings)
-    (copied / "index.json").write_text(json.dumps(info))
+    (copied / "current" / "index.json").write_text(json.dumps(info))
     return embeddings, copied

@@ -105,6 +105,6 @@ def test_cron_deployment_is_scheduled_and_an_on_demand_run_completes(
 
         state = poll(finished, 240, "the triggered run")
         assert state["type"] == "COMPLETED", state
-        assert (tmp_path / "corpus" / "index" / "index.json").is_file()
+        assert (tmp_path / "corpus" / "index" / "current" / "index.json").is_file()
     finally:
         stop(served)

@@ -25,10 +25,10 @@ def test_index_corpus_embeds_in_shares_indexes_and_skips_what_is_done(bundle, fa
     embed(bundle, str(fashion_shards), sequential, EmbedConfig(workers=0), progress=False)
     for part in sorted(sequential.glob("part-*.npy")):
         np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings" / part.name), np.load(part))
-    info_before = (tmp_path / "out" / "index" / "index.json").read_text()
+    info_before = (tmp_path / "out" / "index" / "current" / "index.json").read_text()
     again = index_corpus(str(bundle), str(fashion_shards), str(tmp_path / "out"), shares=2)
     assert again["samples_embedded_now"] == 0  # every part was done
-    assert (tmp_path / "out" / "index" / "index.json").read_text() == info_before  # the index was kept
+    assert (tmp_path / "out" / "index" / "current" / "index.json").read_text() == info_before  # the index was kept
     assert json.loads(info_before)["count"] == 600
 
 
@@ -85,7 +85,10 @@ def test_end_to_end_chains_pretrain_index_and_a_search(fashion_mnist_env, tmp_pa
     from flows.end_to_end import end_to_end
 
     result = end_to_end(str(tmp_path / "e2e"), overrides=[*TINY, "train.max_steps=2"], shares=2)
-    assert result["index"]["recall"] >= 0.95 and (tmp_path / "e2e" / "corpus" / "index" / "index.json").is_file()
+    assert (
+        result["index"]["recall"] >= 0.95
+        and (tmp_path / "e2e" / "corpus" / "index" / "current" / "index.json").is_file()
+    )
     neighbours = result["search"]["neighbours"]
     assert len(neighbours) == 8 and neighbours[0]["score"] >= neighbours[-1]["score"]
     assert all(hit["key"].startswith("train") for hit in neighbours)  # the corpus is the training set

@@ -167,12 +167,14 @@ def test_verify_fails_on_tars_the_manifest_does_not_list(shard_set):
         data["counts"]["written"] -= dropped["count"]
         data["counts"]["inputs"] -= dropped["count"]
         data["source"]["inputs"] -= dropped["count"]
+        data["generations"][0]["added"] -= dropped["count"]
 
     edit_manifest(shard_set, forget_last_shard)
 
     report = verify(shard_set, progress=False)
     assert [str(problem) for problem in report.problems] == [
-        "shard-000002.tar: a tar file the manifest does not list (removed from it, or left by another ingest)"
+        "shard-000002.tar: a tar file the manifest does not list (removed from it, or left by another ingest)",
+        "generation 0: its input list names 6 keys, its shards hold 4: they differ",  # the dropped shard's two samples
     ]
 
 
@@ -301,7 +303,7 @@ def test_search_reports_each_bad_query_file_on_one_line_and_answers_the_good_one
     os.mkfifo(tmp_path / "pipe.npy")
     os.mkfifo(tmp_path / "pipe.png")
     (tmp_path / "pickle.npy").write_bytes(npy_bytes(np.array([None], dtype=object)))
-    dim = json.loads((flat_index / "index.json").read_text())["dim"]
+    dim = json.loads((flat_index / "current" / "index.json").read_text())["dim"]
     (tmp_path / "good.npy").write_bytes(npy_bytes(np.ones(dim, np.float32)))
     queries = ["pipe.npy", "pipe.png", "/dev/zero", "pickle.npy", "good.npy"]
 
@@ -329,10 +331,10 @@ def test_search_reports_each_bad_query_file_on_one_line_and_answers_the_good_one
 
 def test_search_refuses_an_index_json_that_is_a_fifo(flat_index, bundle, tmp_path):
     copy = Path(shutil.copytree(flat_index, tmp_path / "index"))
-    (copy / "index.json").unlink()
-    os.mkfifo(copy / "index.json")
+    (copy / "current" / "index.json").unlink()
+    os.mkfifo(copy / "current" / "index.json")
 
     result = CliRunner().invoke(app, ["search", str(copy), "--model", str(bundle), "key:x"])
 
     assert result.exit_code == 1
-    assert result.output.strip() == f"error: {copy / 'index.json'}: not a regular file (a FIFO)"
+    assert result.output.strip() == f"error: {copy / 'current' / 'index.json'}: not a regular file (a FIFO)"

@@ -100,14 +100,14 @@ def test_index_json_describes_the_bundle(bundle, embeddings, tmp_path):
     assert report["queries"] == 60  # a tenth of the set at most is held out
     assert report["k"] == 10 and report["recall"] >= 0.95 and report["qps"] > 0
     assert info["build"]["total_seconds"] >= info["build"]["add_seconds"] >= 0
-    assert sorted(path.name for path in (tmp_path / "index").iterdir()) == [
+    assert sorted(path.name for path in (tmp_path / "index" / "current").iterdir()) == [
         "index.faiss",
         INDEX_JSON,
         "keys.json",
         "labels.npy",
         "rows.npy",
     ]
-    assert info["bytes"] == (tmp_path / "index" / "index.faiss").stat().st_size
+    assert info["bytes"] == (tmp_path / "index" / "current" / "index.faiss").stat().st_size
 
 
 @pytest.mark.slow
@@ -159,7 +159,7 @@ def test_sharded_build_and_merge_answers_as_one_build(kind, budget, merge, tmp_p
     one = build_index(emb, tmp_path / "one", config, **QUIET).info
     sharded = build_index(emb, tmp_path / "sharded", IndexConfig(**{**config.__dict__, "num_shards": 3}), **QUIET).info
     assert sharded["build"]["merge"] == merge and sharded["count"] == one["count"] == 3000
-    assert (tmp_path / "sharded" / "index.ivfdata").exists() == (merge == "disk")
+    assert (tmp_path / "sharded" / "current" / "index.ivfdata").exists() == (merge == "disk")
     shutil.move(tmp_path / "sharded", tmp_path / "moved")  # an on-disk index finds its .ivfdata beside it
     queries = vectors[::47] + 0.01
     first, second = IndexBundle(tmp_path / "one"), IndexBundle(tmp_path / "moved")
@@ -249,7 +249,7 @@ def test_an_unreachable_target_settles_at_the_knee_not_the_limit():
 
 def test_search_refuses_an_index_built_with_another_model(bundle, embeddings, tmp_path):
     build_index(embeddings, tmp_path / "index", IndexConfig(queries=50), **QUIET)
-    info_path = tmp_path / "index" / INDEX_JSON
+    info_path = tmp_path / "index" / "current" / INDEX_JSON
     info = json.loads(info_path.read_text())
     info_path.write_text(json.dumps({**info, "bundle_hash": "f" * 64}))
     result = CliRunner().invoke(app, ["search", str(tmp_path / "index"), "--model", str(bundle), "key:x"])
@@ -324,10 +324,10 @@ def test_index_refuses_incomplete_sets_used_folders_and_impossible_budgets(embed
 
 def test_damaged_index_bundles_fail_in_one_line(embeddings, tmp_path):
     build_index(embeddings, tmp_path / "index", IndexConfig(queries=50), **QUIET)
-    (tmp_path / "index" / "keys.json").write_text(json.dumps(["only-one"]))
+    (tmp_path / "index" / "current" / "keys.json").write_text(json.dumps(["only-one"]))
     with pytest.raises(IndexBundleError, match="the bundle is damaged"):
         IndexBundle(tmp_path / "index")
-    (tmp_path / "index" / "index.faiss").write_bytes(b"garbage")
+    (tmp_path / "index" / "current" / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexBundleError, match="not a readable FAISS index"):
         IndexBundle(tmp_path / "index")
     with pytest.raises(IndexBundleError, match="not an index bundle"):

@@ -106,7 +106,7 @@ def test_killed_index_build_reruns_to_the_uninterrupted_bundle_and_leaves_nothin
     clean = tmp_path / "indexes" / "clean"
     assert mocoplus("index", str(emb), "--out", str(clean), "--kind", "flat").returncode == 0
     for name in ("index.faiss", "keys.json", "labels.npy", "rows.npy"):
-        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+        assert (out / "current" / name).read_bytes() == (clean / "current" / name).read_bytes(), name
 
     again = mocoplus("index", str(emb), "--out", str(out), "--kind", "flat")
     assert again.returncode == 0 and "already up to date" in again.stdout

@@ -43,9 +43,9 @@ def point_part_at(embeddings: Path, index_path: Path, shard: Path) -> None:
     manifest = json.loads((embeddings / "manifest.json").read_text())
     manifest["parts"][0]["source"] = str(shard)
     (embeddings / "manifest.json").write_text(json.dumps(manifest))
-    info = json.loads((index_path / "index.json").read_text())
+    info = json.loads((index_path / "current" / "index.json").read_text())
     info["embeddings"]["manifest_sha256"] = sha256_file(embeddings / "manifest.json")
-    (index_path / "index.json").write_text(json.dumps(info))
+    (index_path / "current" / "index.json").write_text(json.dumps(info))
 
 
 # --- corpus images ------------------------------------------------------------------------------
@@ -111,9 +111,9 @@ def test_a_shard_or_embedding_set_that_changed_after_indexing_is_a_clear_error(c
     record_path.write_text(json.dumps({**json.loads(record_path.read_text()), "source": str(moved)}))
     with pytest.raises(CorpusImagesError, match=r"changed after index .* was built"):
         CorpusImages.of_index(IndexBundle(index_path))  # the manifest is not the one indexed
-    info = json.loads((index_path / "index.json").read_text())
+    info = json.loads((index_path / "current" / "index.json").read_text())
     info["embeddings"]["manifest_sha256"] = sha256_file(embeddings / "manifest.json")
-    (index_path / "index.json").write_text(json.dumps(info))
+    (index_path / "current" / "index.json").write_text(json.dumps(info))
     with pytest.raises(CorpusImagesError, match=r"changed after it was embedded"):
         CorpusImages.of_index(IndexBundle(index_path)).read(corpus["keys"][0])  # the shard is not the one embedded
 
@@ -123,9 +123,9 @@ def test_an_embedding_set_with_relative_shard_paths_says_to_rerun_embed(corpus, 
     manifest = json.loads((embeddings / "manifest.json").read_text())
     manifest["parts"][0]["source"] = "shards/shard-000000.tar"
     (embeddings / "manifest.json").write_text(json.dumps(manifest))
-    info = json.loads((index_path / "index.json").read_text())
+    info = json.loads((index_path / "current" / "index.json").read_text())
     info["embeddings"]["manifest_sha256"] = sha256_file(embeddings / "manifest.json")
-    (index_path / "index.json").write_text(json.dumps(info))
+    (index_path / "current" / "index.json").write_text(json.dumps(info))
     with pytest.raises(CorpusImagesError, match="relative paths"):
         CorpusImages.of_index(IndexBundle(index_path)).read(corpus["keys"][0])
 

@@ -175,6 +175,11 @@ def prepare(example: Example, root: Path) -> None:
     if "queries.npy" in example.command and not (root / "queries.npy").exists():
         vectors = np.load(next((root / "emb" / "fmnist-train").glob("part-*.npy")))
         np.save(root / "queries.npy", vectors[:3])
+    if example.command.startswith("mocoplus ingest ~/photos") and "--update" in example.command:
+        photos = root / "home" / "photos"  # "day 2": a new photo, a removed one, a re-shot one
+        write_image(photos / "cats" / "img-new.jpg", size=(96, 72), seed=100)
+        (photos / "dogs" / "img1.jpg").unlink(missing_ok=True)
+        write_image(photos / "cats" / "img2.jpg", size=(96, 72), seed=101)
 
 
 def as_sandbox_command(command: str) -> str:

@@ -39,10 +39,12 @@ def builds(bundle, fashion_shards, fashion_test_shards, tmp_path_factory) -> dic
         embed(bundle, str(shards), root / f"emb-{name}", EmbedConfig(workers=0), progress=False)
         build_index(root / f"emb-{name}", root / name, IndexConfig(kind="flat", queries=20), progress=False)
     shutil.copytree(root / "test", root / "corrupt")
-    (root / "corrupt" / INDEX_JSON).write_text("{")
+    (root / "corrupt" / "current" / INDEX_JSON).write_text("{")
     shutil.copytree(root / "test", root / "foreign")
-    info = json.loads((root / "foreign" / INDEX_JSON).read_text())
-    (root / "foreign" / INDEX_JSON).write_text(json.dumps({**info, "model_hash": "0" * 64, "bundle_hash": "0" * 64}))
+    info = json.loads((root / "foreign" / "current" / INDEX_JSON).read_text())
+    (root / "foreign" / "current" / INDEX_JSON).write_text(
+        json.dumps({**info, "model_hash": "0" * 64, "bundle_hash": "0" * 64})
+    )
     return {name: root / name for name in ("test", "train", "corrupt", "foreign")}
 
 

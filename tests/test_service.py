@@ -315,12 +315,9 @@ def test_sigterm_drains_a_request_in_flight(bundle, corpus):
 
 
 def test_startup_refuses_an_index_of_another_model(bundle, corpus, tmp_path):
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    for path in corpus["index"].iterdir():
-        (foreign / path.name).write_bytes(path.read_bytes())
-    info = json.loads((foreign / INDEX_JSON).read_text())
-    (foreign / INDEX_JSON).write_text(json.dumps({**info, "bundle_hash": "0" * 64}))
+    foreign = Path(shutil.copytree(corpus["index"], tmp_path / "foreign"))
+    info = json.loads((foreign / "current" / INDEX_JSON).read_text())
+    (foreign / "current" / INDEX_JSON).write_text(json.dumps({**info, "bundle_hash": "0" * 64}))
     process, _ = start_server("--model", str(bundle), "--index", str(foreign))
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 1 and "error: index" in output and "would not be comparable" in output

@@ -362,8 +362,8 @@ def test_vector_components_must_be_json_numbers(client, corpus, component):
 def test_a_malformed_index_json_search_is_refused_on_opening(corpus, tmp_path, search, reason):
     broken = tmp_path / "index"
     shutil.copytree(corpus["index"], broken)
-    info = json.loads((broken / INDEX_JSON).read_text())
-    (broken / INDEX_JSON).write_text(json.dumps({**info, "search": search}))
+    info = json.loads((broken / "current" / INDEX_JSON).read_text())
+    (broken / "current" / INDEX_JSON).write_text(json.dumps({**info, "search": search}))
     with pytest.raises(IndexBundleError, match=re.escape(reason)) as refused:
         IndexBundle(broken)
     assert "\n" not in str(refused.value)
@@ -372,14 +372,16 @@ def test_a_malformed_index_json_search_is_refused_on_opening(corpus, tmp_path, s
 def test_the_service_reports_a_malformed_index_without_its_path(bundle, corpus, tmp_path):
     broken = tmp_path / "index"
     shutil.copytree(corpus["index"], broken)
-    info = json.loads((broken / INDEX_JSON).read_text())
-    (broken / INDEX_JSON).write_text(json.dumps({**info, "search": {"parameter": "nprobe", "params": {"nprobe": -5}}}))
+    info = json.loads((broken / "current" / INDEX_JSON).read_text())
+    (broken / "current" / INDEX_JSON).write_text(
+        json.dumps({**info, "search": {"parameter": "nprobe", "params": {"nprobe": -5}}})
+    )
     with make_client(bundle, broken) as failing:
         deadline = time.monotonic() + SECONDS
         while "error" not in failing.get("/readyz").json():
             assert time.monotonic() < deadline, "the load failure was never reported"
             time.sleep(0.05)
-        error = assert_error(failing.post("/v1/search", json={"key": "x"}), 503, "<index bundle>/index.json")
+        error = assert_error(failing.post("/v1/search", json={"key": "x"}), 503, "<index bundle>/current/index.json")
         assert str(tmp_path) not in error and "integer >= 1" in error
 
 
@@ -645,7 +647,7 @@ def test_finite_vectors_whose_scores_overflow_are_a_422(client, corpus):
 def test_an_unknown_key_is_404_even_with_a_matching_if_none_match(client, corpus):
     import hashlib
 
-    version = json.loads((corpus["index"] / INDEX_JSON).read_text())["embeddings"]["manifest_sha256"]
+    version = json.loads((corpus["index"] / "current" / INDEX_JSON).read_text())["embeddings"]["manifest_sha256"]
     etag = '"' + hashlib.sha256(f"{version}\0nope".encode()).hexdigest()[:32] + '"'
     assert_error(client.get("/v1/images/nope", headers={"if-none-match": etag}), 404, "no sample with key 'nope'")
 

@@ -80,13 +80,19 @@ def embed_command(
         "Examples:\n\n"
         "  mocoplus index emb/fmnist --out indexes/fmnist\n\n"
         "  mocoplus index emb/web --out indexes/web --kind ivfpq --memory-budget 2G --target-recall 0.9\n\n"
-        "  mocoplus index emb/web --out indexes/web --kind ivf --num-shards 8   # sharded build, merged"
+        "  mocoplus index emb/web --out indexes/web --kind ivf --num-shards 8   # sharded build, merged\n\n"
+        "  mocoplus index emb/photos --out indexes/photos --update --keep 3   # after ingest --update and embed"
     ),
 )
 @one_line_errors
 def index_command(
     embeddings: Annotated[Path, typer.Argument(help="An embedding set (from mocoplus embed).")],
-    out: Annotated[Path, typer.Option(help="The index bundle folder to create (must not exist, or be empty).")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="The index bundle folder to create (must not exist, or be empty; or, with --update, to update)."
+        ),
+    ],
     kind: Annotated[
         IndexKind, typer.Option(parser=choice(IndexKind, "index kind"), help="auto, flat, hnsw, ivf or ivfpq.")
     ] = IndexConfig.kind,
@@ -106,11 +112,20 @@ def index_command(
         int, typer.Option(min=1, help="Build IVF shards on one trained index, then merge.")
     ] = IndexConfig.num_shards,
     gpu: Annotated[bool, typer.Option("--gpu", help="Train, add and tune on GPU (needs faiss-gpu).")] = IndexConfig.gpu,
+    update: Annotated[
+        bool,
+        typer.Option(
+            help="Write the next version of the bundle: add the new vectors, drop removed ones, re-tune, switch "
+            "'current' atomically (retrains when the vectors added since training pass half, and says why)."
+        ),
+    ] = False,
+    keep: Annotated[int, typer.Option(min=1, help="With --update: versions to keep, the current one included.")] = 3,
     progress: Annotated[bool, progress_option()] = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print index.json instead of a summary.")] = False,
 ) -> None:
     """Build, tune and write a FAISS index for an embedding set."""
     from pipeline.index.build import build_index
+    from pipeline.index.update import update_index
 
     config = IndexConfig(
         kind=kind,
@@ -122,19 +137,32 @@ def index_command(
         num_shards=num_shards,
         gpu=gpu,
     )
-    result = build_index(embeddings, out, config, progress=progress)
+    if update:
+        result = update_index(embeddings, out, config, keep=keep, progress=progress)
+    else:
+        result = build_index(embeddings, out, config, progress=progress)
     info = result.info
     if as_json:
         typer.echo(json.dumps(info))
         return
+    version = f" version {info['index_version']}" if info.get("index_version") else ""
     if result.up_to_date:
-        typer.echo(f"{out}: already up to date (built from these embeddings with these options)")
+        typer.echo(f"{out}{version}: already up to date (built from these embeddings with these options)")
         return
-    report, build = info["recall_at_k"], info["build"]
+    report, change = info["recall_at_k"], info.get("update")
     params = ", ".join(f"{name}={value}" for name, value in info["search"]["params"].items()) or "exact"
+    if change and info.get("index_version") != 1 and "reason" not in info.get("trained", {}):
+        how = (
+            f"+{change['added']:,} added, −{change['removed']:,} removed in {change['total_seconds']:.1f} s "
+            f"(no retraining; {info['trained']['added_since']:,} added since training)"
+        )
+    else:
+        how = f"built in {info['build']['total_seconds']:.1f} s"
+        if info.get("trained", {}).get("reason"):
+            how = f"rebuilt: {info['trained']['reason']}; {how}"
     typer.echo(
-        f"{out}: {info['factory']} ({info['reason']}), {info['count']:,} vectors, {info['bytes'] / 2**20:.1f} MiB, "
-        f"built in {build['total_seconds']:.1f} s; {params}: recall@{report['k']} {report['recall']:.3f} "
+        f"{out}{version}: {info['factory']} ({info['reason']}), {info['count']:,} vectors, "
+        f"{info['bytes'] / 2**20:.1f} MiB, {how}; {params}: recall@{report['k']} {report['recall']:.3f} "
         f"(target {report.get('target', 1.0)}) at {report.get('qps', 0):,.0f} queries/s"
     )
     if not report.get("target_met", True):
@@ -152,7 +180,8 @@ def index_command(
         "  mocoplus search indexes/fmnist --model models/fmnist shirt.png\n\n"
         "  mocoplus search indexes/fmnist --model models/fmnist key:train_00042 -k 5 --json\n\n"
         "  mocoplus search indexes/fmnist --model models/fmnist queries.npy --nprobe 32\n\n"
-        "  mocoplus search indexes/fmnist --model models/fmnist key:test_00000 key:test_00001 --grid results.png"
+        "  mocoplus search indexes/fmnist --model models/fmnist key:test_00000 key:test_00001 --grid results.png\n\n"
+        "  mocoplus search indexes/fmnist --model models/fmnist shirt.png --version 1   # an older version"
     ),
 )
 @one_line_errors
@@ -165,6 +194,9 @@ def search_command(
     nprobe: Annotated[int | None, typer.Option(min=1, help="Override the tuned nprobe (IVF indexes).")] = None,
     ef: Annotated[int | None, typer.Option(min=1, help="Override the tuned efSearch (HNSW indexes).")] = None,
     gpu: Annotated[bool, typer.Option("--gpu", help="Search on GPU (needs faiss-gpu).")] = False,
+    version: Annotated[
+        int | None, typer.Option(min=1, help="Search this version of the bundle (default: its current one).")
+    ] = None,
     provider: Annotated[
         Provider,
         typer.Option(parser=choice(Provider, "provider"), help="ONNX Runtime provider for image queries: cpu or cuda."),
@@ -183,7 +215,7 @@ def search_command(
     from pipeline.search import search_queries
 
     bundle = ModelBundle(model, provider=provider)
-    searcher = IndexBundle(index, gpu=gpu)
+    searcher = IndexBundle(index, gpu=gpu, version=version)
     searcher.check_model(bundle.hash, model)
     override = _search_override(searcher.search_parameter, nprobe, ef)
     searcher.set_search_parameter(override)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -89,6 +91,13 @@ def serve_command(
     write_timeout: Annotated[
         float | None, _limit("Seconds unsent response bytes may wait for the client to read; then it is dropped (30).")
     ] = None,
+    pid_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write the server's process id here while it runs: what a refresh-corpus deployment sends "
+            "SIGHUP to after an update."
+        ),
+    ] = None,
 ) -> None:
     """Serve the embedding and search API."""
     import uvicorn
@@ -130,14 +139,36 @@ def serve_command(
         "http": protocol_factory(connection),  # head size, count and time limits; JSON refusals
         "timeout_keep_alive": connection.keep_alive_s,
     }
-    if workers == 1:
-        uvicorn.run(create_app(config, service), **options)
+    with process_id_file(pid_file):
+        if workers == 1:
+            uvicorn.run(create_app(config, service), **options)
+            return
+        os.environ[CONFIG_ENV] = config_to_json(config)  # checked above; each worker process loads its own copy
+        del service  # the check's session (on GPU 0 with cuda) is not kept beside the workers' own
+        with tempfile.TemporaryDirectory(prefix="mocoplus-serve-") as slots:
+            os.environ[SLOTS_ENV] = str(make_slots(Path(slots), workers))  # worker i takes GPU i mod count
+            uvicorn.run("serving.app:app_from_env", factory=True, workers=workers, **options)
+
+
+@contextmanager
+def process_id_file(path: Path | None) -> Iterator[None]:
+    """This process's id in ``path`` while the block runs (removed after, if still ours); a live server's
+    pid file is an error, never overwritten."""
+    if path is None:
+        yield
         return
-    os.environ[CONFIG_ENV] = config_to_json(config)  # checked above; each worker process loads its own copy
-    del service  # the check's session (on GPU 0 with cuda) is not kept beside the workers' own
-    with tempfile.TemporaryDirectory(prefix="mocoplus-serve-") as slots:
-        os.environ[SLOTS_ENV] = str(make_slots(Path(slots), workers))  # worker i takes GPU i mod count
-        uvicorn.run("serving.app:app_from_env", factory=True, workers=workers, **options)
+    from artifacts.atomic import write_text_atomic
+    from serving.pid_file import read_pid
+
+    running = read_pid(path, missing_ok=True)
+    if running is not None:
+        raise FileExistsError(f"{path}: another server (pid {running}) is running; stop it or choose another file")
+    write_text_atomic(path, f"{os.getpid()}\n")
+    try:
+        yield
+    finally:
+        if read_pid(path, missing_ok=True, alive_only=False) == os.getpid():
+            path.unlink(missing_ok=True)
 
 
 @flows_commands.command(

@@ -105,7 +105,11 @@ def _check_generations(
         held = by_generation.get(record.generation, set())
         if listed != held and record.generation not in damaged:
             problems.append(
-                Problem(where, None, f"its input list names {len(listed):,} keys, its shards hold {len(held):,} others")
+                Problem(
+                    where,
+                    None,
+                    f"its input list names {len(listed):,} keys, its shards hold {len(held):,}: they differ",
+                )
             )
         live |= held
     return problems

@@ -18,8 +18,12 @@ The steps, each timed into ``index.json``:
    exact search on held-out queries reaches the target (`pipeline.index.tune`),
    and measure queries/s there and for exact search.
 
-The bundle is built in a hidden temp folder beside ``out_dir`` and renamed
-into place: a failed or killed build leaves nothing that looks finished.
+Only live rows are indexed: rows of samples removed by a later generation of
+the shard set (`EmbeddingSet.live_rows`) are left out. The bundle is version 1
+of ``out_dir`` (`artifacts.index_versions`), built in a hidden temp folder and
+renamed into place before ``current`` points at it: a failed or killed build
+leaves nothing that looks finished. `pipeline.index.update` makes the later
+versions.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from artifacts.index_bundle import (
     write_index_files,
     write_index_json,
 )
+from artifacts.index_versions import current_version, resolve_version, switch_current, version_name
 from pipeline.index.config import IndexConfig
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.shards import ShardedBuild, shard_bounds
@@ -76,69 +81,107 @@ def build_index(
     """Build, tune and write the index bundle for the embedding set at ``embeddings_dir``.
 
     A rerun into a finished ``out_dir`` with the same embeddings and options is
-    up to date and builds nothing; other contents of ``out_dir`` are an error.
+    up to date and builds nothing; other contents of ``out_dir`` are an error
+    (``mocoplus index --update`` brings a bundle up to date with its set).
     """
     embeddings = EmbeddingSet(embeddings_dir)
-    inputs = {
-        "embeddings_manifest_sha256": sha256_file(embeddings.path / EMBEDDINGS_MANIFEST),
-        "options": asdict(config),
-    }
-    existing = reusable_output(out_dir, INDEX_JSON, inputs)
+    inputs = index_inputs(embeddings, config)
+    try:
+        existing = reusable_output(resolve_version(out_dir), INDEX_JSON, inputs)
+    except FileExistsError:
+        if current_version(out_dir) is None:
+            raise
+        raise FileExistsError(
+            f"{out_dir} holds an index of other embeddings or options: pass --update to bring it up to date "
+            f"with {embeddings_dir}, or choose a new --out"
+        ) from None
     if existing is not None:
         return IndexResult(Path(out_dir), existing, up_to_date=True)
-    if embeddings.count < 1:
-        raise ValueError(f"{embeddings_dir} holds no vectors to index")
-    plan = plan_index(embeddings.count, embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
+    with building_dir(Path(out_dir)) as work:  # the whole folder appears at once, or nothing does
+        (work / version_name(1)).mkdir()
+        info = write_version(work / version_name(1), embeddings, config, inputs, version=1, progress=progress)
+        switch_current(work, 1)
+    return IndexResult(Path(out_dir), info)
+
+
+def index_inputs(embeddings: EmbeddingSet, config: IndexConfig) -> dict[str, Any]:
+    """What a version is built from, as ``index.json`` records it: a rerun with the same is up to date."""
+    return {"embeddings_manifest_sha256": sha256_file(embeddings.path / EMBEDDINGS_MANIFEST), "options": asdict(config)}
+
+
+def write_version(
+    work: Path,
+    embeddings: EmbeddingSet,
+    config: IndexConfig,
+    inputs: dict[str, Any],
+    *,
+    version: int,
+    progress: bool,
+    reason: str | None = None,
+) -> dict[str, Any]:
+    """Build, tune and write a complete bundle of the set's live rows into the folder ``work``; its info.
+
+    ``reason``: why an update rebuilt instead of adding (recorded in ``index.json``).
+    """
+    live = embeddings.live_rows()
+    if len(live) < 1:
+        raise ValueError(f"{embeddings.path} holds no vectors to index")
+    plan = plan_index(len(live), embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
     if config.num_shards > 1 and plan.nlist is None:
         raise ValueError(f"a sharded build needs an IVF index (--kind ivf or ivfpq), not {plan.kind}")
     rng = np.random.default_rng(config.seed)
-    held_out = _held_out_rows(embeddings.count, config.queries, rng)
-    order = _index_order(embeddings.count, held_out)
-    corpus = embeddings.count - len(held_out)  # index ids [0, corpus) while tuning
+    held_out = _held_out_rows(len(live), config.queries, rng)
+    order = live[_index_order(len(live), held_out)]  # index id → embedding-set row
+    total, corpus = len(live), len(live) - len(held_out)  # index ids [0, corpus) while tuning
     timings: dict[str, float] = {}
 
-    with building_dir(out_dir) as work:
-        started = time.perf_counter()
-        index = _trained_index(embeddings, plan, config, rng, timings)
-        with stage_progress(progress) as bar:
-            task = bar.task(f"indexing ({plan.factory})", total=embeddings.count, unit="vectors")
-            clock = time.perf_counter()
-            advance = lambda rows: bar.advance(task, rows)  # noqa: E731
-            # shards are filled on the CPU from a file: a GPU-trained index is copied back first
-            trained = faiss.index_gpu_to_cpu(index) if config.num_shards > 1 and is_gpu_index(index) else index
-            sharded = ShardedBuild(trained, work, config.memory_budget) if config.num_shards > 1 else None
-            merge = None
-            if sharded is not None:
-                for bounds in shard_bounds(corpus, config.num_shards):
-                    sharded.fill(embeddings, order, bounds, config.chunk_rows, advance)
-                sharded.fill(embeddings, order, (corpus, embeddings.count), config.chunk_rows, advance)
-                index = sharded.merge(config.num_shards, TUNING_IVFDATA)  # the corpus shards, without the held out
-            else:
-                for _, block in embeddings.ordered(order[:corpus], config.chunk_rows):
-                    index.add(block)
-                    advance(len(block))
-            timings["add_seconds"] = time.perf_counter() - clock
-            search, report = _tune_and_measure(index, embeddings, order, corpus, plan, config, timings)
-            clock = time.perf_counter()
-            if sharded is not None:  # the bundle's index: every shard, the held-out one last
-                del index
-                index, merge = sharded.merge(), sharded.mode
-                (work / TUNING_IVFDATA).unlink(missing_ok=True)
-                sharded.close()
-                for name, value in search["params"].items():
-                    set_search_parameter(index, name, value)
-            elif len(held_out):  # the tuning queries join the index last: ids corpus, ..., count - 1
-                index.add(embeddings.rows(held_out))
-                advance(len(held_out))
-            timings["add_seconds"] += time.perf_counter() - clock
-        timings["total_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    index = _trained_index(embeddings, live, plan, config, rng, timings)
+    with stage_progress(progress) as bar:
+        task = bar.task(f"indexing ({plan.factory})", total=total, unit="vectors")
+        clock = time.perf_counter()
+        advance = lambda rows: bar.advance(task, rows)  # noqa: E731
+        # shards are filled on the CPU from a file: a GPU-trained index is copied back first
+        trained = faiss.index_gpu_to_cpu(index) if config.num_shards > 1 and is_gpu_index(index) else index
+        sharded = ShardedBuild(trained, work, config.memory_budget) if config.num_shards > 1 else None
+        merge = None
+        if sharded is not None:
+            for bounds in shard_bounds(corpus, config.num_shards):
+                sharded.fill(embeddings, order, bounds, config.chunk_rows, advance)
+            sharded.fill(embeddings, order, (corpus, total), config.chunk_rows, advance)
+            index = sharded.merge(config.num_shards, TUNING_IVFDATA)  # the corpus shards, without the held out
+        else:
+            for _, block in embeddings.ordered(order[:corpus], config.chunk_rows):
+                index.add(block)
+                advance(len(block))
+        timings["add_seconds"] = time.perf_counter() - clock
+        search, report = _tune_and_measure(index, embeddings, order, corpus, plan, config, timings)
+        clock = time.perf_counter()
+        if sharded is not None:  # the bundle's index: every shard, the held-out one last
+            del index
+            index, merge = sharded.merge(), sharded.mode
+            (work / TUNING_IVFDATA).unlink(missing_ok=True)
+            sharded.close()
+            for name, value in search["params"].items():
+                set_search_parameter(index, name, value)
+        elif len(held_out):  # the tuning queries join the index last: ids corpus, ..., count - 1
+            index.add(embeddings.rows(order[corpus:]))
+            advance(len(held_out))
+        timings["add_seconds"] += time.perf_counter() - clock
+    timings["total_seconds"] = time.perf_counter() - started
 
-        keys, labels = embeddings.keys_and_labels()
-        # a sharded build's merged index is already on the CPU (and may live in an on-disk .ivfdata)
-        write_index_files(work, faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index, keys, labels, order)
-        info = {**_describe(embeddings, plan, config, search, report, timings, merge, work), "inputs": inputs}
-        write_index_json(work, info)
-    return IndexResult(Path(out_dir), info)
+    keys, labels = embeddings.keys_and_labels()
+    # a sharded build's merged index is already on the CPU (and may live in an on-disk .ivfdata)
+    write_index_files(work, faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index, keys, labels, order)
+    info = {
+        **_describe(embeddings, plan, config, search, report, timings, merge, work),
+        "count": total,
+        "index_version": version,
+        "trained": {"count": total, "added_since": 0, **({"reason": reason} if reason else {})},
+        "inputs": inputs,
+    }
+    write_index_json(work, info)
+    return info
 
 
 def _held_out_rows(count: int, queries: int, rng: np.random.Generator) -> np.ndarray:
@@ -155,14 +198,20 @@ def _index_order(count: int, held_out: np.ndarray) -> np.ndarray:
 
 
 def _trained_index(
-    embeddings: EmbeddingSet, plan: IndexPlan, config: IndexConfig, rng: np.random.Generator, timings: dict[str, float]
+    embeddings: EmbeddingSet,
+    live: np.ndarray,
+    plan: IndexPlan,
+    config: IndexConfig,
+    rng: np.random.Generator,
+    timings: dict[str, float],
 ) -> faiss.Index:
+    """A trained, empty index of ``plan``'s kind, trained on a random sample of the ``live`` rows."""
     index = faiss.index_factory(embeddings.dim, plan.factory, metric_type(config.metric))
     if config.gpu:
         index = gpu_index(index)
     clock = time.perf_counter()
     if plan.train_size:
-        sample = np.sort(rng.choice(embeddings.count, size=plan.train_size, replace=False))
+        sample = live[np.sort(rng.choice(len(live), size=plan.train_size, replace=False))]
         index.train(embeddings.rows(sample))
     timings["train_seconds"] = time.perf_counter() - clock
     return index
@@ -193,12 +242,7 @@ def _tune_and_measure(
             set_search_parameter(index, plan.search_parameter, value)
         return recall_at_k(index.search(queries, k)[1], truth)
 
-    nlist = plan.nlist or 0
-    if plan.search_parameter == "nprobe":
-        limit = min(nlist, GPU_NPROBE_LIMIT) if config.gpu else nlist
-    else:
-        limit = EF_SEARCH_LIMIT
-    start = 1 if plan.search_parameter == "nprobe" else max(16, k)
+    start, limit = effort_bounds(plan.search_parameter, plan.nlist, k, gpu=config.gpu)
     tuning = tune(recall_of, plan.search_parameter, start=start, limit=limit, target=config.target_recall)
     if plan.search_parameter is not None:
         set_search_parameter(index, plan.search_parameter, tuning.value)
@@ -222,6 +266,23 @@ def _tune_and_measure(
     return search, report
 
 
+def effort_bounds(parameter: str | None, nlist: int | None, k: int, *, gpu: bool) -> tuple[int, int]:
+    """Where the tuner's search for ``nprobe``/``efSearch`` starts and ends."""
+    if parameter == "nprobe":
+        return 1, min(nlist or 1, GPU_NPROBE_LIMIT) if gpu else nlist or 1
+    return max(16, k), EF_SEARCH_LIMIT
+
+
+def embeddings_record(embeddings: EmbeddingSet) -> dict[str, Any]:
+    """Which embedding set a version covers: its place, its manifest, its rows and parts (what an update checks)."""
+    return {
+        "path": str(embeddings.path.resolve()),
+        "manifest_sha256": sha256_file(embeddings.path / EMBEDDINGS_MANIFEST),
+        "rows": embeddings.count,  # rows covered: an update adds those beyond
+        "parts": [part.keys_sha256 for part in embeddings.parts],  # an update checks these are unchanged
+    }
+
+
 def _describe(
     embeddings: EmbeddingSet,
     plan: IndexPlan,
@@ -242,13 +303,9 @@ def _describe(
         "reason": plan.reason,
         "metric": config.metric,
         "dim": embeddings.dim,
-        "count": embeddings.count,
         "normalized": embeddings.normalized,
         "bundle_hash": embeddings.bundle_hash,
-        "embeddings": {
-            "path": str(embeddings.path.resolve()),
-            "manifest_sha256": sha256_file(embeddings.path / EMBEDDINGS_MANIFEST),
-        },
+        "embeddings": embeddings_record(embeddings),
         "search": search,
         "recall_at_k": report,
         "build": {

@@ -1,0 +1,289 @@
+"""`mocoplus index --update`: the next version of an index bundle, from its embedding set after an update.
+
+The current version's index is loaded, and then:
+
+1. **removed** samples (rows a later shard-set generation removed, replaced
+   photos included) join ``deleted.npy``: they stay in the FAISS index, and
+   every search filters them out inside FAISS (`artifacts.index_bundle`), so
+   no search path — image, key or vector, CLI or service — returns them;
+2. **new** rows (the parts embedded since) are added to the trained index
+   as they are: no re-training, no re-clustering; half of them, up to
+   ``queries``, are held out and added last, to tune on (queries the index
+   does not hold, as in a first build);
+3. the search parameter is **re-tuned** to the bundle's target recall,
+   against exact search over the live vectors.
+
+It rebuilds instead — trains afresh on the live rows and compacts the
+removed ones away — and says why in ``index.json`` (``trained.reason``) when
+the vectors added since the quantizer was trained pass ``RETRAIN_SHARE`` of
+those it was trained on, when removed vectors pass ``DEAD_SHARE`` of those
+stored, when the target recall is no longer reachable (for an index that
+never reached it: when its best recall falls), when ``auto`` now plans
+another kind for the grown corpus, or for an on-disk (``index.ivfdata``) index.
+
+The result is a new version beside the old ones; ``current`` switches to it
+in one rename, and versions beyond ``keep`` are removed
+(`artifacts.index_versions`). A killed update leaves only a temp folder,
+swept by the next run: the current version is untouched throughout.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from artifacts.atomic import building_dir
+from artifacts.embedding_set import EmbeddingSet
+from artifacts.index_bundle import (
+    INDEX_JSON,
+    IndexBundle,
+    IndexBundleError,
+    live_selector,
+    read_index_json,
+    search_parameters_for,
+    set_index_parameter,
+    write_index_files,
+    write_index_json,
+)
+from artifacts.index_versions import current_version, prune_versions, switch_current, version_name, versions
+from pipeline.index.build import (
+    IndexResult,
+    build_index,
+    effort_bounds,
+    embeddings_record,
+    index_inputs,
+    write_version,
+)
+from pipeline.index.config import IndexConfig
+from pipeline.index.plan import plan_index
+from pipeline.index.tune import exact_neighbours, queries_per_second, recall_at_k, tune
+from pipeline.progress import stage_progress
+
+RETRAIN_SHARE = 0.5  # vectors added since training, as a share of those trained on, that call for a retrain
+DEAD_SHARE = 0.5  # removed vectors, as a share of those stored, that call for a compacting rebuild
+RECALL_DROP = 0.02  # an index that never reached the target is rebuilt when its best recall falls by this
+MIN_HELD_OUT = 10  # fewer new vectors than this: tune on stored ones (the report says so)
+
+
+def update_index(
+    embeddings_dir: Path, out_dir: Path, config: IndexConfig = IndexConfig(), *, keep: int = 3, progress: bool = True
+) -> IndexResult:
+    """Bring the bundle at ``out_dir`` up to date with the embedding set (its first build when it has none)."""
+    root = Path(out_dir)
+    if keep < 1:
+        raise ValueError(f"--keep must be >= 1 (the current version is always kept); got {keep}")
+    number = current_version(root)
+    if number is None:
+        if (root / INDEX_JSON).exists():
+            raise IndexBundleError(
+                f"{root} was built before index versions existed: build it once into a new --out, "
+                "later updates then work"
+            )
+        return build_index(embeddings_dir, root, config, progress=progress)
+    embeddings = EmbeddingSet(embeddings_dir)
+    inputs = index_inputs(embeddings, config)
+    base = root / version_name(number)
+    info = read_index_json(base)
+    if info.get("inputs") == _as_json(inputs):
+        return IndexResult(root, info, up_to_date=True)
+    _check_updatable(info, embeddings, config, base)
+    next_number = max(versions(root), default=number) + 1
+    with building_dir(root / version_name(next_number)) as work:
+        fresh = _next_version(work, base, info, embeddings, config, inputs, next_number, progress)
+    switch_current(root, next_number)
+    prune_versions(root, keep)
+    return IndexResult(root, fresh)
+
+
+def _as_json(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _check_updatable(info: dict[str, Any], embeddings: EmbeddingSet, config: IndexConfig, base: Path) -> None:
+    """The set must be the one the version covers, grown: same model, its parts unchanged, same metric."""
+    if embeddings.bundle_hash != info["bundle_hash"]:
+        raise IndexBundleError(
+            f"{base} holds vectors of model bundle {info['bundle_hash'][:12]}, {embeddings.path} of "
+            f"{embeddings.bundle_hash[:12]}: a new model gets a new index (index it into a new --out and serve "
+            "the new model and index together)"
+        )
+    covered = list((info.get("embeddings") or {}).get("parts") or [])
+    now = [part.keys_sha256 for part in embeddings.parts]
+    if not covered or now[: len(covered)] != covered:
+        raise IndexBundleError(
+            f"{embeddings.path} is not the embedding set {base} covers with new parts added (re-embedded, or "
+            "another set): build a new index without --update"
+        )
+    if config.metric != info.get("metric"):
+        raise IndexBundleError(f"{base} ranks by {info.get('metric')}, not {config.metric}: an update keeps the metric")
+
+
+def _next_version(
+    work: Path,
+    base: Path,
+    info: dict[str, Any],
+    embeddings: EmbeddingSet,
+    config: IndexConfig,
+    inputs: dict[str, Any],
+    number: int,
+    progress: bool,
+) -> dict[str, Any]:
+    started = time.perf_counter()
+    bundle = IndexBundle(base, mmap=False)  # in memory: the copy the new version grows from
+    alive = np.zeros(embeddings.count, dtype=bool)
+    alive[embeddings.live_rows()] = True
+    new_rows = np.flatnonzero(alive[int(info["embeddings"]["rows"]) :]) + int(info["embeddings"]["rows"])
+    dead = np.flatnonzero(~alive[bundle.rows])  # stored ids whose sample is removed (earlier removals included)
+    live_count = int(alive.sum())
+    trained = info.get("trained") or {"count": bundle.index.ntotal, "added_since": 0}
+    added_since = int(trained["added_since"]) + len(new_rows)
+    plan = plan_index(live_count, embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
+    reasons = []
+    if plan.kind != info.get("index_kind"):
+        reasons.append(f"{live_count:,} vectors: {config.kind} now plans {plan.kind}, not {info.get('index_kind')}")
+    if (base / "index.ivfdata").exists():
+        reasons.append("an on-disk index (index.ivfdata) is rebuilt, not grown in place")
+    if plan.train_size and added_since > RETRAIN_SHARE * int(trained["count"]):
+        reasons.append(
+            f"{added_since:,} vectors added since the quantizer was trained on {int(trained['count']):,} "
+            f"(over {RETRAIN_SHARE:.0%})"
+        )
+    stored = bundle.index.ntotal + len(new_rows)
+    if len(dead) > DEAD_SHARE * stored:
+        reasons.append(f"{len(dead):,} of {stored:,} stored vectors are removed ones (over {DEAD_SHARE:.0%})")
+    if reasons:
+        return _rebuilt(work, embeddings, config, inputs, number, progress, "; ".join(reasons))
+
+    index = bundle.index
+    rng = np.random.default_rng(config.seed)
+    held = min(config.queries, len(new_rows) // 2)
+    held_rows = np.sort(rng.choice(new_rows, size=held, replace=False)) if held >= MIN_HELD_OUT else new_rows[:0]
+    first_rows = np.setdiff1d(new_rows, held_rows)
+    timings: dict[str, float] = {}
+    with stage_progress(progress) as bar:
+        task = bar.task(f"updating ({info['factory']})", total=len(new_rows), unit="vectors")
+        clock = time.perf_counter()
+        for _, block in embeddings.ordered(first_rows, config.chunk_rows):
+            index.add(block)
+            bar.advance(task, len(block))
+        timings["add_seconds"] = time.perf_counter() - clock
+        rows = np.concatenate([bundle.rows, first_rows]).astype(np.int64)
+        search, report = _retune(index, embeddings, rows, dead, held_rows, alive, plan.search_parameter, config, rng)
+        timings["tune_seconds"] = report.pop("seconds")
+        reason = _recall_lost(info["recall_at_k"], report) if plan.search_parameter is not None else None
+        if reason:
+            return _rebuilt(work, embeddings, config, inputs, number, progress, reason)
+        clock = time.perf_counter()
+        if len(held_rows):
+            index.add(embeddings.rows(held_rows))
+            bar.advance(task, len(held_rows))
+        timings["add_seconds"] += time.perf_counter() - clock
+    rows = np.concatenate([rows, held_rows]).astype(np.int64)
+    timings["total_seconds"] = time.perf_counter() - started
+    keys, labels = embeddings.keys_and_labels()
+    write_index_files(work, index, keys, labels, rows, dead)
+    fresh = {
+        **info,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "count": live_count,
+        "index_version": number,
+        "embeddings": embeddings_record(embeddings),
+        "search": search,
+        "recall_at_k": report,
+        "trained": {"count": int(trained["count"]), "added_since": added_since},
+        "update": {
+            "from_version": info.get("index_version"),
+            "added": len(new_rows),
+            "removed": len(dead) - len(bundle.deleted),
+            "deleted_in_index": len(dead),
+            **{name: round(value, 3) for name, value in timings.items()},
+        },
+        "bytes": sum(path.stat().st_size for path in work.iterdir() if path.suffix in {".faiss", ".ivfdata"}),
+        "inputs": inputs,
+    }
+    write_index_json(work, fresh)
+    return fresh
+
+
+def _recall_lost(before: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """Why the grown index no longer searches well enough, or None: the target was reached and is not any more,
+    or (an index whose codes never reached it, like IVF-PQ) the best recall fell by more than ``RECALL_DROP``."""
+    if now["recall"] is None or before.get("recall") is None:
+        return None
+    if before.get("target_met") and not now["target_met"]:
+        return f"the target recall {now['target']} is no longer reachable (best {now['recall']:.3f})"
+    if not before.get("target_met") and now["recall"] < before["recall"] - RECALL_DROP:
+        return f"the best recall fell from {before['recall']:.3f} to {now['recall']:.3f}"
+    return None
+
+
+def _rebuilt(
+    work: Path, embeddings: EmbeddingSet, config: IndexConfig, inputs: dict[str, Any], number: int, progress: bool,
+    reason: str,
+) -> dict[str, Any]:  # fmt: skip
+    """A full build of the live rows into ``work`` (a version of its own, trained afresh), saying why."""
+    return write_version(work, embeddings, config, inputs, version=number, progress=progress, reason=reason)
+
+
+def _retune(
+    index: faiss.Index,
+    embeddings: EmbeddingSet,
+    rows: np.ndarray,
+    dead: np.ndarray,
+    held_rows: np.ndarray,
+    alive: np.ndarray,
+    parameter: str | None,
+    config: IndexConfig,
+    rng: np.random.Generator,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The smallest search effort that reaches the target recall on the live vectors; the setting and report."""
+    clock = time.perf_counter()
+    live_ids = np.flatnonzero(alive[rows])
+    if len(held_rows):
+        queries, note = embeddings.rows(held_rows), f"{len(held_rows)} new vectors kept out while tuning, added last"
+    else:
+        sample = np.sort(rng.choice(live_ids, size=min(config.queries, len(live_ids)), replace=False))
+        queries, note = embeddings.rows(rows[sample]), f"{len(sample)} stored vectors (few new ones to hold out)"
+    k = min(config.k, len(live_ids))
+    blocks = (block for _, block in embeddings.ordered(rows[live_ids], config.chunk_rows))
+    _, positions, exact_seconds = exact_neighbours(queries, blocks, k, config.metric)
+    truth = np.where(positions >= 0, live_ids[np.maximum(positions, 0)], -1)
+    selector = live_selector(dead, index.ntotal)
+
+    def searched(batch: np.ndarray, value: int | None) -> np.ndarray:
+        params, _keep = search_parameters_for(index, parameter, value, selector)
+        return index.search(batch, k, params=params)[1]
+
+    nlist = faiss.extract_index_ivf(index).nlist if parameter == "nprobe" else None
+    start, limit = effort_bounds(parameter, nlist, k, gpu=False)
+    tuning = tune(
+        lambda value: recall_at_k(searched(queries, value if parameter else None), truth),
+        parameter,
+        start=start,
+        limit=limit,
+        target=config.target_recall,
+    )
+    if parameter is not None:
+        set_index_parameter(index, parameter, tuning.value)  # type: ignore[arg-type]
+    qps = queries_per_second(lambda batch: searched(batch, tuning.value), queries)
+    search = {"parameter": parameter, "params": {parameter: tuning.value} if parameter else {}}
+    report = {
+        "k": k,
+        "queries": len(queries),
+        "recall": tuning.recall,
+        "target": config.target_recall,
+        "target_met": tuning.reached,
+        "qps": qps,
+        "exact_qps": len(queries) / exact_seconds if exact_seconds > 0 else None,
+        "probes": [asdict(probe) for probe in tuning.probes],
+        "held_out": note,
+        "seconds": time.perf_counter() - clock,
+    }
+    return search, report

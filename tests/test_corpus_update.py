@@ -1,0 +1,153 @@
+"""A corpus that lives, end to end: a catalogue folder changes day after day, and each change reaches search —
+the CLI and a running service — through ingest --update, embed and index --update, with no failed request.
+
+Real Fashion-MNIST images as PNG files in class folders; each day the folder grows by 20 %, loses 5 % and has
+2 % of its photos overwritten with other pictures. Every command runs as a user runs it (a subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import numpy as np
+import pytest
+from datasets import PhotoFolder
+from PIL import Image
+from processes import start_server, stop, wait_listening
+from test_killed_runs import hidden, mocoplus
+from test_reload import LoadClient, generation_of, reloads, wait_for
+
+from artifacts.embedding_set import EmbeddingSet
+from artifacts.index_bundle import IndexBundle
+from artifacts.index_versions import switch_current, version_name
+from pipeline.index.build import build_index
+from pipeline.index.config import IndexConfig
+
+pytestmark = pytest.mark.slow
+SECONDS = 60
+DAYS = {  # day → (new images, removed, overwritten (image number, row shown instead))
+    1: (range(200, 240), range(0, 200, 20), [(5, 300), (47, 301), (93, 302), (141, 303)]),
+    2: (range(240, 288), range(1, 240, 24), [(6, 304), (203, 305), (150, 306), (77, 307), (33, 308)]),
+    3: (range(288, 346), range(2, 288, 29), [(8, 309), (245, 310), (111, 311), (60, 312), (210, 313)]),
+}
+
+
+def cli(*args: str) -> str:
+    done = mocoplus(*args, "--no-progress")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def refresh(folder: PhotoFolder, paths: dict, model: str) -> None:
+    """The day's three commands, exactly as the README gives them."""
+    cli("ingest", str(folder.root), "--out", str(paths["shards"]), "--update")
+    cli("embed", model, "--data", str(paths["shards"]), "--out", str(paths["emb"]))
+    cli("index", str(paths["emb"]), "--out", str(paths["index"]), "--kind", "flat", "--update")
+
+
+def search_images(client: httpx.Client, folder: PhotoFolder, numbers, k: int = 5) -> list[list[dict]]:
+    files = [("images", (f"{n}.png", folder.path(n).read_bytes(), "image/png")) for n in numbers]
+    answer = client.post("/v1/search", files=files, data={"k": str(k)})
+    assert answer.status_code == 200, answer.text
+    return [result["hits"] for result in answer.json()["results"]]
+
+
+def test_each_day_new_photos_find_themselves_and_removed_ones_never_come_back(bundle, fashion_mnist_slice, tmp_path):
+    folder = PhotoFolder(fashion_mnist_slice, tmp_path / "photos")
+    folder.add(range(200))
+    paths = {name: tmp_path / name for name in ("shards", "emb", "index")}
+    cli("ingest", str(folder.root), "--out", str(paths["shards"]))
+    cli("embed", str(bundle), "--data", str(paths["shards"]), "--out", str(paths["emb"]))
+    cli("index", str(paths["emb"]), "--out", str(paths["index"]), "--kind", "flat")
+    process, url = start_server("--model", str(bundle), "--index", str(paths["index"]), log=tmp_path / "log")
+    client = wait_listening(process, url)
+    removed_keys: set[str] = set()
+    try:
+        dim = client.get("/v1/model").json()["index"]["dim"]
+        with LoadClient(url, dim) as load:
+            load.wait_for_answers(5)
+            for day, (new, removed, overwritten) in DAYS.items():
+                removed_keys |= {folder.key(n) for n in removed}
+                folder.add(new)
+                folder.remove(removed)
+                folder.overwrite([n for n, _ in overwritten], [row for _, row in overwritten])
+                removed_keys -= folder.live_keys()
+                refresh(folder, paths, str(bundle))
+                process.send_signal(signal.SIGHUP)
+
+                assert wait_for(client, day + 1) == len(folder.shown)
+                assert client.get("/v1/model").json()["index"]["version"] == day + 1
+                changed = [*new, *(n for n, _ in overwritten)]
+                for number, hits in zip(changed, search_images(client, folder, changed), strict=True):
+                    assert hits[0]["key"] == folder.key(number) and hits[0]["score"] == pytest.approx(1, abs=1e-4)
+                load.wait_for_answers(len(load.answers) + 5)
+        assert {status for status, _ in load.answers} == {200}
+        assert {generation for _, generation in load.answers} >= {1, 2, 3, 4}
+        assert reloads(client, "failed") == 0
+    finally:
+        stop(process)
+
+    # the CLI reads the current version: a removed photo's pixels never bring back its key, and an overwritten
+    # photo's old pixels never find its old vector (that would score 1: the very same image)
+    index = IndexBundle(paths["index"])
+    assert index.count == len(folder.shown) == EmbeddingSet(paths["emb"]).live_count
+    replaced = sorted({n for _, _, overwritten in DAYS.values() for n, _ in overwritten})
+    originals = sorted(int(key.rsplit("img", 1)[1]) for key in removed_keys) + replaced
+    query_files = []
+    for number in originals:
+        path = tmp_path / "queries" / f"original-{number}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(folder.pixels[number]).save(path)
+        query_files.append(str(path))
+    out = cli("search", str(paths["index"]), "--model", str(bundle), *query_files, "-k", "20", "--json")
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert len(answers) == len(originals)
+    returned = {hit["key"] for answer in answers for hit in answer["results"]}
+    assert returned and not returned & removed_keys
+    for number, answer in zip(originals, answers, strict=True):
+        if number in replaced:
+            own = [hit for hit in answer["results"] if hit["key"] == folder.key(number)]
+            assert not own or own[0]["score"] < 1 - 1e-4, (number, own)
+
+    # an exact index after three updates answers as one built from scratch
+    scratch = build_index(paths["emb"], tmp_path / "scratch", IndexConfig(kind="flat"), progress=False)
+    vectors = np.random.default_rng(0).standard_normal((30, index.dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ours, theirs = index.search(vectors, 10), IndexBundle(scratch.out_dir).search(vectors, 10)
+    assert [[hit.key for hit in row] for row in ours] == [[hit.key for hit in row] for row in theirs]
+    assert hidden(paths["index"]) == [] and hidden(paths["emb"]) == []
+
+
+def test_a_corrupt_new_version_is_refused_and_the_old_one_keeps_serving(bundle, fashion_mnist_slice, tmp_path):
+    folder = PhotoFolder(fashion_mnist_slice, tmp_path / "photos")
+    folder.add(range(120))
+    paths = {name: tmp_path / name for name in ("shards", "emb", "index")}
+    cli("ingest", str(folder.root), "--out", str(paths["shards"]))
+    cli("embed", str(bundle), "--data", str(paths["shards"]), "--out", str(paths["emb"]))
+    cli("index", str(paths["emb"]), "--out", str(paths["index"]), "--kind", "flat")
+    process, url = start_server("--model", str(bundle), "--index", str(paths["index"]), log=tmp_path / "log")
+    client = wait_listening(process, url)
+    try:
+        broken = paths["index"] / version_name(2)
+        broken.mkdir()
+        for item in (paths["index"] / version_name(1)).iterdir():
+            (broken / item.name).write_bytes(item.read_bytes())
+        (broken / "index.faiss").write_bytes(b"not a faiss index")
+        switch_current(paths["index"], 2)
+        process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + SECONDS
+        while reloads(client, "failed") < 1:
+            assert time.monotonic() < deadline, "the failed reload was never counted"
+            time.sleep(0.1)
+        assert generation_of(client) == (1, 120)
+        assert "keeps serving" in (tmp_path / "log").read_text()
+        folder.add(range(120, 150))
+        refresh(folder, paths, str(bundle))  # the next good version (3) is taken
+        process.send_signal(signal.SIGHUP)
+        assert wait_for(client, 2) == 150
+        assert client.get("/v1/model").json()["index"]["version"] == 3
+    finally:
+        stop(process)
