@@ -339,3 +339,43 @@ def write_embedding_set(
     normalized = bool(len(vectors)) and bool(np.allclose(norms, 1, atol=1e-3))
     write_manifest(out_dir, names, ("", bundle_hash, normalized), vectors.shape[1], "float32")
     return out_dir
+
+
+def grow_embedding_set(
+    out_dir: Path,
+    vectors: np.ndarray,
+    *,
+    removed: tuple[str, ...] | list[str] = (),
+    keys: list[str] | None = None,
+    labels: np.ndarray | None = None,
+) -> list[str]:
+    """A set made by `write_embedding_set`, grown as ``embed`` grows one after ``ingest --update``: one new
+    part of ``vectors`` (``keys``, by default continuing ``v<N>``; a removed key given again is a replaced
+    sample), and ``removed`` keys marked dead in the parts that hold them. The new part's keys.
+
+    For benchmarks and tests of updates on vectors made elsewhere.
+    """
+    out_dir = Path(out_dir)
+    current = EmbeddingSet(out_dir)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    labels = np.full(len(vectors), -1) if labels is None else np.asarray(labels)
+    keys = keys if keys is not None else [f"v{row}" for row in range(current.count, current.count + len(vectors))]
+    index = len(current.parts)
+    source = f"vectors-{index}"
+    record = {"source": source, "source_bytes": None, "bundle_hash": current.bundle_hash, "dtype": "float32",
+              "dim": current.dim, "count": len(keys), "keys": keys, "labels": labels.tolist(),
+              "skipped": []}  # fmt: skip
+    dead = {part.source: set(part.removed) for part in current.parts}
+    wanted = set(removed)
+    for part in current.parts:
+        found = wanted & set(current.record(part)["keys"]) - dead[part.source]
+        dead[part.source] |= found
+        wanted -= found
+    if wanted:
+        raise KeyError(f"no live sample with key {sorted(wanted)[0]!r} in {out_dir}")
+    withdraw_manifest(out_dir)
+    write_part(out_dir, index, vectors, record, fp16=False)
+    sources = [part.source for part in current.parts] + [source]
+    model = (str(current.manifest.get("model", "")), current.bundle_hash, current.normalized)
+    write_manifest(out_dir, sources, model, current.dim, "float32", {name: frozenset(k) for name, k in dead.items()})
+    return keys

@@ -273,6 +273,10 @@ class IndexBundle:
             set_index_parameter(self.index, self.search_parameter, int(value))
             self._setting = int(value)
 
+    def is_live(self, position: int) -> bool:
+        """Whether id ``position`` is a sample's (not one removed by an update)."""
+        return self._selector is None or bool(self._selector.is_member(position))
+
     def id_of(self, key: str) -> int:
         if self._id_of is None:
             removed = set(self.deleted.tolist())

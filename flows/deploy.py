@@ -1,4 +1,4 @@
-"""Deployments: ``pretrain`` on a cron schedule, ``index-corpus`` and ``end-to-end`` on demand.
+"""Deployments: ``pretrain`` and ``refresh-corpus`` on cron schedules, ``index-corpus`` and ``end-to-end`` on demand.
 
 `serve_deployments` registers them with the Prefect API that ``PREFECT_API_URL``
 names (a ``prefect server start``; without one, Prefect's ephemeral local API,
@@ -17,6 +17,7 @@ from prefect import serve
 from flows.end_to_end import end_to_end
 from flows.index_corpus import index_corpus
 from flows.pretrain import pretrain
+from flows.refresh_corpus import refresh_corpus
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,8 @@ class DeploymentConfig:
     source: str = "fashion-mnist:train"
     eval_source: str = "fashion-mnist:test"
     nproc: int = 1
+    refresh_cron: str = "0 * * * *"  # refresh-corpus: hourly
+    pid_file: Path | None = None  # the service to tell after a refresh (mocoplus serve --pid-file)
 
 
 def deployments(config: DeploymentConfig) -> list:
@@ -56,6 +59,18 @@ def deployments(config: DeploymentConfig) -> list:
             name="index-corpus",
             parameters={"model": layout["model"], "data": train_shards, "out": layout["corpus"]},
             description="Embed the corpus in parallel shares, build and check the FAISS index.",
+        ),
+        refresh_corpus.to_deployment(
+            name="refresh-corpus",
+            cron=config.refresh_cron,
+            parameters={
+                "source": config.source,
+                "model": layout["model"],
+                "shards": train_shards,
+                "out": layout["corpus"],
+                "pid_file": str(config.pid_file.resolve()) if config.pid_file else None,
+            },
+            description="ingest --update → embed the new shards → the index's next version → SIGHUP to the service.",
         ),
         end_to_end.to_deployment(
             name="end-to-end",

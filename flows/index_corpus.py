@@ -9,8 +9,10 @@ runner each share runs on its own worker; the default is a thread pool.
 one by address, or a local one of n worker processes — the scale-out path.
 Tasks pass paths, not arrays, retry with back-off, and skip what is done:
 embedding resumes part by part, and an index whose ``index.json`` names the
-current embedding manifest is kept. A markdown artifact reports the result,
-an image artifact shows a 2-D map of the embeddings (``map_sample`` of them).
+current embedding manifest is kept. With ``update``, the index gets its next
+version (`pipeline.index.update`) instead of being built anew. A markdown
+artifact reports the result, an image artifact shows a 2-D map of the
+embeddings (``map_sample`` of them).
 """
 
 from __future__ import annotations
@@ -43,13 +45,20 @@ def embed_share(model: str, data: str, out: str, share: int, shares: int, batch_
 
 
 @task(retries=1, retry_delay_seconds=5)
-def index_embeddings(embeddings: str, out: str, kind: str, target_recall: float) -> dict[str, Any]:
-    """Build the index (up to date when ``out`` already indexes exactly this embedding set with these options)."""
+def index_embeddings(
+    embeddings: str, out: str, kind: str, target_recall: float, update: bool = False, keep: int = 3
+) -> dict[str, Any]:
+    """Build the index, or with ``update`` its next version (up to date when ``out`` already indexes exactly
+    this embedding set with these options)."""
     from pipeline.index.build import build_index
     from pipeline.index.config import IndexConfig
+    from pipeline.index.update import update_index
 
     config = IndexConfig(kind=kind, target_recall=target_recall)
-    result = build_index(Path(embeddings), Path(out), config)
+    if update:
+        result = update_index(Path(embeddings), Path(out), config, keep=keep)
+    else:
+        result = build_index(Path(embeddings), Path(out), config)
     if result.up_to_date:
         get_run_logger().info("%s already indexes these embeddings: up to date", out)
     return {**result.info, "reused": result.up_to_date}
@@ -71,7 +80,17 @@ def check_recall(info: dict[str, Any]) -> dict[str, Any]:
     create_markdown_artifact(table, key="index-corpus", description="index-corpus: recall and speed")
     if report.get("target_met") is False:
         raise ValueError(f"recall@{report['k']} {report['recall']:.3f} is below the target {report['target']}")
-    return {"recall": report["recall"], "qps": report.get("qps"), "factory": info["factory"]}
+    return {
+        "recall": report["recall"],
+        "qps": report.get("qps"),
+        "factory": info["factory"],
+        "count": info["count"],
+        "version": info.get("index_version"),
+        "update": None if info.get("reused") else info.get("update"),
+        "retrained": info.get("trained", {}).get("reason"),
+        "build_seconds": info["build"]["total_seconds"],  # the last full build's (an update keeps its record)
+        "reused": bool(info.get("reused")),
+    }
 
 
 @flow(name="index-corpus", log_prints=True)
@@ -84,17 +103,20 @@ def index_corpus(
     target_recall: float = 0.95,
     map_sample: int = 5000,
     map_method: str = "umap",
+    update: bool = False,
+    keep: int = 3,
 ) -> dict[str, Any]:
     """Embed ``data`` with ``model`` in ``shares`` parallel tasks into ``out/embeddings``, index into ``out/index``.
 
-    ``map_sample`` vectors are drawn as ``out/map.png`` (0: no map).
+    ``map_sample`` vectors are drawn as ``out/map.png`` (0: no map). ``update``: the index's next version
+    (``keep`` versions kept) instead of a new build.
     """
     embeddings, index = str(Path(out) / EMBEDDINGS), str(Path(out) / INDEX)
     shares_done = embed_share.map(
         unmapped(model), unmapped(data), unmapped(embeddings), range(shares), unmapped(shares)
     )
     samples = sum(result["samples"] for result in shares_done.result())
-    info = index_embeddings(embeddings, index, kind, target_recall)
+    info = index_embeddings(embeddings, index, kind, target_recall, update, keep)
     summary = check_recall(info)
     picture = draw_corpus_map(embeddings, str(Path(out) / MAP), map_sample, map_method) if map_sample else None
     return {"embeddings": embeddings, "index": index, "samples_embedded_now": samples, "map": picture, **summary}

@@ -58,16 +58,19 @@ class Corpus:
     def summary(self) -> dict[str, Any]:
         names = self.images.class_names if self.images is not None else None
         return {
-            "count": self.index.index.ntotal,
+            "count": self.index.count,
             "class_names": list(names) if names is not None else None,
             "images": self.images is not None,
             "images_unavailable": self.unavailable,
         }
 
     def random_key(self) -> str:
-        if not self.index.keys:
+        """A live sample's key, uniformly (removed ones, fewer than half the ids, are drawn again)."""
+        if not self.index.count:
             raise RequestError(404, "the corpus is empty")
-        return self.index.keys[self.sampler.randrange(len(self.index.keys))]
+        while not self.index.is_live(position := self.sampler.randrange(len(self.index.keys))):
+            pass
+        return self.index.keys[position]
 
     def require_key(self, key: str) -> None:
         """404 for a key the index does not hold: before any answer about its image, a 304 included."""

@@ -124,3 +124,50 @@ def test_the_dask_path_with_two_local_workers_embeds_as_the_sequential_path(bund
     embed(bundle, str(fashion_shards), sequential, EmbedConfig(workers=0), progress=False)
     for part in sorted(sequential.glob("part-*.npy")):
         np.testing.assert_array_equal(np.load(tmp_path / "out" / "embeddings" / part.name), np.load(part))
+
+
+@pytest.mark.slow
+def test_refresh_corpus_carries_a_changed_folder_to_a_new_index_version_and_tells_the_service(
+    bundle, fashion_mnist_slice, tmp_path
+):
+    import subprocess
+    import sys
+
+    from datasets import PhotoFolder
+    from prefect.artifacts import Artifact
+    from processes import stop
+
+    from artifacts.index_bundle import IndexBundle
+    from flows.refresh_corpus import refresh_corpus
+
+    folder = PhotoFolder(fashion_mnist_slice, tmp_path / "photos")
+    folder.add(range(150))
+    marker, pid_file = tmp_path / "reloaded", tmp_path / "serve.pid"
+    # a stand-in service: it records each SIGHUP, as `mocoplus serve --pid-file` would reload on it
+    listener = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, sys, time\n"
+        f"signal.signal(signal.SIGHUP, lambda *_: open({str(marker)!r}, 'a').write('hup\\n'))\n"
+        f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+        "time.sleep(600)\n"
+    )])  # fmt: skip
+    try:
+        while not pid_file.exists() or not pid_file.read_text():
+            assert listener.poll() is None
+        arguments = {"source": str(folder.root), "model": str(bundle), "shards": str(tmp_path / "shards"),
+                     "out": str(tmp_path / "corpus"), "pid_file": str(pid_file), "shares": 1,
+                     "kind": "flat"}  # fmt: skip
+        first = refresh_corpus(**arguments)
+        assert first["index"]["version"] == 1 and first["index"]["count"] == 150
+        folder.add(range(150, 180))
+        folder.remove(range(0, 150, 15))
+        second = refresh_corpus(**arguments)
+        third = refresh_corpus(**arguments)  # nothing new: nothing changes, nobody is told
+    finally:
+        stop(listener)
+    assert second["ingest"]["added"] == 30 and second["ingest"]["removed"] == 10
+    assert second["index"]["version"] == 2 and second["index"]["update"]["added"] == 30
+    assert second["reloaded_pid"] == listener.pid and third["reloaded_pid"] is None
+    assert marker.read_text() == "hup\nhup\n"  # the first build and the update
+    assert IndexBundle(tmp_path / "corpus" / "index").count == len(folder.shown) == 170
+    report = Artifact.get("refresh-corpus")
+    assert "+30 / −10" in report.data and "last full build" in report.data

@@ -15,14 +15,7 @@ import pytest
 from test_index import QUIET, low_dimensional, naive_top
 from test_killed_runs import hidden, killed, mocoplus
 
-from artifacts.embedding_set import (
-    EMBEDDINGS_MANIFEST,
-    EmbeddingSet,
-    part_name,
-    write_embedding_set,
-    write_manifest,
-    write_part,
-)
+from artifacts.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet, grow_embedding_set, write_embedding_set
 from artifacts.index_bundle import IndexBundle, IndexBundleError
 from artifacts.index_versions import CURRENT, IndexVersionError, current_version, versions
 from pipeline.index.build import build_index
@@ -36,39 +29,21 @@ class GrowingSet:
     """An embedding set of unit vectors, keys ``v0``, ``v1``, ...; `grow` adds a part and removes keys."""
 
     def __init__(self, folder, count: int, parts: int = 2, seed: int = 0) -> None:
-        self.folder, self.seed = folder, seed
+        self.folder = folder
         self.pool = low_dimensional(20_000, seed=seed)
         self.vectors = {f"v{row}": self.pool[row] for row in range(count)}
         self.next = count
-        self.dead: dict[str, list[str]] = {}
         write_embedding_set(folder, self.pool[:count], bundle_hash=MODEL, parts=parts)
-        self.parts = [f"vectors-{index}" for index in range(parts)]
 
     def grow(self, added: int, removed: list[str], replaced: list[str] = ()) -> None:
         """A new part of ``added`` new vectors plus new vectors for the ``replaced`` keys; ``removed`` are gone."""
         keys = [f"v{row}" for row in range(self.next, self.next + added)] + list(replaced)
-        fresh = self.pool[self.next : self.next + added + len(replaced)]
-        self.next += added + len(replaced)
-        index = len(self.parts)
-        name = f"vectors-{index}"
-        record = {"source": name, "source_bytes": None, "bundle_hash": MODEL, "dtype": "float32", "dim": fresh.shape[1],
-                  "count": len(keys), "keys": keys, "labels": [-1] * len(keys), "skipped": []}  # fmt: skip
-        write_part(self.folder, index, fresh, record, fp16=False)
+        fresh = self.pool[self.next : self.next + len(keys)]
+        self.next += len(keys)
+        grow_embedding_set(self.folder, fresh, removed=[*removed, *replaced], keys=keys)
         for key in [*removed, *replaced]:
-            owner = self._part_of(key)
-            self.dead.setdefault(owner, []).append(key)
             del self.vectors[key]
         self.vectors.update(zip(keys, fresh, strict=True))
-        self.parts.append(name)
-        dead = {part: frozenset(keys) for part, keys in self.dead.items()}
-        write_manifest(self.folder, self.parts, ("", MODEL, True), fresh.shape[1], "float32", dead)
-
-    def _part_of(self, key: str) -> str:
-        for index, name in enumerate(self.parts):
-            record = json.loads((self.folder / f"{part_name(index)}.json").read_text())
-            if key in record["keys"] and key not in self.dead.get(name, []):
-                return name
-        raise KeyError(key)
 
     def live(self) -> tuple[list[str], np.ndarray]:
         keys = sorted(self.vectors, key=lambda key: int(key[1:]))

@@ -129,6 +129,8 @@ def verify_command(
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"bad: {problem}", markup=False)
     checked = "hashes and counts" if quick else f"hashes, counts and {report.decoded:,} decoded images"
     summary = f"{report.shards} shards, {report.samples:,} samples: {checked}"
+    if report.generations > 1:
+        summary += f"; {report.generations} generations, {report.live:,} samples live"
     if not report.ok:
         raise fail(f"{summary}; {len(report.problems):,} problems")
     Console(highlight=False).print(f"ok: {summary}")

@@ -20,7 +20,7 @@ from serving.payloads import Limits
 commands = typer.Typer()
 flows_commands = typer.Typer(
     name="flows",
-    help="Prefect deployments: pretrain on a cron schedule, index-corpus and end-to-end on demand.",
+    help="Prefect deployments: pretrain and refresh-corpus on cron schedules, index-corpus and end-to-end on demand.",
     no_args_is_help=True,
 )
 
@@ -179,7 +179,9 @@ def process_id_file(path: Path | None) -> Iterator[None]:
         "prefect deployment run 'index-corpus/index-corpus'.\n\n"
         "Examples:\n\n"
         "  prefect server start &   # then: prefect config set PREFECT_API_URL=http://127.0.0.1:4200/api\n\n"
-        "  mocoplus flows serve --out /data/mocoplus --cron '0 3 * * *'"
+        "  mocoplus flows serve --out /data/mocoplus --cron '0 3 * * *'\n\n"
+        "  mocoplus flows serve --out /data/mocoplus --source ~/photos --refresh-cron '0 * * * *' "
+        "--pid-file serve.pid"
     ),
 )
 def flows_serve_command(
@@ -188,8 +190,28 @@ def flows_serve_command(
     config: Annotated[str, typer.Option(help="Training preset or TOML/JSON file.")] = "fashion-mnist-cpu",
     overrides: Annotated[list[str] | None, typer.Option("--set", help="Training overrides (repeatable).")] = None,
     nproc: Annotated[int, typer.Option(min=1, help="Training processes (torchrun --nproc_per_node).")] = 1,
+    source: Annotated[
+        str, typer.Option(help="The corpus: an image folder, a .txt/.csv list, or fashion-mnist:train.")
+    ] = "fashion-mnist:train",
+    refresh_cron: Annotated[
+        str, typer.Option(help="The refresh-corpus schedule (cron, UTC): ingest --update, embed, index --update.")
+    ] = "0 * * * *",
+    pid_file: Annotated[
+        Path | None, typer.Option(help="The service to send SIGHUP after a refresh (mocoplus serve --pid-file).")
+    ] = None,
 ) -> None:
     """Serve the Prefect deployments."""
     from flows.deploy import DeploymentConfig, serve_deployments
 
-    serve_deployments(DeploymentConfig(out=out, cron=cron, config=config, overrides=overrides or [], nproc=nproc))
+    serve_deployments(
+        DeploymentConfig(
+            out=out,
+            cron=cron,
+            config=config,
+            overrides=overrides or [],
+            nproc=nproc,
+            source=source,
+            refresh_cron=refresh_cron,
+            pid_file=pid_file,
+        )
+    )

@@ -48,6 +48,8 @@ class VerifyReport:
     shards: int = 0
     samples: int = 0
     decoded: int = 0
+    generations: int = 0
+    live: int = 0  # samples not removed by a later generation
     problems: list[Problem] = field(default_factory=list)
 
     @property
@@ -59,7 +61,7 @@ def verify(folder: Path, *, quick: bool = False, progress: bool = True) -> Verif
     """Check the shard set in ``folder`` against its manifest (``quick``: hashes and counts, no decoding)."""
     folder = Path(folder)
     manifest = read_manifest(folder)
-    report = VerifyReport()
+    report = VerifyReport(generations=len(manifest.generations), live=manifest.live)
     seen_keys: dict[str, tuple[str, int]] = {}  # key → (shard, generation) of its latest sample
     held: dict[int, set[str]] = {}  # generation → the keys its shards hold
     listed = {record.name for record in manifest.shards}

@@ -24,7 +24,9 @@ another kind for the grown corpus, or for an on-disk (``index.ivfdata``) index.
 The result is a new version beside the old ones; ``current`` switches to it
 in one rename, and versions beyond ``keep`` are removed
 (`artifacts.index_versions`). A killed update leaves only a temp folder,
-swept by the next run: the current version is untouched throughout.
+swept by the next run: the current version is untouched throughout. A
+current version damaged on disk is rebuilt from the embedding set, and the
+reason says so.
 """
 
 from __future__ import annotations
@@ -90,13 +92,20 @@ def update_index(
     embeddings = EmbeddingSet(embeddings_dir)
     inputs = index_inputs(embeddings, config)
     base = root / version_name(number)
-    info = read_index_json(base)
-    if info.get("inputs") == _as_json(inputs):
-        return IndexResult(root, info, up_to_date=True)
-    _check_updatable(info, embeddings, config, base)
     next_number = max(versions(root), default=number) + 1
-    with building_dir(root / version_name(next_number)) as work:
-        fresh = _next_version(work, base, info, embeddings, config, inputs, next_number, progress)
+    try:
+        info = read_index_json(base)
+        base_bundle = IndexBundle(base, mmap=False)  # in memory: the copy the new version grows from
+    except IndexBundleError as error:  # damaged on disk: the embedding set still holds everything
+        with building_dir(root / version_name(next_number)) as work:
+            reason = f"version {number} is unreadable ({error})"
+            fresh = _rebuilt(work, embeddings, config, inputs, next_number, progress, reason)
+    else:
+        if info.get("inputs") == _as_json(inputs):
+            return IndexResult(root, info, up_to_date=True)
+        _check_updatable(info, embeddings, config, base)
+        with building_dir(root / version_name(next_number)) as work:
+            fresh = _next_version(work, base, base_bundle, embeddings, config, inputs, next_number, progress)
     switch_current(root, next_number)
     prune_versions(root, keep)
     return IndexResult(root, fresh)
@@ -128,7 +137,7 @@ def _check_updatable(info: dict[str, Any], embeddings: EmbeddingSet, config: Ind
 def _next_version(
     work: Path,
     base: Path,
-    info: dict[str, Any],
+    bundle: IndexBundle,
     embeddings: EmbeddingSet,
     config: IndexConfig,
     inputs: dict[str, Any],
@@ -136,7 +145,7 @@ def _next_version(
     progress: bool,
 ) -> dict[str, Any]:
     started = time.perf_counter()
-    bundle = IndexBundle(base, mmap=False)  # in memory: the copy the new version grows from
+    info = bundle.info
     alive = np.zeros(embeddings.count, dtype=bool)
     alive[embeddings.live_rows()] = True
     new_rows = np.flatnonzero(alive[int(info["embeddings"]["rows"]) :]) + int(info["embeddings"]["rows"])
