@@ -21,6 +21,7 @@ arrive as the updates. Prints one JSON object.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import tempfile
 import time
@@ -30,7 +31,7 @@ from typing import Any
 import faiss
 import numpy as np
 from bench_index import synthetic
-from harness import emit, environment
+from harness import emit, environment, log
 
 from artifacts.embedding_set import EmbeddingSet, grow_embedding_set, write_embedding_set
 from artifacts.index_bundle import IndexBundle
@@ -104,13 +105,30 @@ def timed(function) -> tuple[Any, float]:
     return result, time.perf_counter() - start
 
 
-def one_growth(kind: str, share: float, vectors, queries, start: int, work: Path, args) -> dict[str, Any]:
-    """v1 of the start corpus, then the grown set indexed by update and by a rebuild."""
+def first_version(kind: str, vectors: np.ndarray, start: int, work: Path, args) -> tuple[Corpus, float]:
+    """Version 1 of the start corpus (built once per kind; each experiment grows a copy); its build seconds."""
     corpus = Corpus(work / "emb", vectors, start)
     config = IndexConfig(kind=kind, queries=args.tune_queries)
-    build_index(corpus.folder, work / "index", config, progress=False)
+    _, seconds = timed(lambda: build_index(corpus.folder, work / "index", config, progress=False))
+    return corpus, seconds
+
+
+def copied(corpus: Corpus, base: Path, work: Path) -> Corpus:
+    """A private copy of the corpus and its index bundle (the bundle's embedding path pointed at the copy)."""
+    shutil.copytree(base, work, symlinks=True)
+    twin = Corpus.__new__(Corpus)
+    twin.folder, twin.pool, twin.next, twin.live = work / "emb", corpus.pool, corpus.next, dict(corpus.live)
+    twin.rng = np.random.default_rng(1)
+    return twin
+
+
+def one_growth(kind: str, share: float, corpus: Corpus, base: Path, queries, work: Path, args) -> dict[str, Any]:
+    """The start corpus grown by ``share`` (a tenth as many removed), indexed by an update and by a rebuild."""
+    corpus = copied(corpus, base, work)
+    start = len(corpus.live)
     corpus.grow(int(start * share), int(start * share / 10))
-    updated, update_seconds = timed(lambda: update_index(corpus.folder, work / "index", config, progress=False))
+    updated, update_seconds = timed(lambda: update_index(corpus.folder, work / "index", progress=False))
+    config = IndexConfig(kind=kind, queries=args.tune_queries)
     rebuilt, rebuild_seconds = timed(lambda: build_index(corpus.folder, work / "rebuilt", config, progress=False))
     live, keys = corpus.vectors()
     result = {
@@ -125,21 +143,20 @@ def one_growth(kind: str, share: float, vectors, queries, start: int, work: Path
         "rebuild_recall_at_10": round(live_recall(IndexBundle(work / "rebuilt"), live, keys, queries, 10), 4),
         "update_search": updated.info["search"]["params"],
         "rebuild_search": rebuilt.info["search"]["params"],
+        "update_phases_s": {name: value for name, value in updated.info.get("update", {}).items() if "seconds" in name},
     }
     shutil.rmtree(work)
     return result
 
 
-def successive(kind: str, vectors, queries, start: int, work: Path, args) -> list[dict[str, Any]]:
+def successive(corpus: Corpus, base: Path, queries, work: Path) -> list[dict[str, Any]]:
     """Five +10 % updates in a row (a hundredth removed each time), recall after each."""
-    corpus = Corpus(work / "emb", vectors, start)
-    config = IndexConfig(kind=kind, queries=args.tune_queries)
-    build_index(corpus.folder, work / "index", config, progress=False)
+    corpus = copied(corpus, base, work)
     rows = []
     for step in range(1, SUCCESSIVE + 1):
         size = len(corpus.live)
         corpus.grow(int(size * 0.1), int(size * 0.01))
-        info, seconds = timed(lambda: update_index(corpus.folder, work / "index", config, progress=False).info)
+        info, seconds = timed(lambda: update_index(corpus.folder, work / "index", progress=False).info)
         live, keys = corpus.vectors()
         rows.append({
             "update": step, "vectors": len(keys), "seconds": round(seconds, 2),
@@ -170,9 +187,16 @@ def main() -> None:
                                "environment": environment(), "growth": [], "successive": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="bench-update-") as folder:
         for kind in args.kinds.split(","):
+            base = Path(folder) / kind
+            corpus, seconds = first_version(kind, vectors, start, base, args)
+            log("update", f"{kind}: version 1 of {start:,} vectors built in {seconds:.1f} s")
+            results.setdefault("first_build_seconds", {})[kind] = round(seconds, 2)
             for share in args.shares:
-                results["growth"].append(one_growth(kind, share, vectors, queries, start, Path(folder) / "g", args))
-            results["successive"][kind] = successive(kind, vectors, queries, start, Path(folder) / "s", args)
+                results["growth"].append(one_growth(kind, share, corpus, base, queries, Path(folder) / "g", args))
+                log("update", json.dumps(results["growth"][-1]))
+            results["successive"][kind] = successive(corpus, base, queries, Path(folder) / "s")
+            log("update", json.dumps(results["successive"][kind]))
+            shutil.rmtree(base)
     emit(results)
 
 

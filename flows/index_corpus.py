@@ -56,7 +56,8 @@ def index_embeddings(
 
     config = IndexConfig(kind=kind, target_recall=target_recall)
     if update:
-        result = update_index(Path(embeddings), Path(out), config, keep=keep)
+        changes = {"kind": kind, "target_recall": target_recall}
+        result = update_index(Path(embeddings), Path(out), changes, keep=keep)
     else:
         result = build_index(Path(embeddings), Path(out), config)
     if result.up_to_date:
@@ -72,7 +73,7 @@ def check_recall(info: dict[str, Any]) -> dict[str, Any]:
     rows = [
         ("index", f"`{info['factory']}` ({params})"),
         ("vectors", f"{info['count']:,}"),
-        (f"recall@{report['k']}", f"{report['recall']:.3f} (target {report.get('target')})"),
+        (f"recall@{report['k']}", _recall_text(report)),
         ("queries/s", f"{report.get('qps', 0):,.0f} (exact {report.get('exact_qps') or 0:,.0f})"),
         ("build", f"{info['build']['total_seconds']:.1f} s" + (" (reused)" if info.get("reused") else "")),
     ]
@@ -91,6 +92,12 @@ def check_recall(info: dict[str, Any]) -> dict[str, Any]:
         "build_seconds": info["build"]["total_seconds"],  # the last full build's (an update keeps its record)
         "reused": bool(info.get("reused")),
     }
+
+
+def _recall_text(report: dict[str, Any]) -> str:
+    if report.get("recall") is None:
+        return "not measured (too few vectors to hold any out)"
+    return f"{report['recall']:.3f} (target {report.get('target')})"
 
 
 @flow(name="index-corpus", log_prints=True)

@@ -77,7 +77,7 @@ def refresh_corpus(
         ("index version", f"{corpus['version']} ({corpus['count']:,} vectors)"),
         ("index change", f"+{update.get('added', 0):,} / −{update.get('removed', 0):,}"
                          + (f"; retrained: {corpus['retrained']}" if corpus["retrained"] else "")),
-        ("recall", f"{corpus['recall']:.3f}"),
+        ("recall", "not measured" if corpus["recall"] is None else f"{corpus['recall']:.3f}"),
         ("index update", f"{update.get('total_seconds', 0):.1f} s (last full build: {corpus['build_seconds']:.1f} s)"),
         ("refresh", f"{seconds:.1f} s"),
         ("service", f"SIGHUP to pid {notified}" if notified else "not told (nothing changed, or no pid file)"),

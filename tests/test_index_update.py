@@ -63,7 +63,7 @@ def test_an_update_adds_the_new_vectors_and_never_returns_a_removed_one(kind, sh
     old_vectors = np.stack([grown.vectors[key] for key in [*removed, *replaced]])
     grown.grow(300, removed, replaced)
 
-    info = update_index(grown.folder, tmp_path / "index", config, **QUIET).info
+    info = update_index(grown.folder, tmp_path / "index", **QUIET).info  # with the options v1 was built with
 
     assert info["index_version"] == 2 and current_version(tmp_path / "index") == 2
     assert versions(tmp_path / "index") == [1, 2]
@@ -96,11 +96,11 @@ def test_an_updated_exact_index_answers_as_a_build_from_scratch(tmp_path):
     build_index(grown.folder, tmp_path / "index", config, **QUIET)
     grown.grow(150, [f"v{row}" for row in range(5, 2000, 13)], ["v3", "v400"])
     grown.grow(100, [f"v{row}" for row in range(2000, 2150, 7)], ["v2001"])
-    update_index(grown.folder, tmp_path / "index", config, **QUIET)
-    update_index(grown.folder, tmp_path / "index", config, **QUIET)  # a rerun: up to date, no third version
+    update_index(grown.folder, tmp_path / "index", **QUIET)
+    update_index(grown.folder, tmp_path / "index", **QUIET)  # a rerun: up to date, no third version
     assert versions(tmp_path / "index") == [1, 2]
     grown.grow(10, ["v1"])
-    update_index(grown.folder, tmp_path / "index", config, **QUIET)
+    update_index(grown.folder, tmp_path / "index", **QUIET)
     scratch = build_index(grown.folder, tmp_path / "scratch", config, **QUIET)
 
     queries = low_dimensional(40, seed=9)
@@ -117,10 +117,10 @@ def test_the_quantizer_is_retrained_once_the_additions_pass_half_and_the_update_
     config = IndexConfig(kind="ivf", queries=100)
     build_index(grown.folder, tmp_path / "index", config, **QUIET)
     grown.grow(600, [])
-    second = update_index(grown.folder, tmp_path / "index", config, **QUIET).info
+    second = update_index(grown.folder, tmp_path / "index", **QUIET).info
     assert "reason" not in second["trained"] and second["trained"]["added_since"] == 600
     grown.grow(600, ["v0"])
-    third = update_index(grown.folder, tmp_path / "index", config, **QUIET).info
+    third = update_index(grown.folder, tmp_path / "index", **QUIET).info
 
     assert "1,200 vectors added since the quantizer was trained on 2,000" in third["trained"]["reason"]
     assert third["trained"] == {"count": 3199, "added_since": 0, "reason": third["trained"]["reason"]}
@@ -134,7 +134,7 @@ def test_versions_beyond_keep_are_removed_and_an_old_version_stays_searchable(tm
     build_index(grown.folder, tmp_path / "index", config, **QUIET)
     for day in range(3):
         grown.grow(20, [f"v{day}"])
-        update_index(grown.folder, tmp_path / "index", config, keep=2, **QUIET)
+        update_index(grown.folder, tmp_path / "index", keep=2, **QUIET)
 
     assert versions(tmp_path / "index") == [3, 4] and os.readlink(tmp_path / "index" / CURRENT) == "v000004"
     assert hidden(tmp_path / "index") == []
@@ -152,10 +152,10 @@ def test_an_update_refuses_another_models_vectors_and_a_re_embedded_set(tmp_path
     build_index(grown.folder, tmp_path / "index", config, **QUIET)
     other = write_embedding_set(tmp_path / "other", low_dimensional(600, seed=2), bundle_hash="b" * 64)
     with pytest.raises(IndexBundleError, match="a new model gets a new index"):
-        update_index(other, tmp_path / "index", config, **QUIET)
+        update_index(other, tmp_path / "index", **QUIET)
     shuffled = write_embedding_set(tmp_path / "shuffled", low_dimensional(600, seed=2), bundle_hash=MODEL, parts=2)
     with pytest.raises(IndexBundleError, match="build a new index without --update"):
-        update_index(shuffled, tmp_path / "index", config, **QUIET)
+        update_index(shuffled, tmp_path / "index", **QUIET)
     with pytest.raises(FileExistsError, match="pass --update"):
         build_index(shuffled, tmp_path / "index", config, **QUIET)
     assert versions(tmp_path / "index") == [1]
@@ -179,3 +179,18 @@ def test_a_killed_update_leaves_the_current_version_and_its_rerun_finishes(funct
     assert IndexBundle(tmp_path / "index").count == 1500 + 100 - 2
     manifest = json.loads((grown.folder / EMBEDDINGS_MANIFEST).read_text())
     assert EmbeddingSet(grown.folder).live_count == manifest["live"] == 1598
+
+
+def test_an_update_keeps_the_bundles_options_and_a_changed_one_rebuilds(tmp_path):
+    grown = GrowingSet(tmp_path / "emb", 1000)
+    first = build_index(grown.folder, tmp_path / "index", IndexConfig(kind="hnsw", queries=50), **QUIET).info
+    grown.grow(5, ["v1"])
+
+    second = update_index(grown.folder, tmp_path / "index", **QUIET).info  # no --kind: the bundle's hnsw stays
+
+    assert second["index_kind"] == "hnsw" and "reason" not in second["trained"]
+    assert second["search"] == first["search"]  # 5 new vectors are too few to tune on: the setting stands
+    assert second["recall_at_k"]["held_out"].startswith("kept from version 1")
+    third = update_index(grown.folder, tmp_path / "index", {"target_recall": 0.99}, **QUIET).info
+    assert third["trained"]["reason"] == "options changed (target_recall 0.95 → 0.99)"
+    assert third["recall_at_k"]["target"] == 0.99 and third["recall_at_k"]["recall"] >= 0.99

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -86,6 +87,7 @@ def embed_command(
 )
 @one_line_errors
 def index_command(
+    context: typer.Context,
     embeddings: Annotated[Path, typer.Argument(help="An embedding set (from mocoplus embed).")],
     out: Annotated[
         Path,
@@ -137,8 +139,9 @@ def index_command(
         num_shards=num_shards,
         gpu=gpu,
     )
-    if update:
-        result = update_index(embeddings, out, config, keep=keep, progress=progress)
+    if update:  # the bundle keeps its options; those given on this command line change them
+        given = {name: getattr(config, name) for name in asdict(config) if _given(context, name)}
+        result = update_index(embeddings, out, given, keep=keep, progress=progress)
     else:
         result = build_index(embeddings, out, config, progress=progress)
     info = result.info
@@ -160,10 +163,16 @@ def index_command(
         how = f"built in {info['build']['total_seconds']:.1f} s"
         if info.get("trained", {}).get("reason"):
             how = f"rebuilt: {info['trained']['reason']}; {how}"
+    if report.get("recall") is None:  # a handful of vectors: none can be held out to measure on
+        measured = f"{params}: recall not measured (too few vectors to hold any out)"
+    else:
+        measured = (
+            f"{params}: recall@{report['k']} {report['recall']:.3f} (target {report.get('target', 1.0)}) "
+            f"at {report.get('qps', 0):,.0f} queries/s"
+        )
     typer.echo(
         f"{out}{version}: {info['factory']} ({info['reason']}), {info['count']:,} vectors, "
-        f"{info['bytes'] / 2**20:.1f} MiB, {how}; {params}: recall@{report['k']} {report['recall']:.3f} "
-        f"(target {report.get('target', 1.0)}) at {report.get('qps', 0):,.0f} queries/s"
+        f"{info['bytes'] / 2**20:.1f} MiB, {how}; {measured}"
     )
     if not report.get("target_met", True):
         typer.echo(f"warning: the target recall was not reached; {report['recall']:.3f} is the best this index gives")
@@ -252,6 +261,12 @@ def search_command(
         errors.print(f"grid: {grid}{note}", markup=False)
     if failed:
         raise typer.Exit(code=1)
+
+
+def _given(context: typer.Context, option: str) -> bool:
+    """Whether the command line named ``option`` (not left at its default)."""
+    source = context.get_parameter_source(option)
+    return source is not None and source.name != "DEFAULT"
 
 
 def _grid_rows() -> int:

@@ -11,12 +11,18 @@ The current version's index is loaded, and then:
    ``queries``, are held out and added last, to tune on (queries the index
    does not hold, as in a first build);
 3. the search parameter is **re-tuned** to the bundle's target recall,
-   against exact search over the live vectors.
+   against exact search over the live vectors (with fewer than
+   ``MIN_HELD_OUT`` new vectors the tuned setting is kept: stored vectors as
+   queries would flatter an HNSW graph).
+
+The bundle keeps the options it was built with; those given to an update
+change them from its version on.
 
 It rebuilds instead — trains afresh on the live rows and compacts the
 removed ones away — and says why in ``index.json`` (``trained.reason``) when
-the vectors added since the quantizer was trained pass ``RETRAIN_SHARE`` of
-those it was trained on, when removed vectors pass ``DEAD_SHARE`` of those
+the options that shape the index or its tuning change (kind, metric, target
+recall, k, memory budget, shards), when the vectors added since the quantizer
+was trained pass ``RETRAIN_SHARE`` of those it was trained on, when removed vectors pass ``DEAD_SHARE`` of those
 stored, when the target recall is no longer reachable (for an index that
 never reached it: when its best recall falls), when ``auto`` now plans
 another kind for the grown corpus, or for an on-disk (``index.ivfdata``) index.
@@ -33,7 +39,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
+from collections.abc import Mapping
+from dataclasses import asdict, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -75,9 +82,18 @@ MIN_HELD_OUT = 10  # fewer new vectors than this: tune on stored ones (the repor
 
 
 def update_index(
-    embeddings_dir: Path, out_dir: Path, config: IndexConfig = IndexConfig(), *, keep: int = 3, progress: bool = True
+    embeddings_dir: Path,
+    out_dir: Path,
+    changes: Mapping[str, Any] | None = None,
+    *,
+    keep: int = 3,
+    progress: bool = True,
 ) -> IndexResult:
-    """Bring the bundle at ``out_dir`` up to date with the embedding set (its first build when it has none)."""
+    """Bring the bundle at ``out_dir`` up to date with the embedding set (its first build when it has none).
+
+    The bundle keeps the options it was built with (kind, metric, target recall, budget...); ``changes``
+    (`IndexConfig` field → value) overrides some of them from this version on.
+    """
     root = Path(out_dir)
     if keep < 1:
         raise ValueError(f"--keep must be >= 1 (the current version is always kept); got {keep}")
@@ -88,22 +104,25 @@ def update_index(
                 f"{root} was built before index versions existed: build it once into a new --out, "
                 "later updates then work"
             )
-        return build_index(embeddings_dir, root, config, progress=progress)
+        return build_index(embeddings_dir, root, IndexConfig(**(changes or {})), progress=progress)
     embeddings = EmbeddingSet(embeddings_dir)
-    inputs = index_inputs(embeddings, config)
     base = root / version_name(number)
     next_number = max(versions(root), default=number) + 1
     try:
         info = read_index_json(base)
+        config = replace(_recorded_config(info), **(changes or {}))
+        inputs = index_inputs(embeddings, config)
         base_bundle = IndexBundle(base, mmap=False)  # in memory: the copy the new version grows from
     except IndexBundleError as error:  # damaged on disk: the embedding set still holds everything
+        config = IndexConfig(**(changes or {}))
+        inputs = index_inputs(embeddings, config)
         with building_dir(root / version_name(next_number)) as work:
             reason = f"version {number} is unreadable ({error})"
             fresh = _rebuilt(work, embeddings, config, inputs, next_number, progress, reason)
     else:
         if info.get("inputs") == _as_json(inputs):
             return IndexResult(root, info, up_to_date=True)
-        _check_updatable(info, embeddings, config, base)
+        _check_updatable(info, embeddings, base)
         with building_dir(root / version_name(next_number)) as work:
             fresh = _next_version(work, base, base_bundle, embeddings, config, inputs, next_number, progress)
     switch_current(root, next_number)
@@ -111,12 +130,29 @@ def update_index(
     return IndexResult(root, fresh)
 
 
+def _changed_options(before: IndexConfig, now: IndexConfig) -> str:
+    """The options that shape the index or its tuning and differ (``a → b``, comma-separated), or ``""``."""
+    shaping = ("kind", "metric", "target_recall", "k", "memory_budget", "num_shards")
+    return ", ".join(
+        f"{name} {getattr(before, name)} → {getattr(now, name)}"
+        for name in shaping
+        if getattr(before, name) != getattr(now, name)
+    )
+
+
+def _recorded_config(info: dict[str, Any]) -> IndexConfig:
+    """The options the version was built with (defaults for any it does not record)."""
+    recorded = (info.get("inputs") or {}).get("options") or {}
+    known = {field.name for field in fields(IndexConfig)}
+    return IndexConfig(**{name: value for name, value in recorded.items() if name in known})
+
+
 def _as_json(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _check_updatable(info: dict[str, Any], embeddings: EmbeddingSet, config: IndexConfig, base: Path) -> None:
-    """The set must be the one the version covers, grown: same model, its parts unchanged, same metric."""
+def _check_updatable(info: dict[str, Any], embeddings: EmbeddingSet, base: Path) -> None:
+    """The set must be the one the version covers, grown: the same model's, its parts unchanged."""
     if embeddings.bundle_hash != info["bundle_hash"]:
         raise IndexBundleError(
             f"{base} holds vectors of model bundle {info['bundle_hash'][:12]}, {embeddings.path} of "
@@ -130,8 +166,6 @@ def _check_updatable(info: dict[str, Any], embeddings: EmbeddingSet, config: Ind
             f"{embeddings.path} is not the embedding set {base} covers with new parts added (re-embedded, or "
             "another set): build a new index without --update"
         )
-    if config.metric != info.get("metric"):
-        raise IndexBundleError(f"{base} ranks by {info.get('metric')}, not {config.metric}: an update keeps the metric")
 
 
 def _next_version(
@@ -155,7 +189,10 @@ def _next_version(
     added_since = int(trained["added_since"]) + len(new_rows)
     plan = plan_index(live_count, embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
     reasons = []
-    if plan.kind != info.get("index_kind"):
+    changed = _changed_options(_recorded_config(info), config)
+    if changed:
+        reasons.append(f"options changed ({changed})")
+    elif plan.kind != info.get("index_kind"):
         reasons.append(f"{live_count:,} vectors: {config.kind} now plans {plan.kind}, not {info.get('index_kind')}")
     if (base / "index.ivfdata").exists():
         reasons.append("an on-disk index (index.ivfdata) is rebuilt, not grown in place")
@@ -184,11 +221,15 @@ def _next_version(
             bar.advance(task, len(block))
         timings["add_seconds"] = time.perf_counter() - clock
         rows = np.concatenate([bundle.rows, first_rows]).astype(np.int64)
-        search, report = _retune(index, embeddings, rows, dead, held_rows, alive, plan.search_parameter, config, rng)
-        timings["tune_seconds"] = report.pop("seconds")
-        reason = _recall_lost(info["recall_at_k"], report) if plan.search_parameter is not None else None
-        if reason:
-            return _rebuilt(work, embeddings, config, inputs, number, progress, reason)
+        if len(held_rows):
+            search, report = _retune(index, embeddings, rows, dead, held_rows, alive, plan.search_parameter, config)
+            timings["tune_seconds"] = report.pop("seconds")
+            reason = _recall_lost(info["recall_at_k"], report) if plan.search_parameter is not None else None
+            if reason:
+                return _rebuilt(work, embeddings, config, inputs, number, progress, reason)
+        else:  # stored vectors would flatter an HNSW graph: the tuned setting stands until new vectors come
+            note = f"kept from version {info.get('index_version')}: fewer than {MIN_HELD_OUT} new vectors to tune on"
+            search, report = info["search"], {**info["recall_at_k"], "held_out": note}
         clock = time.perf_counter()
         if len(held_rows):
             index.add(embeddings.rows(held_rows))
@@ -250,16 +291,12 @@ def _retune(
     alive: np.ndarray,
     parameter: str | None,
     config: IndexConfig,
-    rng: np.random.Generator,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The smallest search effort that reaches the target recall on the live vectors; the setting and report."""
+    """The smallest search effort that reaches the target recall on the live vectors, measured with the new
+    vectors ``held_rows`` (not in the index yet) as queries; the setting and the report."""
     clock = time.perf_counter()
     live_ids = np.flatnonzero(alive[rows])
-    if len(held_rows):
-        queries, note = embeddings.rows(held_rows), f"{len(held_rows)} new vectors kept out while tuning, added last"
-    else:
-        sample = np.sort(rng.choice(live_ids, size=min(config.queries, len(live_ids)), replace=False))
-        queries, note = embeddings.rows(rows[sample]), f"{len(sample)} stored vectors (few new ones to hold out)"
+    queries, note = embeddings.rows(held_rows), f"{len(held_rows)} new vectors kept out while tuning, added last"
     k = min(config.k, len(live_ids))
     blocks = (block for _, block in embeddings.ordered(rows[live_ids], config.chunk_rows))
     _, positions, exact_seconds = exact_neighbours(queries, blocks, k, config.metric)
