@@ -72,6 +72,8 @@ def test_cron_deployment_is_scheduled_and_an_on_demand_run_completes(
         assert [entry["schedule"]["cron"] for entry in pretrain["schedules"]] == ["0 3 * * *"]
         index = poll(lambda: deployment("index-corpus/index-corpus"), 60, "the index-corpus deployment")
         assert poll(lambda: deployment("end-to-end/end-to-end"), 60, "the end-to-end deployment")
+        refresh = poll(lambda: deployment("refresh-corpus/refresh-corpus"), 60, "the refresh-corpus deployment")
+        assert [entry["schedule"]["cron"] for entry in refresh["schedules"]] == ["0 * * * *"]
 
         parameters = {
             "model": str(bundle),
