@@ -89,10 +89,12 @@ class IngestResult:
     elapsed_s: float
     added: int = 0  # samples this run wrote (an update's new generation; all of a first ingest)
     removed: int = 0  # keys this run removed (an update)
+    read: int | None = None  # inputs this run read (an update reads only the new and changed ones)
 
     @property
     def images_per_s(self) -> float:
-        return (self.manifest.inputs - self.resumed_inputs) / max(self.elapsed_s, 1e-9)
+        read = self.read if self.read is not None else self.manifest.inputs - self.resumed_inputs
+        return read / max(self.elapsed_s, 1e-9)
 
 
 # --- samples → shards (main process) --------------------------------------------------------
@@ -361,7 +363,8 @@ def _update(
     write_json_atomic(out_dir / MANIFEST_NAME, manifest.to_json())
     (out_dir / STATE_NAME).unlink(missing_ok=True)
     elapsed = time.perf_counter() - started
-    return IngestResult(manifest, out_dir, False, start, elapsed, added=added, removed=len(plan.removed))
+    read = len(plan.new) - start
+    return IngestResult(manifest, out_dir, False, start, elapsed, added=added, removed=len(plan.removed), read=read)
 
 
 def _remove_own_files(out_dir: Path, names: set[str], keep: set[str]) -> None:
