@@ -5,7 +5,8 @@ The current version's index is loaded, and then:
 1. **removed** samples (rows a later shard-set generation removed, replaced
    photos included) join ``deleted.npy``: they stay in the FAISS index, and
    every search filters them out inside FAISS (`artifacts.index_bundle`), so
-   no search path — image, key or vector, CLI or service — returns them;
+   no search path — image, key or vector, CLI or service — returns them
+   (a Flat index has them removed outright: `_compacted`);
 2. **new** rows (the parts embedded since) are added to the trained index
    as they are: no re-training, no re-clustering; half of them, up to
    ``queries``, are held out and added last, to tune on (queries the index
@@ -207,7 +208,10 @@ def _next_version(
     if reasons:
         return _rebuilt(work, embeddings, config, inputs, number, progress, "; ".join(reasons))
 
-    index = bundle.index
+    index, stored_rows = bundle.index, bundle.rows
+    removed_now = len(dead) - len(bundle.deleted)
+    if isinstance(faiss.downcast_index(index), faiss.IndexFlat):  # see `_compacted`
+        index, stored_rows, dead = _compacted(index, stored_rows, dead)
     rng = np.random.default_rng(config.seed)
     held = min(config.queries, len(new_rows) // 2)
     held_rows = np.sort(rng.choice(new_rows, size=held, replace=False)) if held >= MIN_HELD_OUT else new_rows[:0]
@@ -220,7 +224,7 @@ def _next_version(
             index.add(block)
             bar.advance(task, len(block))
         timings["add_seconds"] = time.perf_counter() - clock
-        rows = np.concatenate([bundle.rows, first_rows]).astype(np.int64)
+        rows = np.concatenate([stored_rows, first_rows]).astype(np.int64)
         if len(held_rows):
             search, report = _retune(
                 index, embeddings, rows, dead, held_rows, alive, plan.search_parameter, config, info
@@ -253,7 +257,7 @@ def _next_version(
         "update": {
             "from_version": info.get("index_version"),
             "added": len(new_rows),
-            "removed": len(dead) - len(bundle.deleted),
+            "removed": removed_now,
             "deleted_in_index": len(dead),
             **{name: round(value, 3) for name, value in timings.items()},
         },
@@ -262,6 +266,20 @@ def _next_version(
     }
     write_index_json(work, fresh)
     return fresh
+
+
+def _compacted(index: faiss.Index, rows: np.ndarray, dead: np.ndarray) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
+    """A flat index without its removed vectors, and its id → row map to match; no ids are left deleted.
+
+    An exact index searched through an id filter loses its matrix-multiply path (FAISS scores vector by
+    vector): a +10 % update of 37,000 2,043-d vectors spent 52 s in four filtered searches, against 5.6 s
+    for a rebuild. Removing from a flat index shifts the later ids down in order: one memmove, so the
+    update removes them outright instead.
+    """
+    if len(dead):
+        index.remove_ids(faiss.IDSelectorBatch(len(dead), faiss.swig_ptr(np.ascontiguousarray(dead, np.int64))))
+        rows = np.delete(rows, dead)
+    return index, rows, dead[:0]
 
 
 def _recall_lost(before: dict[str, Any], now: dict[str, Any]) -> str | None:
