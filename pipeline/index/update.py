@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,7 +72,7 @@ from pipeline.index.build import (
     write_version,
 )
 from pipeline.index.config import IndexConfig
-from pipeline.index.plan import plan_index
+from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.tune import exact_neighbours, queries_per_second, recall_at_k, tune
 from pipeline.progress import stage_progress
 
@@ -189,22 +189,9 @@ def _next_version(
     trained = info.get("trained") or {"count": bundle.index.ntotal, "added_since": 0}
     added_since = int(trained["added_since"]) + len(new_rows)
     plan = plan_index(live_count, embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
-    reasons = []
-    changed = _changed_options(_recorded_config(info), config)
-    if changed:
-        reasons.append(f"options changed ({changed})")
-    elif plan.kind != info.get("index_kind"):
-        reasons.append(f"{live_count:,} vectors: {config.kind} now plans {plan.kind}, not {info.get('index_kind')}")
-    if (base / "index.ivfdata").exists():
-        reasons.append("an on-disk index (index.ivfdata) is rebuilt, not grown in place")
-    if plan.train_size and added_since > RETRAIN_SHARE * int(trained["count"]):
-        reasons.append(
-            f"{added_since:,} vectors added since the quantizer was trained on {int(trained['count']):,} "
-            f"(over {RETRAIN_SHARE:.0%})"
-        )
     stored = bundle.index.ntotal + len(new_rows)
-    if len(dead) > DEAD_SHARE * stored:
-        reasons.append(f"{len(dead):,} of {stored:,} stored vectors are removed ones (over {DEAD_SHARE:.0%})")
+    growth = Growth(live_count, stored, len(dead), added_since, int(trained["count"]))
+    reasons = _rebuild_reasons(info, base, config, plan, growth)
     if reasons:
         return _rebuilt(work, embeddings, config, inputs, number, progress, "; ".join(reasons))
 
@@ -266,6 +253,39 @@ def _next_version(
     }
     write_index_json(work, fresh)
     return fresh
+
+
+@dataclass(frozen=True)
+class Growth:
+    """What an update would make of the current version: vector counts the retrain rule looks at."""
+
+    live: int  # searchable vectors after the update
+    stored: int  # vectors the index would hold, removed ones included
+    dead: int  # of those, removed
+    added_since_training: int
+    trained_on: int
+
+
+def _rebuild_reasons(
+    info: dict[str, Any], base: Path, config: IndexConfig, plan: IndexPlan, growth: Growth
+) -> list[str]:
+    """Why growing the current version would not do (see the module docstring); empty when it would."""
+    reasons = []
+    changed = _changed_options(_recorded_config(info), config)
+    if changed:
+        reasons.append(f"options changed ({changed})")
+    elif plan.kind != info.get("index_kind"):
+        reasons.append(f"{growth.live:,} vectors: {config.kind} now plans {plan.kind}, not {info.get('index_kind')}")
+    if (base / "index.ivfdata").exists():
+        reasons.append("an on-disk index (index.ivfdata) is rebuilt, not grown in place")
+    if plan.train_size and growth.added_since_training > RETRAIN_SHARE * growth.trained_on:
+        reasons.append(
+            f"{growth.added_since_training:,} vectors added since the quantizer was trained on "
+            f"{growth.trained_on:,} (over {RETRAIN_SHARE:.0%})"
+        )
+    if growth.dead > DEAD_SHARE * growth.stored:
+        reasons.append(f"{growth.dead:,} of {growth.stored:,} stored vectors are removed ones (over {DEAD_SHARE:.0%})")
+    return reasons
 
 
 def _compacted(index: faiss.Index, rows: np.ndarray, dead: np.ndarray) -> tuple[faiss.Index, np.ndarray, np.ndarray]:
