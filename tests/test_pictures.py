@@ -287,3 +287,19 @@ def test_map_refuses_bad_options_on_one_line(corpus, tmp_path):
     assert bad_method.exit_code == 1 and "umap" in bad_method.output
     not_a_set = runner.invoke(app, ["map", str(tmp_path), "--out", str(tmp_path / "m.png")])
     assert not_a_set.exit_code == 1 and "not a complete embedding set" in not_a_set.output
+
+
+def test_a_map_of_an_updated_set_never_draws_a_removed_sample(tmp_path):
+    from artifacts.embedding_set import grow_embedding_set, write_embedding_set
+
+    rng = np.random.default_rng(5)
+    labels = np.zeros(120, dtype=int)
+    labels[::4] = 9  # the samples a later ingest --update removes
+    folder = write_embedding_set(tmp_path / "emb", rng.normal(size=(120, 8)), bundle_hash="h", labels=labels)
+    grow_embedding_set(folder, rng.normal(size=(30, 8)), labels=np.ones(30, dtype=int),
+                       removed=[f"v{row}" for row in range(0, 120, 4)])  # fmt: skip
+
+    drawn = map_embeddings(EmbeddingSet(folder), MapConfig(method="tsne", sample=1000, neighbours=5))
+
+    assert drawn.total == 120 + 30 - 30 == len(drawn.points)
+    assert 9 not in drawn.labels and (drawn.labels == 1).sum() == 30

@@ -71,6 +71,6 @@ def map_command(
 
     embedding_set = EmbeddingSet(embeddings)
     config = MapConfig(method=method, sample=sample, seed=seed)
-    typer.echo(f"projecting {min(sample, embedding_set.count):,} vectors with {method} ...", err=True)
+    typer.echo(f"projecting {min(sample, embedding_set.live_count):,} vectors with {method} ...", err=True)
     projected = map_embeddings(embedding_set, config)
     typer.echo(str(draw_map(projected, out, f"{embeddings.name} ({method})")))

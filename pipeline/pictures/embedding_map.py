@@ -86,14 +86,15 @@ def principal_components(vectors: np.ndarray, dimensions: int) -> np.ndarray:
 
 
 def map_embeddings(embeddings: EmbeddingSet, config: MapConfig) -> EmbeddingMap:
-    """Sample ``embeddings`` and project the sample to 2-D."""
-    if embeddings.count < 3:
-        raise ValueError(f"{embeddings.path} holds {embeddings.count} vectors; a map needs at least 3")
+    """Sample the live rows of ``embeddings`` and project the sample to 2-D."""
+    live = embeddings.live_rows()  # samples removed by a later ingest --update are not drawn
+    if len(live) < 3:
+        raise ValueError(f"{embeddings.path} holds {len(live)} vectors; a map needs at least 3")
     rng = np.random.default_rng(config.seed)
-    rows = np.sort(rng.choice(embeddings.count, size=min(config.sample, embeddings.count), replace=False))
+    rows = np.sort(rng.choice(live, size=min(config.sample, len(live)), replace=False))
     _keys, labels = embeddings.keys_and_labels()
     points = project(embeddings.rows(rows), config)
-    return EmbeddingMap(points, labels[rows], class_names_of(embeddings), embeddings.count)
+    return EmbeddingMap(points, labels[rows], class_names_of(embeddings), len(live))
 
 
 def draw_map(embedding_map: EmbeddingMap, path: Path, title: str) -> Path:
