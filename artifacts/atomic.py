@@ -38,7 +38,8 @@ def _owner_tag() -> str:
     return f"~{socket.gethostname()}~{os.getpid()}~"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -65,7 +66,7 @@ def sweep_stale_temps(folder: Path, name: str = "") -> list[Path]:
         match = _OWNER.search(path.name)
         if not path.name.startswith(prefix) or match is None or match["host"] != host:
             continue
-        if _process_alive(int(match["pid"])):
+        if process_alive(int(match["pid"])):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

@@ -8,6 +8,7 @@ import os
 import signal
 from pathlib import Path
 
+from artifacts.atomic import process_alive
 from artifacts.files import read_regular_file
 
 MAX_PID_FILE_BYTES = 64
@@ -27,7 +28,7 @@ def read_pid(path: Path, *, missing_ok: bool = False, alive_only: bool = True) -
     if not text.isdigit() or int(text) < 1:
         raise ValueError(f"{path}: not a pid file (holds {text[:20]!r})")
     pid = int(text)
-    if alive_only and not _alive(pid):
+    if alive_only and not process_alive(pid):
         return None
     return pid
 
@@ -39,13 +40,3 @@ def send_reload(path: Path) -> int:
         raise ProcessLookupError(f"{path}: the server it names is not running (a stale pid file)")
     os.kill(pid, signal.SIGHUP)
     return pid
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True

@@ -44,6 +44,16 @@ def refresh(folder: PhotoFolder, paths: dict, model: str) -> None:
     cli("index", str(paths["emb"]), "--out", str(paths["index"]), "--kind", "flat", "--update")
 
 
+def day_one(folder: PhotoFolder, bundle, tmp_path) -> tuple[dict, object, str, httpx.Client]:
+    """The first ingest, embed and (flat) index of the folder, and `mocoplus serve` on them, ready."""
+    paths = {name: tmp_path / name for name in ("shards", "emb", "index")}
+    cli("ingest", str(folder.root), "--out", str(paths["shards"]))
+    cli("embed", str(bundle), "--data", str(paths["shards"]), "--out", str(paths["emb"]))
+    cli("index", str(paths["emb"]), "--out", str(paths["index"]), "--kind", "flat")
+    process, url = start_server("--model", str(bundle), "--index", str(paths["index"]), log=tmp_path / "log")
+    return paths, process, url, wait_listening(process, url)
+
+
 def search_images(client: httpx.Client, folder: PhotoFolder, numbers, k: int = 5) -> list[list[dict]]:
     files = [("images", (f"{n}.png", folder.path(n).read_bytes(), "image/png")) for n in numbers]
     answer = client.post("/v1/search", files=files, data={"k": str(k)})
@@ -54,12 +64,7 @@ def search_images(client: httpx.Client, folder: PhotoFolder, numbers, k: int = 5
 def test_each_day_new_photos_find_themselves_and_removed_ones_never_come_back(bundle, fashion_mnist_slice, tmp_path):
     folder = PhotoFolder(fashion_mnist_slice, tmp_path / "photos")
     folder.add(range(200))
-    paths = {name: tmp_path / name for name in ("shards", "emb", "index")}
-    cli("ingest", str(folder.root), "--out", str(paths["shards"]))
-    cli("embed", str(bundle), "--data", str(paths["shards"]), "--out", str(paths["emb"]))
-    cli("index", str(paths["emb"]), "--out", str(paths["index"]), "--kind", "flat")
-    process, url = start_server("--model", str(bundle), "--index", str(paths["index"]), log=tmp_path / "log")
-    client = wait_listening(process, url)
+    paths, process, url, client = day_one(folder, bundle, tmp_path)
     gone: list[tuple[str, int, bool]] = []  # (key, the row it showed, whether its key lives on with new pixels)
     try:
         dim = client.get("/v1/model").json()["index"]["dim"]
@@ -122,12 +127,7 @@ def test_each_day_new_photos_find_themselves_and_removed_ones_never_come_back(bu
 def test_a_corrupt_new_version_is_refused_and_the_old_one_keeps_serving(bundle, fashion_mnist_slice, tmp_path):
     folder = PhotoFolder(fashion_mnist_slice, tmp_path / "photos")
     folder.add(range(120))
-    paths = {name: tmp_path / name for name in ("shards", "emb", "index")}
-    cli("ingest", str(folder.root), "--out", str(paths["shards"]))
-    cli("embed", str(bundle), "--data", str(paths["shards"]), "--out", str(paths["emb"]))
-    cli("index", str(paths["emb"]), "--out", str(paths["index"]), "--kind", "flat")
-    process, url = start_server("--model", str(bundle), "--index", str(paths["index"]), log=tmp_path / "log")
-    client = wait_listening(process, url)
+    paths, process, _url, client = day_one(folder, bundle, tmp_path)
     try:
         broken = paths["index"] / version_name(2)
         broken.mkdir()

@@ -53,6 +53,7 @@ from pipeline.index.config import IndexConfig
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.shards import ShardedBuild, shard_bounds
 from pipeline.index.tune import (
+    Tuning,
     exact_neighbours,
     metric_type,
     queries_per_second,
@@ -248,20 +249,26 @@ def _tune_and_measure(
         set_search_parameter(index, plan.search_parameter, tuning.value)
     qps = queries_per_second(lambda batch: index.search(batch, k), queries)
     timings["tune_seconds"] = time.perf_counter() - clock
-    search = {
-        "parameter": plan.search_parameter,
-        "params": {plan.search_parameter: tuning.value} if plan.search_parameter else {},
-    }
+    note = f"{len(queries)} corpus vectors kept out of the index while tuning, added last"
+    return tuning_result(tuning, k, len(queries), qps, exact_seconds, note)
+
+
+def tuning_result(
+    tuning: Tuning, k: int, queries: int, qps: float, exact_seconds: float, held_out: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``index.json``'s ``search`` (the tuned setting) and ``recall_at_k`` (what the tuner measured)."""
+    parameter = tuning.parameter
+    search = {"parameter": parameter, "params": {parameter: tuning.value} if parameter else {}}
     report = {
         "k": k,
-        "queries": len(queries),
+        "queries": queries,
         "recall": tuning.recall,
-        "target": config.target_recall,
+        "target": tuning.target,
         "target_met": tuning.reached,
         "qps": qps,
-        "exact_qps": len(queries) / exact_seconds if exact_seconds > 0 else None,
+        "exact_qps": queries / exact_seconds if exact_seconds > 0 else None,
         "probes": [asdict(probe) for probe in tuning.probes],
-        "held_out": f"{len(queries)} corpus vectors kept out of the index while tuning, added last",
+        "held_out": held_out,
     }
     return search, report
 

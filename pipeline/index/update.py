@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ from pipeline.index.build import (
     effort_bounds,
     embeddings_record,
     index_inputs,
+    tuning_result,
     write_version,
 )
 from pipeline.index.config import IndexConfig
@@ -369,17 +370,5 @@ def _retune(
     if parameter is not None:
         set_index_parameter(index, parameter, tuning.value)  # type: ignore[arg-type]
     qps = queries_per_second(lambda batch: searched(batch, tuning.value), queries)
-    search = {"parameter": parameter, "params": {parameter: tuning.value} if parameter else {}}
-    report = {
-        "k": k,
-        "queries": len(queries),
-        "recall": tuning.recall,
-        "target": config.target_recall,
-        "target_met": tuning.reached,
-        "qps": qps,
-        "exact_qps": len(queries) / exact_seconds if exact_seconds > 0 else None,
-        "probes": [asdict(probe) for probe in tuning.probes],
-        "held_out": note,
-        "seconds": time.perf_counter() - clock,
-    }
-    return search, report
+    search, report = tuning_result(tuning, k, len(queries), qps, exact_seconds, note)
+    return search, {**report, "seconds": time.perf_counter() - clock}
