@@ -7,7 +7,7 @@ parameter, measured recall@k and QPS, build times, the model bundle hash) and,
 in a version made by ``mocoplus index --update``, ``deleted.npy``: the ids of
 removed samples, which every search filters out in FAISS itself (an
 ``IDSelectorBitmap`` of live ids, so the top k are k live hits). A bundle
-folder holds versions of these (`artifacts.index_versions`); readers open the
+folder holds versions of these (`artifacts.versions`); readers open the
 current one unless asked for another.
 The search CLI and the service open bundles through `IndexBundle`, so both
 refuse an index made with another model, read the index memory-mapped where
@@ -31,9 +31,9 @@ import numpy as np
 
 from artifacts.atomic import sha256_file
 from artifacts.files import read_npy, read_regular_file
-from artifacts.index_versions import resolve_version
 from artifacts.jsonfile import MAX_JSON_BYTES, read_json
 from artifacts.query_vectors import QueryVectorError, query_vector_problem
+from artifacts.versions import resolve_version
 
 if TYPE_CHECKING:
     from artifacts.embedding_set import EmbeddingSet

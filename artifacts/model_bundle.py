@@ -29,6 +29,7 @@ from typing import Any, Literal
 import numpy as np
 
 from artifacts.jsonfile import read_json
+from artifacts.versions import resolve_version
 
 BUNDLE_FORMAT = 1
 MODEL_JSON, ONNX_FILE, TORCHSCRIPT_FILE = "model.json", "encoder.onnx", "encoder.pt"
@@ -83,8 +84,14 @@ def preload_cuda_libraries(ort: Any) -> None:
         preload()
 
 
+def resolve_model(bundle_dir: Path | str) -> Path:
+    """The bundle folder ``bundle_dir`` names: itself, or the version its ``current`` link names (a model root
+    the ``pretrain`` flow publishes into, `artifacts.versions`)."""
+    return resolve_version(Path(bundle_dir), marker=MODEL_JSON)
+
+
 def read_model_json(bundle_dir: Path) -> dict[str, Any]:
-    path = Path(bundle_dir) / MODEL_JSON
+    path = resolve_model(bundle_dir) / MODEL_JSON
     info = read_json(path, BundleError, f"{bundle_dir} is not a model bundle: no {MODEL_JSON}")
     if info.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path}: not a format-{BUNDLE_FORMAT} model.json")
@@ -141,7 +148,7 @@ class ModelBundle:
                 "ONNX Runtime is not installed: pip install 'mocoplus[cpu]' (or 'mocoplus[gpu]', README \"GPU\")"
             ) from None
 
-        self.path = Path(path)
+        self.path = resolve_model(path)
         self.info = read_model_json(self.path)
         self.contract = InputContract.from_model_json(self.info)
         if provider not in PROVIDERS:

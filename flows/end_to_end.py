@@ -8,6 +8,7 @@ neighbours come back.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -79,18 +80,24 @@ def end_to_end(
     linear_probe: bool = True,
     map_sample: int = 5000,
     monitor: bool = True,
+    gate: bool = True,
 ) -> dict[str, Any]:
-    """Everything under ``out``: shards/, run/ (with curves.png), model/, corpus/ (embeddings, index, map.png),
-    search-grid.png."""
+    """Everything under ``out``: shards/, run/ (with curves.png), model/ (its versions and ``current``),
+    cache/ (the evaluation's vectors and baseline features), corpus/ (index, map.png), search-grid.png.
+
+    The corpus is the training set, so the index takes the vectors the quality gate embedded."""
     root = Path(out)
     trained = pretrain(
         source, str(root / "shards" / "train"), str(root / "run"), str(root / "model"),
         eval_source, str(root / "shards" / "test"), config, overrides, nproc, baselines, linear_probe,
-        monitor,
+        monitor, cache=str(root / "cache"), shares=shares, gate=gate,
     )  # fmt: skip
     indexed = index_corpus(
-        trained["model"], trained["shards"], str(root / "corpus"), shares=shares, map_sample=map_sample
-    )
+        trained["model"], trained["shards"], str(root / "corpus"), shares=shares, map_sample=map_sample,
+        embeddings=trained.get("embeddings", {}).get("memory"),
+    )  # fmt: skip
     queries = trained["eval_shards"] or trained["shards"]
+    started = time.perf_counter()
     smoke = search_smoke(trained["model"], indexed["index"], queries, k=8, grid=str(root / "search-grid.png"))
+    smoke["seconds"] = round(time.perf_counter() - started, 1)
     return {"pretrain": trained, "index": indexed, "search": smoke}

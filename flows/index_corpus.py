@@ -24,6 +24,7 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from flows.pictures import draw_corpus_map
+from flows.timing import StageClock
 
 EMBEDDINGS, INDEX, MAP = "embeddings", "index", "map.png"
 
@@ -112,21 +113,28 @@ def index_corpus(
     map_method: str = "umap",
     update: bool = False,
     keep: int = 3,
+    embeddings: str | None = None,
 ) -> dict[str, Any]:
     """Embed ``data`` with ``model`` in ``shares`` parallel tasks into ``out/embeddings``, index into ``out/index``.
 
     ``map_sample`` vectors are drawn as ``out/map.png`` (0: no map). ``update``: the index's next version
-    (``keep`` versions kept) instead of a new build.
+    (``keep`` versions kept) instead of a new build. ``embeddings``: another folder for the vectors (the
+    ``end-to-end`` flow gives the one its quality gate embedded: nothing is embedded twice).
     """
-    embeddings, index = str(Path(out) / EMBEDDINGS), str(Path(out) / INDEX)
-    shares_done = embed_share.map(
-        unmapped(model), unmapped(data), unmapped(embeddings), range(shares), unmapped(shares)
-    )
-    samples = sum(result["samples"] for result in shares_done.result())
-    info = index_embeddings(embeddings, index, kind, target_recall, update, keep)
-    summary = check_recall(info)
-    picture = draw_corpus_map(embeddings, str(Path(out) / MAP), map_sample, map_method) if map_sample else None
-    return {"embeddings": embeddings, "index": index, "samples_embedded_now": samples, "map": picture, **summary}
+    embeddings, index = embeddings or str(Path(out) / EMBEDDINGS), str(Path(out) / INDEX)
+    clock = StageClock()
+    with clock.stage("embed"):
+        shares_done = embed_share.map(
+            unmapped(model), unmapped(data), unmapped(embeddings), range(shares), unmapped(shares)
+        )
+        samples = sum(result["samples"] for result in shares_done.result())
+    with clock.stage("index"):
+        info = index_embeddings(embeddings, index, kind, target_recall, update, keep)
+        summary = check_recall(info)
+    with clock.stage("map"):
+        picture = draw_corpus_map(embeddings, str(Path(out) / MAP), map_sample, map_method) if map_sample else None
+    return {"embeddings": embeddings, "index": index, "samples_embedded_now": samples, "map": picture, **summary,
+            "seconds": clock.seconds}  # fmt: skip
 
 
 def with_dask(address: str | None = None, workers: int = 0) -> Any:

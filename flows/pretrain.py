@@ -1,11 +1,14 @@
-"""The ``pretrain`` Prefect flow: ingest if missing → train under torchrun → evaluate → export.
+"""The ``pretrain`` Prefect flow: ingest if missing → train → export a candidate → embed → gate → publish.
 
 Orchestration only. Training runs as a ``torchrun`` subprocess with
 ``nproc`` processes (gloo on CPU, NCCL on GPUs), its log lines streamed into
 the Prefect logger; a retry, or a rerun of the flow, continues the run from
 its newest checkpoint (``--resume``), and a finished run resumes to nothing.
-Ingest is skipped when the shard set's manifest is there, export when the
-bundle already comes from the checkpoint it would export.
+Ingest is skipped when the shard set's manifest is there, export when a
+version of the model root already comes from the checkpoint it would export,
+embedding part by part when done. The evaluation scores the served vectors
+(one pass: the export's own whitening fit, one embedding of each shard set),
+and the quality gate decides whether users get the new model.
 """
 
 from __future__ import annotations
@@ -16,11 +19,13 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
 from artifacts.shard_set import MANIFEST_NAME
+from flows.index_corpus import embed_share
 from flows.pictures import publish_curves
+from flows.timing import StageClock
 
 
 def ensure_shards(source: str, shards: str) -> bool:
@@ -71,64 +76,109 @@ def train_run(data: str, eval_shards: str | None, run_dir: str, config: str, ove
     return run_dir
 
 
-@task
-def evaluate_run(
-    run_dir: str, train_shards: str, eval_shards: str, baselines: list[str], linear_probe: bool = True
-) -> dict[str, Any]:
-    """The retrieval suite (and linear probe) of the key encoder (the exported one), beside ``baselines``.
+@task(retries=1, retry_delay_seconds=10)
+def export_candidate(run_dir: str, model_root: str, dims: int | None = None) -> str:
+    """Export the run's best checkpoint as the model root's next version (or find the version that holds it).
 
-    Written as a Prefect artifact. The run's ``model.embedding_whitening`` decides whether the encoder is
-    whitened, as its export is.
+    Not yet published: ``current`` still names the published model until the gate passes.
     """
-    from pipeline.evaluate.evaluate import evaluate
+    from pipeline.export.config import ExportConfig
+    from pipeline.export.export import export_version
+
+    result = export_version(Path(run_dir), Path(model_root), ExportConfig(dims=dims))
+    logger = get_run_logger()
+    if result.up_to_date:
+        logger.info("%s already exports %s: up to date", result.bundle, result.model_json["source"]["checkpoint"])
+    else:
+        logger.info("exported %s (%d-d)", result.bundle, result.model_json["output"]["dim"])
+    return str(result.bundle)
+
+
+def embed_for_evaluation(model: str, shards: str, cache: str, shares: int) -> str:
+    """``shards`` through ``model`` into the cache (`pipeline.evaluate.cache`) in ``shares`` parallel tasks (those
+    of ``index-corpus``); finished parts are skipped."""
+    from artifacts.model_bundle import read_model_json
+    from pipeline.evaluate.cache import embeddings_folder
+
+    info = read_model_json(Path(model))
+    folder = str(embeddings_folder(Path(cache), info["bundle_hash"], Path(shards), info["input"]["resize"]["size"]))
+    embed_share.map(unmapped(model), unmapped(shards), unmapped(folder), range(shares), unmapped(shares)).result()
+    return folder
+
+
+@task
+def evaluate_candidate(
+    memory: str, queries: str, baselines: list[str], against: str | None, cache: str, linear_probe: bool
+) -> dict[str, Any]:
+    """The suite of the candidate's served vectors beside the published model (``against``) and the baselines."""
+    from pipeline.evaluate.embedded import evaluate_embeddings
+
+    result = evaluate_embeddings(
+        Path(memory), Path(queries), baselines=tuple(baselines), against=Path(against) if against else None,
+        cache=Path(cache), linear=linear_probe,
+    )  # fmt: skip
+    return result.to_json()
+
+
+@task
+def quality_gate(evaluation: dict[str, Any], candidate: str, tolerance: float) -> dict[str, Any]:
+    """Pass or refuse the candidate; the decision and the table go to a markdown artifact and the log either way."""
+    from pipeline.evaluate.gate import GateConfig, quality_gate
+    from pipeline.evaluate.retrieval import RetrievalScores
+
+    def scores(record: dict[str, float]) -> RetrievalScores:
+        return RetrievalScores(**record)
+
+    against = evaluation["against"]
+    decision = quality_gate(
+        scores(evaluation["model"]["scores"]),
+        scores(evaluation["baselines"]["pixels"]),
+        scores(against["scores"]) if against else None,
+        GateConfig(tolerance=tolerance),
+    )
+    table = evaluation_table(evaluation)
+    verdict = f"quality gate {decision.summary()}: candidate {candidate}" + (
+        f" against the published {against['model']}" if against else " (no published model yet)"
+    )
+    create_markdown_artifact(f"**{verdict}**\n\n{table}", key="pretrain-gate", description=verdict)
+    get_run_logger().info("%s\n%s", verdict, table)
+    return {"passed": decision.passed, "reasons": list(decision.reasons), "tolerance": tolerance}
+
+
+def evaluation_table(evaluation: dict[str, Any]) -> str:
+    """The suite of every feature set as a markdown table, in %."""
     from pipeline.evaluate.retrieval import SCORE_LABELS
 
-    result = evaluate(
-        Path(run_dir),
-        train_shards,
-        eval_shards,
-        workers=0,
-        baselines=tuple(baselines),
-        linear=linear_probe,
-        encoders=("key",),
-    ).to_json()
-    rows = [
-        (f"{name} encoder", scores["retrieval"], scores["linear_top1"]) for name, scores in result["encoders"].items()
-    ]
-    rows += [(name, scores, None) for name, scores in result["baselines"].items()]
-    header = ["features", *SCORE_LABELS.values(), "linear probe"]
-    create_markdown_artifact(
-        f"| {' | '.join(header)} |\n|{'---|' * len(header)}\n"
-        + "\n".join(
-            f"| {name} | "
-            + " | ".join(f"{value:.2%}" for value in suite.values())
-            + " | "
-            + ("—" if linear is None else f"{linear:.2%}")
-            + " |"
-            for name, suite, linear in rows
-        ),
-        key="pretrain-evaluation",
-        description=f"pretrain: {run_dir} at step {result['step']}",
-    )
-    key = result["encoders"]["key"]
-    return {
-        "step": result["step"],
-        "knn_top1": key["knn_top1"],
-        "linear_top1": key["linear_top1"],
-        "whitening": result["whitening"],
-        "retrieval": {"key encoder": key["retrieval"], **result["baselines"]},
-    }
+    rows = [("candidate", evaluation["model"])]
+    if evaluation["against"]:
+        rows.append(("published", evaluation["against"]))
+    header = ["features", "dim", *SCORE_LABELS.values(), "linear probe"]
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    for name, scored in rows:
+        probe = scored.get("linear_top1")
+        lines.append(
+            f"| {name} `{scored['bundle_hash'][:12]}` | {scored['dim']} | "
+            + " | ".join(f"{value:.2%}" for value in scored["scores"].values())
+            + f" | {'—' if probe is None else f'{probe:.2%}'} |"
+        )
+    for name, suite in evaluation["baselines"].items():
+        lines.append(f"| {name} | | " + " | ".join(f"{value:.2%}" for value in suite.values()) + " | — |")
+    return "\n".join(lines)
 
 
-@task(retries=1, retry_delay_seconds=10)
-def export_run(run_dir: str, model_dir: str) -> str:
-    """Export the run's best checkpoint (up to date when ``model_dir`` already holds exactly that export)."""
-    from pipeline.export.export import export
+@task
+def publish_model(model_root: str, candidate: str) -> str:
+    """Switch ``model_root/current`` to the candidate's version (one atomic rename)."""
+    from artifacts.versions import switch_current
 
-    result = export(Path(run_dir), Path(model_dir))
-    if result.up_to_date:
-        get_run_logger().info("%s already exports %s: up to date", model_dir, result.model_json["source"]["checkpoint"])
-    return model_dir
+    number = int(Path(candidate).name.removeprefix("v"))
+    switch_current(Path(model_root), number)
+    get_run_logger().info("published %s as %s", candidate, Path(model_root) / "current")
+    return model_root
+
+
+class QualityGateError(ValueError):
+    """The candidate model is worse than the published one, or than raw pixels: it was not published."""
 
 
 @flow(name="pretrain", log_prints=True)
@@ -145,17 +195,62 @@ def pretrain(
     baselines: list[str] | None = None,
     linear_probe: bool = True,
     monitor: bool = True,
+    cache: str | None = None,
+    gate_tolerance: float = 0.01,
+    dims: int | None = None,
+    shares: int = 2,
+    gate: bool = True,
 ) -> dict[str, Any]:
-    """Shards from ``source`` (if missing) → a trained run → its evaluation (with held-out shards) → a bundle.
+    """Shards from ``source`` (if missing) → a trained run → a candidate bundle → its quality gate → published.
 
-    ``baselines`` (``pixels``, ``hog``) are scored by the same retrieval suite beside the encoder;
-    ``linear_probe=False`` skips the probe; ``monitor=False`` trains without the kNN monitor, whose pass over
-    the training and held-out images the evaluation repeats (both: the demo's budget).
+    ``model_dir`` is a root of versions (`artifacts.versions`): the candidate is exported as its next version,
+    the training and held-out shards are embedded with it (into ``cache``, default ``<run_dir>/../cache``),
+    the suite scores those served vectors beside raw pixels (always), ``baselines`` (``hog``) and the
+    published model, and ``current`` switches to the candidate only when the gate passes
+    (`pipeline.evaluate.gate`, ``gate_tolerance``); a refused candidate fails the flow. Without held-out
+    shards there is no suite: the candidate is published ungated (said in the log); ``gate=False`` publishes
+    whatever the gate says (a look at the chain's mechanics with a model too small to learn), said alike.
+    ``dims`` overrides the run's ``model.embedding_dims``; ``shares`` embed in parallel; ``monitor=False``
+    trains without the kNN monitor (the demo's budget).
     """
-    data = ingest_if_missing(source, shards)
-    held_out = ingest_if_missing(eval_source, eval_shards) if eval_source and eval_shards else None
-    run = train_run(data, held_out if monitor else None, run_dir, config, list(overrides or []), nproc)
-    curves = publish_curves(run)
-    scores = evaluate_run(run, data, held_out, list(baselines or []), linear_probe) if held_out else {}
-    model = export_run(run, model_dir)
-    return {"shards": data, "eval_shards": held_out, "run": run, "model": model, "curves": curves, **scores}
+    cache = cache or str(Path(run_dir).resolve().parent / "cache")
+    clock = StageClock()
+    with clock.stage("ingest"):
+        data = ingest_if_missing(source, shards)
+        held_out = ingest_if_missing(eval_source, eval_shards) if eval_source and eval_shards else None
+    with clock.stage("train"):
+        run = train_run(data, held_out if monitor else None, run_dir, config, list(overrides or []), nproc)
+    with clock.stage("curves"):
+        curves = publish_curves(run)
+    with clock.stage("export"):
+        candidate = export_candidate(run, model_dir, dims)
+    result: dict[str, Any] = {"shards": data, "eval_shards": held_out, "run": run, "curves": curves,
+                              "candidate": candidate, "model": model_dir, "seconds": clock.seconds}  # fmt: skip
+    if not held_out:
+        get_run_logger().warning("no held-out shards: %s is published without a quality gate", candidate)
+        publish_model(model_dir, candidate)
+        return result
+    with clock.stage("embed"):
+        memory = embed_for_evaluation(candidate, data, cache, shares)
+        queries = embed_for_evaluation(candidate, held_out, cache, shares)
+    published = _published(model_dir)
+    against = published if published and Path(published).resolve() != Path(candidate).resolve() else None
+    names = ["pixels", *(name for name in baselines or [] if name != "pixels")]
+    with clock.stage("evaluate"):
+        evaluation = evaluate_candidate(memory, queries, names, against, cache, linear_probe)
+        decision = quality_gate(evaluation, candidate, gate_tolerance)
+    result |= {"embeddings": {"memory": memory, "queries": queries}, "evaluation": evaluation, "gate": decision}
+    if not decision["passed"]:
+        if gate:
+            raise QualityGateError(f"{candidate} was not published: {'; '.join(decision['reasons'])}")
+        get_run_logger().warning("gate off: %s is published although the gate refused it", candidate)
+    publish_model(model_dir, candidate)
+    return result
+
+
+def _published(model_root: str) -> str | None:
+    """The version ``model_root/current`` names, if any."""
+    from artifacts.versions import current_version, version_name
+
+    number = current_version(Path(model_root))
+    return str(Path(model_root) / version_name(number)) if number is not None else None

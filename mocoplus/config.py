@@ -102,6 +102,7 @@ class MoCoConfig:
     embedding_grid: int = 1  # the embedding: the backbone's last map pooled to grid × grid (1: global pool)
     # "pca": evaluate and export whiten the embedding, fitted on the memory (training) set's features
     embedding_whitening: EmbeddingWhitening = "none"
+    embedding_dims: int | None = None  # with whitening: keep the leading principal directions (None: all)
     head_bn: bool = False
     # key encoder and queue
     queue_size: int = 65536
@@ -133,6 +134,8 @@ class MoCoConfig:
             raise ValueError(f"width must be > 0; got {self.width}")
         if self.embedding_dim < 1 or (self.hidden_dim is not None and self.hidden_dim < 1) or self.embedding_grid < 1:
             raise ValueError("embedding_dim, hidden_dim and embedding_grid must be positive")
+        if self.embedding_dims is not None and self.embedding_dims < 1:
+            raise ValueError(f"embedding_dims must be >= 1 (or unset: all); got {self.embedding_dims}")
         if self.queue_size < 1:
             raise ValueError(f"queue_size must be >= 1; got {self.queue_size}")
         if not 0.0 <= self.momentum <= 1.0:

@@ -42,9 +42,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from artifacts.files import read_regular_file
 from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
-from artifacts.index_versions import resolve_version
-from artifacts.model_bundle import MODEL_JSON, ModelBundle
+from artifacts.model_bundle import MODEL_JSON, ModelBundle, resolve_model
 from artifacts.query_vectors import QueryVectorError
+from artifacts.versions import resolve_version
 from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
 from serving.corpus import Corpus, add_corpus_routes
 from serving.gpus import worker_device
@@ -131,7 +131,7 @@ def bundle_fingerprint(model: Path, index: Path | None) -> dict[str, Any]:
 
     # an index bundle folder: the version its `current` names (an update switches it)
     return {
-        "model": of(model, MODEL_JSON),
+        "model": of(resolve_model(model), MODEL_JSON),
         "index": of(resolve_version(index), INDEX_JSON) if index is not None else None,
     }
 

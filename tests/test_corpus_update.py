@@ -22,7 +22,7 @@ from test_reload import LoadClient, generation_of, reloads, wait_for
 
 from artifacts.embedding_set import EmbeddingSet
 from artifacts.index_bundle import IndexBundle
-from artifacts.index_versions import switch_current, version_name
+from artifacts.versions import switch_current, version_name
 from pipeline.index.build import build_index
 from pipeline.index.config import IndexConfig
 

@@ -17,7 +17,7 @@ from test_killed_runs import hidden, killed, mocoplus
 
 from artifacts.embedding_set import EMBEDDINGS_MANIFEST, EmbeddingSet, grow_embedding_set, write_embedding_set
 from artifacts.index_bundle import IndexBundle, IndexBundleError
-from artifacts.index_versions import CURRENT, IndexVersionError, current_version, versions
+from artifacts.versions import CURRENT, VersionError, current_version, versions
 from pipeline.index.build import build_index
 from pipeline.index.config import IndexConfig
 from pipeline.index.update import update_index
@@ -140,7 +140,7 @@ def test_versions_beyond_keep_are_removed_and_an_old_version_stays_searchable(tm
     assert hidden(tmp_path / "index") == []
     old = IndexBundle(tmp_path / "index", version=3)
     assert old.count == 1000 + 40 - 2 and IndexBundle(tmp_path / "index").count == 1000 + 60 - 3
-    with pytest.raises(IndexVersionError, match=r"no version 1 \(versions kept: 3, 4\)"):
+    with pytest.raises(VersionError, match=r"no version 1 \(versions kept: 3, 4\)"):
         IndexBundle(tmp_path / "index", version=1)
     code = mocoplus("search", str(tmp_path / "index"), "--model", "x", "key:v1", "--version", "1")
     assert code.returncode == 1 and code.stderr.count("\n") == 1

@@ -86,3 +86,25 @@ def test_exports_to_torchscript_with_the_same_output():
     rows = torch.randn(3, 5)
     scripted = torch.jit.trace(whitening, rows)
     torch.testing.assert_close(scripted(rows), whitening(rows))
+
+
+def test_dims_keeps_the_leading_principal_directions_of_the_naive_reference():
+    """With reduction: the naive reference's eigenvectors of the largest eigenvalues only, largest first."""
+    bank, queries = correlated(800, 12), correlated(30, 12, seed=1)
+    whitening = PcaWhitening.fit(bank.float(), WhiteningConfig(dims=5))
+    assert (whitening.in_dim, whitening.out_dim) == (12, 5)
+    mean = bank.numpy().mean(axis=0)
+    eigenvalues, eigenvectors = np.linalg.eigh(np.cov(bank.numpy(), rowvar=False, bias=True))
+    leading = np.argsort(eigenvalues)[::-1][:5]
+    reference = (queries.numpy() - mean) @ eigenvectors[:, leading] / np.sqrt(eigenvalues[leading])
+    ours = whitening(queries.float()).double().numpy()
+    np.testing.assert_allclose(np.abs(ours), np.abs(reference), rtol=5e-3, atol=5e-3 * np.abs(reference).max())
+    whitened_bank = whitening(bank.float()).double()
+    assert torch.all(whitened_bank.var(dim=0) > 0.99)  # each kept direction whitened to unit variance
+    wider = PcaWhitening.fit(bank.float(), WhiteningConfig(dims=50))  # more than there are: all of them
+    assert wider.out_dim == 12
+
+
+def test_dims_must_be_positive():
+    with pytest.raises(ValueError, match="dims must be >= 1"):
+        WhiteningConfig(dims=0)

@@ -76,16 +76,39 @@ def train_command(
 @commands.command(
     "evaluate",
     epilog=(
+        "Two forms: a training run's encoders (RUN --data --eval), or the vectors a model serves (--memory\n"
+        "--queries: two embedding sets from mocoplus embed; --against MODEL scores another bundle beside).\n\n"
         "Examples:\n\n"
         "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test\n\n"
-        "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test --checkpoint last --json"
+        "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test --checkpoint last\n\n"
+        "  mocoplus evaluate --memory emb/fmnist-train --queries emb/fmnist-test --baselines pixels,hog\n\n"
+        "  mocoplus evaluate --memory emb/fmnist-train --queries emb/fmnist-test --against models/fmnist-old"
     ),
 )
 @one_line_errors
 def evaluate_command(
-    run: Annotated[Path, typer.Argument(help="A run folder (from mocoplus train).")],
-    data: Annotated[str, typer.Option(help="Labelled training shards: the kNN memory and the linear probe's data.")],
-    eval_shards: Annotated[str, typer.Option("--eval", help="Labelled held-out shards to score.")],
+    run: Annotated[Path | None, typer.Argument(help="A run folder (from mocoplus train).")] = None,
+    data: Annotated[
+        str | None, typer.Option(help="Labelled training shards: the kNN memory and the linear probe's data.")
+    ] = None,
+    eval_shards: Annotated[str | None, typer.Option("--eval", help="Labelled held-out shards to score.")] = None,
+    memory: Annotated[
+        Path | None, typer.Option(help="An embedding set of labelled samples: the memory (instead of a run).")
+    ] = None,
+    queries: Annotated[
+        Path | None, typer.Option(help="An embedding set of labelled held-out samples, by the same model.")
+    ] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(help="With --memory: another model bundle, scored on the same shards (embedded once, cached)."),
+    ] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --memory: where baseline features and --against vectors are kept "
+            "(default: $MOCOPLUS_CACHE or ~/.cache/mocoplus)."
+        ),
+    ] = None,
     checkpoint: Annotated[str, typer.Option(help="best, last, or a checkpoint path (default: best if any).")] = "auto",
     baselines: Annotated[
         str, typer.Option(help="Comma-separated label-free baselines scored alike: pixels, hog (empty: none).")
@@ -102,12 +125,35 @@ def evaluate_command(
             "(default: the run's model.embedding_whitening).",
         ),
     ] = None,
+    dims: Annotated[
+        int | None,
+        typer.Option(min=1, help="Keep the whitening's leading D directions (default: model.embedding_dims)."),
+    ] = None,
     linear: Annotated[bool, typer.Option(help="Fit the linear probe (minutes for wide embeddings).")] = True,
 ) -> None:
     """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines."""
+    names = tuple(name.strip() for name in baselines.split(",") if name.strip())
+    if memory is not None or queries is not None:
+        if run is not None or data or eval_shards or memory is None or queries is None:
+            raise ValueError("evaluate takes either RUN with --data and --eval, or --memory and --queries")
+        from pipeline.evaluate.embedded import evaluate_embeddings
+
+        served = evaluate_embeddings(
+            memory, queries, baselines=names, against=against, cache=cache, workers=workers, progress=progress
+        )
+        if as_json:
+            typer.echo(json.dumps(served.to_json()))
+            return
+        title = (
+            f"{served.memory_samples:,} vectors of {memory} as memory, {served.query_samples:,} of {queries} "
+            "as queries, cosine similarity"
+        )
+        Console().print(retrieval_table(title, [(name, scores, None) for name, scores in served.rows()]))
+        return
+    if run is None or not data or not eval_shards or against is not None:
+        raise ValueError("evaluate takes either RUN with --data and --eval, or --memory and --queries (and --against)")
     from pipeline.evaluate.evaluate import evaluate
 
-    names = tuple(name.strip() for name in baselines.split(",") if name.strip())
     result = evaluate(
         run,
         data,
@@ -118,6 +164,7 @@ def evaluate_command(
         progress=progress,
         grid=grid,
         whiten=whiten,
+        dims=dims,
         linear=linear,
     )
     if as_json:
@@ -145,7 +192,8 @@ def evaluate_command(
         "Examples:\n\n"
         "  mocoplus export runs/fmnist --out models/fmnist\n\n"
         "  mocoplus export runs/fmnist --out models/fmnist-last --checkpoint last --encoder query\n\n"
-        "  mocoplus export runs/fmnist --out models/fmnist-int8 --quantize int8"
+        "  mocoplus export runs/fmnist --out models/fmnist-int8 --quantize int8\n\n"
+        "  mocoplus export runs/fmnist --out models/fmnist-512 --dims 512"
     ),
 )
 @one_line_errors
@@ -185,12 +233,20 @@ def export_command(
         typer.Option(
             "--whiten/--no-whiten",
             help="PCA-whiten the embedding in the graph, fitted on --whiten-data (default: the run's "
-            "model.embedding_whitening; not for --quantize int8).",
+            "model.embedding_whitening; with --quantize int8 reduced to 256 directions unless --dims).",
         ),
     ] = ExportConfig.whiten,
     whiten_data: Annotated[
         str, typer.Option(help="Shards the whitening is fitted on (default: the run's training shards).")
     ] = ExportConfig.whiten_data,
+    dims: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Keep the whitening's leading D principal directions: a D-dim embedding "
+            "(default: the run's model.embedding_dims; --quantize int8: at most 256).",
+        ),
+    ] = ExportConfig.dims,
 ) -> None:
     """Export a run's encoder to TorchScript and ONNX with its model.json."""
     from pipeline.export.export import export
@@ -205,6 +261,7 @@ def export_command(
         grid=grid,
         whiten=whiten,
         whiten_data=whiten_data,
+        dims=dims,
     )
     result = export(run, out, config, progress=progress)
     info = result.model_json
@@ -217,8 +274,17 @@ def export_command(
     parity = info["parity"]
     typer.echo(
         f"{result.bundle}: {info['encoder']} encoder, uint8 {info['input']['shape']} → float32 "
-        f"[N, {info['output']['dim']}]{', PCA-whitened' if info.get('whitening') else ''}"
+        f"[N, {info['output']['dim']}]{', PCA-whitened' if info.get('whitening') else ''}{_int8_note(info)}"
         f" ({info['precision']}), bundle {info['bundle_hash'][:12]}; parity on {parity['images']} images: "
         f"TorchScript {parity['torchscript_max_abs_diff']:.1e}, ONNX Runtime {parity['onnxruntime_max_abs_diff']:.1e}"
         f" (mean cosine {parity['onnxruntime_mean_cosine']:.5f})"
     )
+
+
+def _int8_note(info: dict) -> str:
+    """Which wider whitenings an int8 export tried and refused (their mean cosine to fp32), if any."""
+    refused = (info.get("whitening") or {}).get("int8_refused")
+    if not refused:
+        return ""
+    tried = ", ".join(f"{entry['dims']}: {entry['mean_cosine']:.4f}" for entry in refused)
+    return f" (int8 mean cosine to fp32 below {info['parity']['min_mean_cosine']} with {tried} directions)"

@@ -90,15 +90,33 @@ def standardise(bank: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
     return (bank - mean) / std, (queries - mean) / std
 
 
-_EXTRACTORS: dict[str, Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]] = {
-    "pixels": lambda bank, queries: standardise(raw_pixels(bank), raw_pixels(queries)),
-    "hog": lambda bank, queries: (hog_features(bank), hog_features(queries)),
+@dataclass(frozen=True)
+class Baseline:
+    """``rows``: each image's features on its own (what `pipeline.evaluate.cache` keeps per shard set);
+    ``pair``: the memory's and the queries' rows made comparable (statistics of the memory set only)."""
+
+    rows: Callable[[Tensor], Tensor]
+    pair: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+_BASELINES: dict[str, Baseline] = {
+    # pixels kept as uint8 (exact, a quarter of float32's bytes), scaled and standardised when paired
+    "pixels": Baseline(
+        lambda images: images.reshape(len(images), -1),
+        lambda bank, queries: standardise(raw_pixels(bank), raw_pixels(queries)),
+    ),
+    "hog": Baseline(hog_features, lambda bank, queries: (bank, queries)),
 }
-BASELINES = tuple(_EXTRACTORS)
+BASELINES = tuple(_BASELINES)
+
+
+def baseline(name: str) -> Baseline:
+    if name not in _BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    return _BASELINES[name]
 
 
 def baseline_features(name: str, bank_images: Tensor, query_images: Tensor) -> tuple[Tensor, Tensor]:
     """Features of a named baseline for the memory and the query images."""
-    if name not in _EXTRACTORS:
-        raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
-    return _EXTRACTORS[name](bank_images, query_images)
+    chosen = baseline(name)
+    return chosen.pair(chosen.rows(bank_images), chosen.rows(query_images))

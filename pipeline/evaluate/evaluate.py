@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from artifacts.shard_set import resolve_shards
 from mocoplus import MoCoPlus
 from mocoplus.backbones import GridEmbedding
-from mocoplus.whitening import PcaWhitening
+from mocoplus.whitening import PcaWhitening, WhiteningConfig
 from pipeline.data.augment import eval_transform
 from pipeline.data.streams import EvalStream, StreamConfig
 from pipeline.evaluate.baselines import BASELINES, baseline_features
@@ -128,6 +128,32 @@ def _features(
     return _Split(features, labels, torch.cat(images) if keep_images else None)
 
 
+def run_features(
+    run_dir: Path,
+    shards: str,
+    *,
+    checkpoint: str = "auto",
+    encoder: str = "key",
+    grid: int | None = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """One encoder's features (before any whitening) and labels of every image of ``shards``: for studies that
+    score many post-processings of one pass (``benchmarks/bench_dims.py``)."""
+    model, state, _path = load_run(run_dir, checkpoint)
+    config = config_from_dict(state["config"])
+    target = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    augment = config.augmentation
+    network = _Backbones(model, grid or config.model.embedding_grid, (encoder,)).to(target)
+    with stage_progress(progress) as bar:
+        split = _features(
+            network, shards, size=config.data.image_size, mode=augment.input_mode,
+            transform=lambda x: eval_transform(x, augment), batch_size=512, workers=workers, device=target,
+            keep_images=False, bar=bar,
+        )  # fmt: skip
+    return split.features, split.labels
+
+
 def linear_probe(
     train_features: Tensor,
     train_labels: Tensor,
@@ -175,13 +201,15 @@ def evaluate(
     progress: bool = True,
     grid: int | None = None,
     whiten: bool | None = None,
+    dims: int | None = None,
     linear: bool = True,
     encoders: tuple[str, ...] = ENCODERS,
 ) -> Evaluation:
     """The retrieval suite, kNN and linear-probe top-1 of both encoders of a run, and of ``baselines``.
 
     ``train_shards`` are the memory and the probe's training set, ``eval_shards`` the queries.
-    ``grid`` and ``whiten`` override the run's ``model.embedding_grid`` and ``model.embedding_whitening``;
+    ``grid``, ``whiten`` and ``dims`` override the run's ``model.embedding_grid``, ``model.embedding_whitening``
+    and ``model.embedding_dims`` (the whitening's leading directions kept, the baselines' alike);
     ``linear=False`` skips the linear probe (minutes for wide embeddings on a CPU); ``encoders`` picks
     ``query`` and/or ``key`` (the exported one).
     """
@@ -195,6 +223,7 @@ def evaluate(
     model, state, path = load_run(run_dir, checkpoint)
     config = config_from_dict(state["config"])
     whitening = whiten if whiten is not None else config.model.embedding_whitening == "pca"
+    dims = dims or config.model.embedding_dims
     target = torch.device(
         "cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device
     )
@@ -214,14 +243,16 @@ def evaluate(
         test = _features(network, eval_shards, bar=bar, **options)
         task = bar.task("scoring", total=len(encoders) + len(baselines), unit="feature sets")
         classes = int(max(train.labels.max(), test.labels.max())) + 1
-        scores = _score_encoders(train, test, config, classes, bar, task, encoders, whiten=whitening, linear=linear)
+        scores = _score_encoders(
+            train, test, config, classes, bar, task, encoders, whiten=dims if whitening else False, linear=linear
+        )
         baseline_scores = {}
         for name in baselines:
             bar.update(task, status=name)
             bank, queries = baseline_features(name, train.images, test.images)
             baseline_scores[name] = retrieval_scores(bank, train.labels, queries, test.labels, num_classes=classes)
             if whitening:
-                bank, queries = whitened(bank, queries)
+                bank, queries = whitened(bank, queries, dims)
                 baseline_scores[f"{name}, whitened"] = retrieval_scores(
                     bank, train.labels, queries, test.labels, num_classes=classes
                 )
@@ -238,9 +269,11 @@ def evaluate(
     )
 
 
-def whitened(bank: Tensor, queries: Tensor) -> tuple[Tensor, Tensor]:
-    """Both sets PCA-whitened with the map fitted on the memory set ``bank`` (never on the queries)."""
-    whitening = PcaWhitening.fit(bank.split(4096))  # streamed: no float64 copy of the whole memory set
+def whitened(bank: Tensor, queries: Tensor, dims: int | None = None) -> tuple[Tensor, Tensor]:
+    """Both sets PCA-whitened with the map fitted on the memory set ``bank`` (never on the queries), keeping
+    the leading ``dims`` directions (None: all)."""
+    # streamed: no float64 copy of the whole memory set
+    whitening = PcaWhitening.fit(bank.split(4096), WhiteningConfig(dims=dims))
     return whitening(bank), whitening(queries)
 
 
@@ -253,18 +286,21 @@ def _score_encoders(
     task: int,
     encoders: tuple[str, ...],
     *,
-    whiten: bool,
+    whiten: int | bool | None,
     linear: bool,
 ) -> dict[str, EncoderScores]:
-    """The suite, the run's kNN rule and the linear probe for each encoder (features side by side in one tensor)."""
+    """The suite, the run's kNN rule and the linear probe for each encoder (features side by side in one tensor).
+
+    ``whiten``: False, or the whitening's dims (None: all directions).
+    """
     width = train.features.shape[1] // len(encoders)
     scores = {}
     for index, name in enumerate(encoders):
         bar.update(task, status=f"{name} encoder")
         part = slice(index * width, (index + 1) * width)
         bank, queries = train.features[:, part], test.features[:, part]
-        if whiten:
-            bank, queries = whitened(bank, queries)
+        if whiten is not False:
+            bank, queries = whitened(bank, queries, whiten)
         suite = retrieval_scores(bank, train.labels, queries, test.labels, num_classes=classes)
         if (config.eval.knn_k, config.eval.knn_temperature) == (WEIGHTED_K, WEIGHTED_TEMPERATURE):
             knn = suite.weighted_knn200  # the same rule on the same similarities: not computed twice

@@ -34,6 +34,8 @@ class ExportConfig:
     whiten: bool | None = None
     whiten_data: str = ""  # shards the whitening is fitted on; default: the run's training shards
     whiten_images: int = 0  # fit on at most this many images (0: all of them)
+    # the whitening's leading directions kept; default: the run's model.embedding_dims (int8: at most 256)
+    dims: int | None = None
 
     def __post_init__(self) -> None:
         if self.encoder not in get_args(EncoderChoice) or self.head not in get_args(HeadChoice):
@@ -46,6 +48,8 @@ class ExportConfig:
             raise ValueError(f"quantize must be none or int8, calibration_images >= 1, 0 < min_cosine <= 1; got {self}")
         if self.whiten_images < 0:
             raise ValueError(f"whiten_images must be >= 0; got {self.whiten_images}")
+        if self.dims is not None and (self.dims < 1 or self.whiten is False):
+            raise ValueError(f"dims keeps the whitening's leading directions: needs dims >= 1, whitening; got {self}")
         if self.whiten and self.head == "projection":
             raise ValueError("whitening applies to backbone features: export it with head none")
 

@@ -21,8 +21,9 @@ H, bilinear, centre crop), which `model.json` spells out.
 With whitening (``--whiten``, or the run's ``model.embedding_whitening =
 "pca"``) the graph also holds a PCA whitening of the features before the L2
 normalisation, fitted at export on the training shards through this very
-graph's preprocessing and backbone (`mocoplus.whitening`); ``model.json``
-says what it was fitted on.
+graph's preprocessing and backbone (`mocoplus.whitening`), keeping the
+leading ``--dims`` principal directions (the run's ``model.embedding_dims``;
+none: all); ``model.json`` says what it was fitted on.
 
 Before the bundle appears, torch eager, TorchScript and ONNX Runtime embed
 the same real images (the run's held-out shards, or ``--calibration``) at
@@ -33,6 +34,7 @@ renamed into place.
 
 from __future__ import annotations
 
+import json
 import warnings
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -54,8 +56,10 @@ from artifacts.model_bundle import (
     TORCHSCRIPT_FILE,
     ModelBundle,
     model_contract,
+    read_model_json,
     write_model_json,
 )
+from artifacts.versions import CURRENT, version_name, versions
 from mocoplus.backbones import GridEmbedding
 from mocoplus.heads import Encoder
 from mocoplus.whitening import CovarianceAccumulator, PcaWhitening, WhiteningConfig
@@ -67,6 +71,11 @@ from pipeline.progress import StageProgress, stage_progress
 from pipeline.train.checkpoints import load_run, resolve_checkpoint
 from pipeline.train.run_config import config_from_dict
 
+# int8 keeps the whitening's leading 256 directions unless --dims says otherwise: whitening amplifies the
+# rounding of the int8 features in the trailing low-variance directions. Mean cosine of int8 to fp32 on the
+# demo's model (README, "Compact embeddings"): 0.995 at 256 dims, 0.991 at 512, 0.984 at 1,024, 0.971 at
+# all 2,043 (refused below 0.99).
+INT8_WHITENING_DIMS = 256
 # ITU-R 601 luma, the weights PIL's RGB → L conversion uses: what training saw for gray data.
 LUMA_WEIGHTS = (0.299, 0.587, 0.114)
 
@@ -114,10 +123,11 @@ class EmbeddingModel(nn.Module):
         return F.normalize(features, dim=1)
 
 
-def fit_whitening(
-    model: EmbeddingModel, shards: str, size: int, limit: int, bar: StageProgress, config: WhiteningConfig
-) -> tuple[PcaWhitening, int]:
-    """PCA whitening of ``model``'s features over (the first ``limit`` or all) images of ``shards``."""
+def whitening_statistics(
+    model: EmbeddingModel, shards: str, size: int, limit: int, bar: StageProgress
+) -> CovarianceAccumulator:
+    """Mean and covariance of ``model``'s features over (the first ``limit`` or all) images of ``shards``: one
+    pass, from which a whitening of any width is fitted (`PcaWhitening.from_accumulator`)."""
     stream = EvalStream(shards, size, "RGB", StreamConfig(batch_size=256, workers=2), rank=0, world_size=1)
     total = min(limit, stream.shards.samples) if limit else stream.shards.samples
     task = bar.task("whitening", total=total, unit="images")
@@ -130,7 +140,22 @@ def fit_whitening(
             if accumulator.count >= total:
                 break
     bar.finish(task, status=f"fitted on {accumulator.count:,} images")
-    return PcaWhitening.from_accumulator(accumulator, config), accumulator.count
+    return accumulator
+
+
+def int8_dims_to_try(dims: int) -> list[int]:
+    """An int8 export's default whitening widths, widest first: ``dims``, half, a quarter (at least 32)."""
+    return [width for width in (dims, dims // 2, dims // 4) if width >= 32] or [dims]
+
+
+def whitening_dims(config: ExportConfig, run_dims: int | None) -> int | None:
+    """The whitening's leading directions kept: ``--dims``, else the run's, at most `INT8_WHITENING_DIMS` for
+    int8 (None: all)."""
+    if config.dims is not None:
+        return config.dims
+    if config.quantize == "int8":
+        return min(run_dims or INT8_WHITENING_DIMS, INT8_WHITENING_DIMS)
+    return run_dims
 
 
 @dataclass(frozen=True)
@@ -189,8 +214,9 @@ def measure_parity(model: nn.Module, scripted, bundle: ModelBundle, images: np.n
     }
 
 
-def check_parity(parity: dict[str, Any], config: ExportConfig) -> None:
-    """fp32: both runtimes within ``tolerance`` of eager; int8: TorchScript so, ONNX by mean cosine."""
+def check_parity(parity: dict[str, Any], config: ExportConfig, refused: list[dict[str, Any]] | None = None) -> None:
+    """fp32: both runtimes within ``tolerance`` of eager; int8: TorchScript so, ONNX by mean cosine (``refused``:
+    the wider whitenings an int8 export tried before, named in the error)."""
     failures = []
     if parity["torchscript_max_abs_diff"] > config.tolerance:
         failures.append(f"TorchScript max abs difference {parity['torchscript_max_abs_diff']:.2e}")
@@ -199,9 +225,14 @@ def check_parity(parity: dict[str, Any], config: ExportConfig) -> None:
     if failures:
         raise ExportError(f"parity check failed: {'; '.join(failures)} > tolerance {config.tolerance:g}")
     if config.quantize == "int8" and parity["onnxruntime_mean_cosine"] < config.min_cosine:
+        cosine = f"{parity['onnxruntime_mean_cosine']:.4f}"
+        if refused:
+            tried = ", ".join(f"{entry['mean_cosine']:.4f} with {entry['dims']}" for entry in refused)
+            cosine += f" with the whitening's {parity.get('dims', 'fewest')} directions ({tried})"
+        advice = "; fewer --dims or --no-whiten keep more of it" if refused else ""
         raise ExportError(
-            f"int8 parity check failed: mean cosine to fp32 {parity['onnxruntime_mean_cosine']:.4f} "
-            f"< {config.min_cosine} (more or more typical --calibration images may help)"
+            f"int8 parity check failed: mean cosine to fp32 {cosine} < {config.min_cosine}{advice} "
+            "(more or more typical --calibration images may help)"
         )
 
 
@@ -257,6 +288,34 @@ def _write_models(
     return scripted
 
 
+def _export_inputs(run_dir: Path, config: ExportConfig) -> tuple[Path, dict[str, Any]]:
+    """The checkpoint an export takes and what makes two exports the same (its content hash, the options)."""
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run folder {run_dir} not found")
+    checkpoint = resolve_checkpoint(run_dir, config.checkpoint)
+    return checkpoint, {"checkpoint_sha256": sha256_file(checkpoint), "options": {**asdict(config), "checkpoint": None}}
+
+
+def export_version(
+    run_dir: Path, root: Path, config: ExportConfig = ExportConfig(), *, progress: bool = True
+) -> ExportResult:
+    """Export into the next version of the model root ``root`` (`artifacts.versions`), or find the version that
+    already holds this export. ``current`` is not touched: publishing is the caller's decision (the
+    ``pretrain`` flow's quality gate)."""
+    run_dir, root = Path(run_dir), Path(root)
+    if (root / MODEL_JSON).exists():
+        raise ExportError(
+            f"{root} is a model bundle itself, not a root of versions: move it to {root / version_name(1)} "
+            f"and link {root / CURRENT} to {version_name(1)} (ln -s), or choose another folder"
+        )
+    _checkpoint, inputs = _export_inputs(run_dir, config)
+    numbers, same = versions(root, MODEL_JSON), json.loads(json.dumps(inputs))
+    for number in numbers:
+        if read_model_json(root / version_name(number)).get("inputs") == same:
+            return export(run_dir, root / version_name(number), config, progress=progress)
+    return export(run_dir, root / version_name(max(numbers, default=0) + 1), config, progress=progress)
+
+
 def export(
     run_dir: Path, out_dir: Path, config: ExportConfig = ExportConfig(), *, progress: bool = True
 ) -> ExportResult:
@@ -266,10 +325,7 @@ def export(
     with the same options is up to date; other contents of ``out_dir`` are an error.
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder {run_dir} not found")
-    checkpoint = resolve_checkpoint(run_dir, config.checkpoint)
-    inputs = {"checkpoint_sha256": sha256_file(checkpoint), "options": {**asdict(config), "checkpoint": None}}
+    checkpoint, inputs = _export_inputs(run_dir, config)
     existing = reusable_output(out_dir, MODEL_JSON, inputs)
     if existing is not None:
         return ExportResult(out_dir, existing, up_to_date=True)
@@ -279,9 +335,10 @@ def export(
     encoder = moco.key_encoder if config.encoder == "key" else moco.query_encoder
     grid = config.grid or (1 if config.head == "projection" else run_config.model.embedding_grid)
     model = EmbeddingModel(encoder, augment, projection=config.head == "projection", grid=grid).eval()
+    dims = whitening_dims(config, run_config.model.embedding_dims)
     whiten = config.whiten
-    if whiten is None:  # int8 leaves the run's whitening out: it amplifies the rounding in low-variance directions
-        whiten = config.head == "none" and config.quantize == "none" and run_config.model.embedding_whitening == "pca"
+    if whiten is None:
+        whiten = config.head == "none" and run_config.model.embedding_whitening == "pca"
     size = run_config.data.image_size
     images = parity_images(
         config.calibration or run_config.data.eval_queries or run_config.data.train, size, config.parity_images
@@ -291,52 +348,37 @@ def export(
         calibration = parity_images(config.calibration or run_config.data.train, size, config.calibration_images)
 
     with building_dir(out_dir) as work, stage_progress(progress) as bar:
-        whitening = None
+        fitted_on, statistics = config.whiten_data or run_config.data.train, None
         if whiten:
-            fitted_on, whitening_config = config.whiten_data or run_config.data.train, WhiteningConfig()
-            model.whitening, fitted = fit_whitening(model, fitted_on, size, config.whiten_images, bar, whitening_config)
-            whitening = {
-                "method": "pca",
-                **asdict(whitening_config),
-                "input_dim": model.whitening.in_dim,
-                "fitted_on": fitted_on,
-                "images": fitted,
-            }
-        task = bar.task("export", total=2, unit="steps")
-        bar.update(task, status="TorchScript and ONNX" + (", int8 calibration" if calibration is not None else ""))
-        example = torch.from_numpy(images[:2])
-        scripted = _write_models(model, example, work, config, calibration)
-        bar.update(task, completed=1, status=f"parity on {len(images)} images")
-        with torch.no_grad():
-            dim = int(model(example).shape[1])
-        contract = model_contract(
-            size, dim, augment.input_mode, augment.mean, augment.std,
-            encoder=config.encoder, head=config.head, opset=config.opset, precision=config.precision,
-            whitening=whitening,
-        )  # fmt: skip
-        info: dict[str, Any] = {
-            "format": BUNDLE_FORMAT,
-            "name": config.name or run_dir.resolve().name,
-            "version": package_version(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            **contract,
-            "source": {
-                "run": str(run_dir.resolve()),
-                "checkpoint": str(checkpoint),
-                "checkpoint_sha256": sha256_file(checkpoint),
-                "step": int(state["step"]),
-                "arch": run_config.model.arch,
-                "width": run_config.model.width,
-            },
-            "files": {name: sha256_file(work / name) for name in (ONNX_FILE, TORCHSCRIPT_FILE)},
-            "embedding_grid": grid,  # the backbone's last map average-pooled to grid × grid (1: global)
-            "inputs": inputs,
-        }
-        write_model_json(work, info)
-        bundle = ModelBundle(work)
-        parity = measure_parity(model, scripted, bundle, images)
-        check_parity(parity, config)
-        bar.update(task, completed=2)
+            statistics = whitening_statistics(model, fitted_on, size, config.whiten_images, bar)
+        # int8 of a whitened model without --dims: the widest whitening whose int8 graph keeps the cosine floor
+        # (the rounding of a briefly trained model's features needs fewer directions); what failed is recorded
+        automatic = statistics is not None and config.quantize == "int8" and config.dims is None and dims is not None
+        tries, refused = int8_dims_to_try(dims) if automatic else [dims], []
+        task = bar.task("export", total=2 * len(tries), unit="steps")
+        for attempt, tried_dims in enumerate(tries):
+            whitening = None
+            if statistics is not None:
+                whitening_config = WhiteningConfig(dims=tried_dims)
+                model.whitening = PcaWhitening.from_accumulator(statistics, whitening_config)
+                whitening = {
+                    "method": "pca",
+                    **asdict(whitening_config),
+                    "input_dim": model.whitening.in_dim,
+                    "fitted_on": fitted_on,
+                    "images": statistics.count,
+                    **({"int8_refused": refused} if refused else {}),
+                }
+            info, scripted = _write_bundle(
+                model, work, images, config, calibration, bar, task,
+                source=_Source(run_dir, checkpoint, int(state["step"]), run_config, grid, inputs), whitening=whitening,
+            )  # fmt: skip
+            parity = measure_parity(model, scripted, ModelBundle(work), images)
+            if attempt + 1 < len(tries) and parity["onnxruntime_mean_cosine"] < config.min_cosine:
+                refused.append({"dims": tried_dims, "mean_cosine": round(parity["onnxruntime_mean_cosine"], 4)})
+                continue
+            check_parity({**parity, "dims": tried_dims}, config, refused)
+            break
         bar.finish(task, status="parity checked")
         info["parity"] = {**parity, "tolerance": config.tolerance}
         if config.quantize == "int8":
@@ -349,3 +391,64 @@ def export(
             }
         write_model_json(work, info)
     return ExportResult(out_dir, info)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where an exported model comes from: what model.json records besides the graph's contract."""
+
+    run_dir: Path
+    checkpoint: Path
+    step: int
+    run_config: Any
+    grid: int
+    inputs: dict[str, Any]
+
+
+def _write_bundle(
+    model: EmbeddingModel,
+    work: Path,
+    images: np.ndarray,
+    config: ExportConfig,
+    calibration: np.ndarray | None,
+    bar: StageProgress,
+    task: int,
+    *,
+    source: _Source,
+    whitening: dict[str, Any] | None,
+) -> tuple[dict[str, Any], torch.jit.ScriptModule]:
+    """The graphs and model.json (parity not yet measured) into ``work``."""
+    augment, run_config = source.run_config.augmentation, source.run_config
+    bar.update(task, status="TorchScript and ONNX" + (", int8 calibration" if calibration is not None else ""))
+    example = torch.from_numpy(images[:2])
+    scripted = _write_models(model, example, work, config, calibration)
+    bar.advance(task)
+    bar.update(task, status=f"parity on {len(images)} images")
+    with torch.no_grad():
+        dim = int(model(example).shape[1])
+    contract = model_contract(
+        run_config.data.image_size, dim, augment.input_mode, augment.mean, augment.std,
+        encoder=config.encoder, head=config.head, opset=config.opset, precision=config.precision,
+        whitening=whitening,
+    )  # fmt: skip
+    info: dict[str, Any] = {
+        "format": BUNDLE_FORMAT,
+        "name": config.name or source.run_dir.resolve().name,
+        "version": package_version(),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **contract,
+        "source": {
+            "run": str(source.run_dir.resolve()),
+            "checkpoint": str(source.checkpoint),
+            "checkpoint_sha256": sha256_file(source.checkpoint),
+            "step": source.step,
+            "arch": run_config.model.arch,
+            "width": run_config.model.width,
+        },
+        "files": {name: sha256_file(work / name) for name in (ONNX_FILE, TORCHSCRIPT_FILE)},
+        "embedding_grid": source.grid,  # the backbone's last map average-pooled to grid × grid (1: global)
+        "inputs": source.inputs,
+    }
+    write_model_json(work, info)
+    bar.advance(task)
+    return info, scripted

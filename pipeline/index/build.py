@@ -20,7 +20,7 @@ The steps, each timed into ``index.json``:
 
 Only live rows are indexed: rows of samples removed by a later generation of
 the shard set (`EmbeddingSet.live_rows`) are left out. The bundle is version 1
-of ``out_dir`` (`artifacts.index_versions`), built in a hidden temp folder and
+of ``out_dir`` (`artifacts.versions`), built in a hidden temp folder and
 renamed into place before ``current`` points at it: a failed or killed build
 leaves nothing that looks finished. `pipeline.index.update` makes the later
 versions.
@@ -48,7 +48,7 @@ from artifacts.index_bundle import (
     write_index_files,
     write_index_json,
 )
-from artifacts.index_versions import current_version, resolve_version, switch_current, version_name
+from artifacts.versions import current_version, resolve_version, switch_current, version_name
 from pipeline.index.config import IndexConfig
 from pipeline.index.plan import IndexPlan, plan_index
 from pipeline.index.shards import ShardedBuild, shard_bounds

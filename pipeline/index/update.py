@@ -30,7 +30,7 @@ another kind for the grown corpus, or for an on-disk (``index.ivfdata``) index.
 
 The result is a new version beside the old ones; ``current`` switches to it
 in one rename, and versions beyond ``keep`` are removed
-(`artifacts.index_versions`). A killed update leaves only a temp folder,
+(`artifacts.versions`). A killed update leaves only a temp folder,
 swept by the next run: the current version is untouched throughout. A
 current version damaged on disk is rebuilt from the embedding set, and the
 reason says so.
@@ -62,7 +62,7 @@ from artifacts.index_bundle import (
     write_index_files,
     write_index_json,
 )
-from artifacts.index_versions import current_version, prune_versions, switch_current, version_name, versions
+from artifacts.versions import current_version, prune_versions, switch_current, version_name, versions
 from pipeline.index.build import (
     IndexResult,
     build_index,

@@ -6,6 +6,15 @@ noise and makes the neighbour search of a 2,048-d embedding cheap), projected
 with UMAP (umap-learn) or t-SNE (scikit-learn) on cosine distance, then drawn
 as a scatter coloured by label with the class names as the legend; an
 unlabelled set is drawn in one colour.
+
+A PCA-whitened embedding (its model.json says so) is different: every
+direction has the same variance, so a PCA of the vectors picks arbitrary
+ones (the demo's map was one round cloud of mixed classes while the same
+vectors scored 88 % kNN). Its coordinates already come in principal order
+(`mocoplus.whitening`), so the map reduces it to its leading coordinates, the
+directions that held the most variance before whitening: on the demo's
+vectors the classes then separate (a 10-NN classifier on the 2-D map: 78 %
+against 44 % with the PCA, 10 % chance).
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ import numpy as np
 
 from artifacts.corpus_images import class_names_of
 from artifacts.embedding_set import EmbeddingSet
+from artifacts.model_bundle import read_model_json
 from pipeline.pictures.figures import new_figure, save_png
 
 PCA_DIMENSIONS = 50
@@ -52,10 +62,14 @@ class EmbeddingMap:
     total: int
 
 
-def project(vectors: np.ndarray, config: MapConfig) -> np.ndarray:
-    """``vectors`` ``[N, D]`` → ``[N, 2]`` by ``config.method`` (deterministic for a seed)."""
+def project(vectors: np.ndarray, config: MapConfig, *, whitened: bool = False) -> np.ndarray:
+    """``vectors`` ``[N, D]`` → ``[N, 2]`` by ``config.method`` (deterministic for a seed); ``whitened``: the
+    vectors are PCA-whitened in principal order (their leading coordinates are kept, no PCA)."""
     neighbours = min(config.neighbours, len(vectors) - 1)
-    vectors = principal_components(vectors, PCA_DIMENSIONS)
+    if whitened:
+        vectors = np.asarray(vectors[:, :PCA_DIMENSIONS], dtype=np.float32)
+    else:
+        vectors = principal_components(vectors, PCA_DIMENSIONS)
     if config.method == "umap":
         import warnings
 
@@ -93,8 +107,16 @@ def map_embeddings(embeddings: EmbeddingSet, config: MapConfig) -> EmbeddingMap:
     rng = np.random.default_rng(config.seed)
     rows = np.sort(rng.choice(live, size=min(config.sample, len(live)), replace=False))
     _keys, labels = embeddings.keys_and_labels()
-    points = project(embeddings.rows(rows), config)
+    points = project(embeddings.rows(rows), config, whitened=is_whitened(embeddings))
     return EmbeddingMap(points, labels[rows], class_names_of(embeddings), len(live))
+
+
+def is_whitened(embeddings: EmbeddingSet) -> bool:
+    """Whether the set's model PCA-whitens its output (its model.json; False when it cannot be read)."""
+    try:
+        return bool(read_model_json(Path(embeddings.manifest.get("model", ""))).get("whitening"))
+    except ValueError:
+        return False
 
 
 def draw_map(embedding_map: EmbeddingMap, path: Path, title: str) -> Path:
