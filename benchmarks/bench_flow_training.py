@@ -9,9 +9,9 @@ once lost there. ``--mode flow`` runs the flow's own training task
 prints the trainer's measured images/s (``train.json``) as JSON; time the two
 side by side with ``farm-bench`` (README, "The demo"):
 
-    farm-bench -n 3 --timeout 1200 \\
-      -- sh -c 'exec .venv/bin/python benchmarks/bench_flow_training.py --mode flow >>/tmp/flow.jsonl' \\
-      --vs "sh -c 'exec .venv/bin/python benchmarks/bench_flow_training.py --mode alone >>/tmp/alone.jsonl'"
+    farm-bench -n 3 --warmup 0 --timeout 1500 \\
+      --vs "sh -c 'exec .venv/bin/python benchmarks/bench_flow_training.py --mode alone >>/tmp/alone.jsonl'" \\
+      -- sh -c 'exec .venv/bin/python benchmarks/bench_flow_training.py --mode flow >>/tmp/flow.jsonl'
 """
 
 from __future__ import annotations

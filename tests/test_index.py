@@ -24,7 +24,7 @@ from pipeline.embed.config import EmbedConfig
 from pipeline.embed.embed import embed
 from pipeline.index.build import build_index
 from pipeline.index.config import IndexConfig
-from pipeline.index.plan import FLAT_MAX, HNSW_MAX, list_count, plan_index
+from pipeline.index.plan import FLAT_MAX, HNSW_BUILD_EFFORT, HNSW_MAX, list_count, plan_index
 from pipeline.index.tune import recall_at_k, tune
 
 QUIET = {"progress": False}
@@ -94,6 +94,8 @@ def test_every_corpus_image_searched_by_its_file_comes_back_first(kind, bundle, 
 def test_index_json_describes_the_bundle(bundle, embeddings, tmp_path):
     info = build_index(embeddings, tmp_path / "index", IndexConfig(kind="hnsw", queries=200), **QUIET).info
     assert info["factory"] == "HNSW32,Flat" and info["metric"] == "ip" and info["count"] == 600
+    graph = faiss.downcast_index(faiss.read_index(str(tmp_path / "index" / "current" / "index.faiss"))).hnsw
+    assert graph.efConstruction == HNSW_BUILD_EFFORT  # a better graph than faiss's default 40 (plan.py)
     assert info["bundle_hash"] == ModelBundle(bundle).hash
     assert info["search"] == {"parameter": "efSearch", "params": {"efSearch": info["search"]["params"]["efSearch"]}}
     report = info["recall_at_k"]
@@ -187,7 +189,9 @@ def test_auto_follows_the_documented_rule():
     assert plan_index(FLAT_MAX, 128).kind == "flat"
     assert plan_index(FLAT_MAX + 1, 128).kind == "hnsw"
     assert plan_index(HNSW_MAX, 128).kind == "hnsw"
-    assert plan_index(HNSW_MAX, 128, memory_budget=HNSW_MAX * 600).kind == "ivf"  # vectors fit, the graph not
+    graph_too_big = plan_index(HNSW_MAX, 128, memory_budget=HNSW_MAX * 600)  # vectors fit, the graph not
+    assert graph_too_big.kind == "ivf" and graph_too_big.reason.startswith("HNSW's vectors + graph exceed")
+    assert plan_index(HNSW_MAX + 1, 128).reason.startswith(f"{HNSW_MAX + 1:,} vectors > {HNSW_MAX:,}")
     assert plan_index(1_000_000, 128, memory_budget=4 * gib).factory == "HNSW32,Flat"
     ivf = plan_index(3_000_000, 128, memory_budget=4 * gib)
     assert (ivf.kind, ivf.factory, ivf.train_size) == ("ivf", "IVF8192,Flat", 64 * 8192)  # 4√3M ≈ 6,928 → 2^13

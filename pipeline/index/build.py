@@ -50,7 +50,7 @@ from artifacts.index_bundle import (
 )
 from artifacts.versions import current_version, resolve_version, switch_current, version_name
 from pipeline.index.config import IndexConfig
-from pipeline.index.plan import IndexPlan, plan_index
+from pipeline.index.plan import HNSW_BUILD_EFFORT, IndexPlan, plan_index
 from pipeline.index.shards import ShardedBuild, shard_bounds
 from pipeline.index.tune import (
     Tuning,
@@ -208,6 +208,8 @@ def _trained_index(
 ) -> faiss.Index:
     """A trained, empty index of ``plan``'s kind, trained on a random sample of the ``live`` rows."""
     index = faiss.index_factory(embeddings.dim, plan.factory, metric_type(config.metric))
+    if plan.kind == "hnsw":
+        faiss.downcast_index(index).hnsw.efConstruction = HNSW_BUILD_EFFORT
     if config.gpu:
         index = gpu_index(index)
     clock = time.perf_counter()
