@@ -123,15 +123,11 @@ def evaluate_embeddings(
     cache = Path(cache) if cache is not None else default_cache()
     bank, asked = _labelled(memory_set, "memory"), _labelled(query_set, "queries")
     classes = int(max(bank.labels.max(), asked.labels.max())) + 1
-    model = ScoredModel(
-        str(memory_set.manifest.get("model", "")),
-        memory_set.bundle_hash,
-        memory_set.dim,
-        (suite := _suite(bank, asked, classes)),
-        linear_probe(bank.vectors, bank.labels, asked.vectors, asked.labels)
-        if linear and math.isfinite(suite.nn1)
-        else None,
-    )
+    suite = _suite(bank, asked, classes)
+    probe = None
+    if linear and math.isfinite(suite.nn1):
+        probe = linear_probe(bank.vectors, bank.labels, asked.vectors, asked.labels)
+    model = ScoredModel(str(memory_set.manifest.get("model", "")), memory_set.bundle_hash, memory_set.dim, suite, probe)
     with stage_progress(progress) as bar:
         other = None
         if against is not None:
