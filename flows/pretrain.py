@@ -142,7 +142,68 @@ def quality_gate(evaluation: dict[str, Any], candidate: str, tolerance: float) -
     )
     create_markdown_artifact(f"**{verdict}**\n\n{table}", key="pretrain-gate", description=verdict)
     get_run_logger().info("%s\n%s", verdict, table)
-    return {"passed": decision.passed, "reasons": list(decision.reasons), "tolerance": tolerance}
+    return {"passed": decision.passed, "reasons": list(decision.reasons), "tolerance": tolerance, "labels": True}
+
+
+@task
+def evaluate_candidate_views(memory: str, against: str | None, cache: str) -> dict[str, Any]:
+    """Label-free: altered views of a sample of the training corpus searched among the candidate's vectors,
+    beside raw pixels and the published model (``against``)."""
+    from pipeline.evaluate.views import evaluate_embedding_views
+
+    result = evaluate_embedding_views(
+        Path(memory), against=Path(against) if against else None, cache=Path(cache), progress=False
+    )
+    return result.to_json() | {"model_bundle": _bundle_of(memory), "against_model": against}
+
+
+@task
+def view_quality_gate(evaluation: dict[str, Any], candidate: str, tolerance: float) -> dict[str, Any]:
+    """The label-free gate (`pipeline.evaluate.gate.view_gate`); decision and table to the artifact and log."""
+    from pipeline.evaluate.gate import view_gate
+
+    def scores(record: dict[str, Any]) -> dict[str, float]:
+        return {f"recall@{k}": value for k, value in record["recall"].items()}
+
+    against = evaluation["against"]
+    decision = view_gate(
+        scores(evaluation["model"]), scores(evaluation["pixels"]), scores(against) if against else None, tolerance
+    )
+    header = ["features", *scores(evaluation["model"])]
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    rows = [("candidate", evaluation["model"]), ("published", against), ("pixels", evaluation["pixels"])]
+    lines += [
+        f"| {name} | " + " | ".join(f"{value:.2%}" for value in scores(record).values()) + " |"
+        for name, record in rows
+        if record
+    ]
+    table = "\n".join(lines)
+    verdict = f"label-free quality gate {decision.summary()}: candidate {candidate}" + (
+        f" against the published {evaluation['against_model']}" if against else " (no published model yet)"
+    )
+    note = (
+        f"{evaluation['sample']:,} pictures × {evaluation['views']} altered views searched among "
+        f"{evaluation['corpus']:,}; recall@k of the originals"
+    )
+    create_markdown_artifact(f"**{verdict}**\n\n{note}\n\n{table}", key="pretrain-gate", description=verdict)
+    get_run_logger().info("%s\n%s\n%s", verdict, note, table)
+    return {"passed": decision.passed, "reasons": list(decision.reasons), "tolerance": tolerance, "labels": False}
+
+
+def _bundle_of(embeddings: str) -> str:
+    from artifacts.embedding_set import EmbeddingSet
+
+    return str(EmbeddingSet(Path(embeddings)).manifest.get("model", ""))
+
+
+def shards_labelled(shards: str) -> bool:
+    """Whether a shard set's manifest says its samples carry labels (a bare shard list: assumed not)."""
+    from artifacts.shard_set import read_manifest
+
+    try:
+        return bool(read_manifest(Path(shards)).labelled)
+    except (OSError, ValueError):
+        return False
 
 
 def evaluation_table(evaluation: dict[str, Any]) -> str:
@@ -207,8 +268,10 @@ def pretrain(
     the training and held-out shards are embedded with it (into ``cache``, default ``<run_dir>/../cache``),
     the suite scores those served vectors beside raw pixels (always), ``baselines`` (``hog``) and the
     published model, and ``current`` switches to the candidate only when the gate passes
-    (`pipeline.evaluate.gate`, ``gate_tolerance``); a refused candidate fails the flow. Without held-out
-    shards there is no suite: the candidate is published ungated (said in the log); ``gate=False`` publishes
+    (`pipeline.evaluate.gate`, ``gate_tolerance``); a refused candidate fails the flow. Without labelled
+    held-out shards the gate is label-free (`pipeline.evaluate.views`: altered views of a sample of the
+    training corpus searched for their originals, beside raw pixels and the published model, and the
+    kNN monitor is off); ``gate=False`` publishes
     whatever the gate says (a look at the chain's mechanics with a model too small to learn), said alike.
     ``dims`` overrides the run's ``model.embedding_dims``; ``shares`` embed in parallel; ``monitor=False``
     trains without the kNN monitor (the demo's budget).
@@ -219,26 +282,28 @@ def pretrain(
         data = ingest_if_missing(source, shards)
         held_out = ingest_if_missing(eval_source, eval_shards) if eval_source and eval_shards else None
     with clock.stage("train"):
-        run = train_run(data, held_out if monitor else None, run_dir, config, list(overrides or []), nproc)
+        labelled = bool(held_out) and shards_labelled(str(held_out)) and shards_labelled(data)
+        run = train_run(data, held_out if monitor and labelled else None, run_dir, config, list(overrides or []), nproc)
     with clock.stage("curves"):
         curves = publish_curves(run)
     with clock.stage("export"):
         candidate = export_candidate(run, model_dir, dims)
     result: dict[str, Any] = {"shards": data, "eval_shards": held_out, "run": run, "curves": curves,
                               "candidate": candidate, "model": model_dir, "seconds": clock.seconds}  # fmt: skip
-    if not held_out:
-        get_run_logger().warning("no held-out shards: %s is published without a quality gate", candidate)
-        publish_model(model_dir, candidate)
-        return result
     with clock.stage("embed"):
         memory = embed_for_evaluation(candidate, data, cache, shares)
-        queries = embed_for_evaluation(candidate, held_out, cache, shares)
+        queries = embed_for_evaluation(candidate, held_out, cache, shares) if labelled else None
     published = _published(model_dir)
     against = published if published and Path(published).resolve() != Path(candidate).resolve() else None
     names = ["pixels", *(name for name in baselines or [] if name != "pixels")]
     with clock.stage("evaluate"):
-        evaluation = evaluate_candidate(memory, queries, names, against, cache, linear_probe)
-        decision = quality_gate(evaluation, candidate, gate_tolerance)
+        if queries is not None:
+            evaluation = evaluate_candidate(memory, queries, names, against, cache, linear_probe)
+            decision = quality_gate(evaluation, candidate, gate_tolerance)
+        else:
+            get_run_logger().info("no labelled held-out shards: the gate scores %s without labels", candidate)
+            evaluation = evaluate_candidate_views(memory, against, cache)
+            decision = view_quality_gate(evaluation, candidate, gate_tolerance)
     result |= {"embeddings": {"memory": memory, "queries": queries}, "evaluation": evaluation, "gate": decision}
     if not decision["passed"]:
         if gate:

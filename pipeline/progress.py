@@ -64,6 +64,11 @@ class _LineTask:
     last_line: float = field(default_factory=time.monotonic)
     finished: bool = False
 
+    @property
+    def one(self) -> str:
+        """The unit of one: "steps" → "step", "feature sets" → "feature set"."""
+        return self.unit.removesuffix("s") if self.unit.endswith("s") and not self.unit.endswith("ss") else self.unit
+
     def line(self, now: float) -> str:
         done = f"{self.completed:,.0f}"
         parts = [f"{self.description}: {done}/{self.total:,.0f}" if self.total else f"{self.description}: {done}"]
@@ -71,8 +76,8 @@ class _LineTask:
             parts[0] += f" ({self.completed / self.total:.0%})"
         elapsed = now - self.started
         rate = (self.completed - self.start_completed) / elapsed if elapsed > 0 else 0.0
-        if rate > 0:  # slow tasks (minutes per item) read better as time per item
-            parts.append(f"{rate:,.1f} {self.unit}/s" if rate >= 0.1 else f"{_duration(1 / rate)} per item")
+        if rate > 0:  # slow tasks (minutes per step) read better as the time one takes: "12s per step"
+            parts.append(f"{rate:,.1f} {self.unit}/s" if rate >= 0.1 else f"{_duration(1 / rate)} per {self.one}")
             if self.total and not self.finished:
                 parts.append(f"ETA {_duration((self.total - self.completed) / rate)}")
         if self.finished:

@@ -93,6 +93,34 @@ def test_pretrain_publishes_a_model_only_past_its_quality_gate(fashion_mnist_env
     assert "| published `" in _newest_artifact("pretrain-gate").data
 
 
+@pytest.mark.slow
+def test_pretrain_gates_a_model_of_an_unlabelled_folder_without_labels(tmp_path):
+    """A folder of photos without class folders and no held-out set: the kNN monitor is off, and the gate
+    scores the candidate by recall of originals from altered views against raw pixels. Whether a half-minute
+    model passes is not the point (it is close to pixels on default views): the decision follows the scores,
+    and with the gate off the candidate is published either way."""
+    from test_views import PHOTO_TINY
+
+    from artifacts.versions import current_version
+    from flows.pretrain import pretrain
+    from pipeline.data.sample_photos import SamplePhotosConfig, write_sample_photos
+
+    write_sample_photos(tmp_path / "photos", SamplePhotosConfig(per_photo=8, labelled=False))
+    result = pretrain(
+        source=str(tmp_path / "photos"), shards=str(tmp_path / "shards"), run_dir=str(tmp_path / "run"),
+        model_dir=str(tmp_path / "model"), config="photos-cpu", overrides=PHOTO_TINY, cache=str(tmp_path / "cache"),
+        gate=False,
+    )  # fmt: skip
+    evaluation, gate = result["evaluation"], result["gate"]
+    beats_pixels = evaluation["model"]["recall"][10] > evaluation["pixels"]["recall"][10]
+    assert gate["labels"] is False and gate["passed"] is beats_pixels
+    assert evaluation["corpus"] == 152 and evaluation["sample"] == 152 and evaluation["against"] is None
+    assert current_version(tmp_path / "model") == 1
+    assert not any("knn_top1" in line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    artifact = _newest_artifact("pretrain-gate").data
+    assert "label-free quality gate" in artifact and "| pixels |" in artifact and "| candidate |" in artifact
+
+
 def _newest_artifact(key: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey

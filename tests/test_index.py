@@ -91,6 +91,23 @@ def test_every_corpus_image_searched_by_its_file_comes_back_first(kind, bundle, 
         assert scores == sorted(scores, reverse=True)
 
 
+def test_search_shows_class_names_in_its_table_and_both_forms_in_json(bundle, embeddings, tmp_path):
+    from pipeline.data.fashion_mnist import CLASS_NAMES
+
+    build_index(embeddings, tmp_path / "index", IndexConfig(kind="flat"), **QUIET)
+    keys, labels = EmbeddingSet(embeddings).keys_and_labels()
+    key, label = keys[0], int(labels[0])
+    code, answers = search_json(str(tmp_path / "index"), "--model", str(bundle), f"key:{key}", "-k", "1")
+    assert code == 0 and answers[0]["results"][0] | {"score": None} == {
+        "rank": 1, "key": key, "label": label, "label_name": CLASS_NAMES[label], "score": None
+    }  # fmt: skip
+    table = CliRunner().invoke(
+        app, ["search", str(tmp_path / "index"), "--model", str(bundle), f"key:{key}", "-k", "1"]
+    )
+    row = next(line for line in table.stdout.splitlines() if key in line and f"key:{key}" not in line)
+    assert CLASS_NAMES[label] in row and f" {label} " not in row
+
+
 def test_index_json_describes_the_bundle(bundle, embeddings, tmp_path):
     info = build_index(embeddings, tmp_path / "index", IndexConfig(kind="hnsw", queries=200), **QUIET).info
     assert info["factory"] == "HNSW32,Flat" and info["metric"] == "ip" and info["count"] == 600

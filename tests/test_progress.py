@@ -71,3 +71,12 @@ def test_the_interval_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv(INTERVAL_ENV, "often")
     with pytest.raises(ValueError, match="MOCOPLUS_PROGRESS_SECONDS must be a number"):
         StageProgress(stream=io.StringIO())
+
+
+def test_a_slow_task_says_the_time_one_of_its_units_takes():
+    from pipeline.progress import _LineTask
+
+    steps = _LineTask("pretraining", total=400, completed=2, unit="steps", started=0.0)
+    assert "50s per step" in steps.line(100.0)
+    sets = _LineTask("scoring", total=9, completed=1, unit="feature sets", started=0.0)
+    assert "1m40s per feature set" in sets.line(100.0) and "item" not in sets.line(100.0)

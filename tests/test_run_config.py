@@ -109,6 +109,16 @@ def test_imagenet_preset_is_the_moco_v2_recipe():
     assert config.lr == pytest.approx(0.03)
 
 
+def test_photos_preset_is_the_cpu_recipe_on_64_px_colour_crops():
+    config, gray = load_config("photos-cpu"), load_config("fashion-mnist-cpu")
+    assert config.augmentation.input_mode == "RGB" and config.augmentation.grayscale_p == 0.2
+    assert config.augmentation.output_size == config.data.image_size == 64
+    assert config.augmentation.jitter_p == 0.8 and config.augmentation.saturation > 0
+    embedding = {"embedding_grid": 1, "embedding_whitening": "none", "embedding_dims": None}
+    assert config.model == replace(gray.model, **embedding)  # the gray preset's network and objective
+    assert config.train.time_budget == 900 and config.train.global_batch == 64
+
+
 def test_augment_overrides_apply_on_top_of_the_preset_at_the_data_image_size():
     overrides = ["augment.scale=[0.6, 1]", "augment.brightness=0.2", "data.image_size=32"]
     config = load_config("fashion-mnist-cpu", overrides)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -231,6 +232,7 @@ def search_command(
     console, errors = Console(highlight=False), Console(stderr=True, highlight=False, soft_wrap=True)
     drawn, answered, failed = [], 0, 0  # only what a grid draws is kept: memory stays one batch of queries
     max_rows = _grid_rows() if grid is not None else 0
+    label_name = _label_namer(searcher)
     for query, results in search_queries(queries, searcher, bundle.embed, bundle.size, k):
         if results is None:
             failed += 1
@@ -242,14 +244,14 @@ def search_command(
         if len(drawn) < max_rows:
             drawn.append((query, results))
         if as_json:
-            hits = [hit.as_dict() for hit in results]
+            hits = [hit.as_dict() | {"label_name": label_name(hit.label) or None} for hit in results]
             typer.echo(json.dumps({"query": query.name, "results": hits}, allow_nan=False))
             continue
         table = Table(title=query.name, title_justify="left")
         for column in ("rank", "key", "label", "score"):
             table.add_column(column, justify="left" if column == "key" else "right")
         for hit in results:
-            table.add_row(str(hit.rank), hit.key, "" if hit.label < 0 else str(hit.label), f"{hit.score:.4f}")
+            table.add_row(str(hit.rank), hit.key, label_name(hit.label), f"{hit.score:.4f}")
         console.print(table)
     if grid is not None and drawn:
         from pipeline.pictures.grid import MAX_NEIGHBOURS, MAX_ROWS, draw_search_results
@@ -261,6 +263,17 @@ def search_command(
         errors.print(f"grid: {grid}{note}", markup=False)
     if failed:
         raise typer.Exit(code=1)
+
+
+def _label_namer(searcher) -> Callable[[int], str]:
+    """A hit's label as its class name (the corpus's shard manifest, as the search page shows it); the number
+    where the corpus names no classes or its embedding set is gone, ``""`` for unlabelled samples."""
+    from artifacts.corpus_images import CorpusImages, CorpusImagesError
+
+    try:
+        return CorpusImages.of_index(searcher).label_name
+    except CorpusImagesError:
+        return lambda label: "" if label < 0 else str(label)
 
 
 def _given(context: typer.Context, option: str) -> bool:

@@ -1,4 +1,5 @@
-"""The data commands: ``mocoplus ingest`` (images → shard set) and ``mocoplus verify`` (shard set → report)."""
+"""The data commands: ``mocoplus ingest`` (images → shard set), ``mocoplus verify`` (shard set → report) and
+``mocoplus sample-photos`` (a folder of colour pictures to try the photo path on, made offline)."""
 
 from __future__ import annotations
 
@@ -109,6 +110,32 @@ def ingest_command(
     )
     if manifest.live == 0:
         raise fail(f"nothing usable was written: all {manifest.inputs:,} inputs were skipped")
+
+
+@commands.command(
+    "sample-photos",
+    epilog=(
+        "Examples:\n\n"
+        "  mocoplus sample-photos --out photos                       # 1,900 pictures in 19 class folders\n\n"
+        "  mocoplus sample-photos --out photos-test --per-photo 20 --seed 1   # other crops: held-out queries\n\n"
+        "  mocoplus sample-photos --out photos-flat --unlabelled     # no class folders, as most folders are"
+    ),
+)
+@one_line_errors
+def sample_photos_command(
+    out: Annotated[Path, typer.Option("--out", help="The folder to create (must not exist, or be empty).")],
+    per_photo: Annotated[int, typer.Option(min=1, help="Pictures cut from each sample photograph.")] = 100,
+    seed: Annotated[int, typer.Option(help="Another seed, other crops of the same photographs.")] = 0,
+    unlabelled: Annotated[
+        bool, typer.Option("--unlabelled", help="Write the pictures flat, without class folders.")
+    ] = False,
+) -> None:
+    """A folder of colour JPEGs (64-300 px) cut from the photographs scikit-image and matplotlib install."""
+    from pipeline.data.sample_photos import SAMPLE_PHOTOS, SamplePhotosConfig, write_sample_photos
+
+    count = write_sample_photos(out, SamplePhotosConfig(per_photo=per_photo, seed=seed, labelled=not unlabelled))
+    layout = "flat, no labels" if unlabelled else f"{len(SAMPLE_PHOTOS)} class folders"
+    Console(highlight=False).print(f"{count:,} pictures of {len(SAMPLE_PHOTOS)} photographs ({layout}) · {out}")
 
 
 @commands.command(

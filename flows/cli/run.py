@@ -11,7 +11,8 @@ from rich.console import Console
 
 from flows.cli.errors import one_line_errors
 from flows.cli.options import choice, progress_option
-from flows.cli.tables import retrieval_table
+from flows.cli.tables import retrieval_table, view_recall_table
+from pipeline.evaluate.config import ViewConfig
 from pipeline.export.config import EncoderChoice, ExportConfig, HeadChoice, QuantizeChoice
 
 commands = typer.Typer()
@@ -42,7 +43,9 @@ def train_command(
     ] = None,
     config: Annotated[
         str | None,
-        typer.Option(help="A preset (fashion-mnist-cpu, cifar-resnet18, imagenet-resnet50) or a TOML/JSON file."),
+        typer.Option(
+            help="A preset (fashion-mnist-cpu, photos-cpu, cifar-resnet18, imagenet-resnet50) or a TOML/JSON file."
+        ),
     ] = None,
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")
@@ -77,12 +80,16 @@ def train_command(
     "evaluate",
     epilog=(
         "Two forms: a training run's encoders (RUN --data --eval), or the vectors a model serves (--memory\n"
-        "--queries: two embedding sets from mocoplus embed; --against MODEL scores another bundle beside).\n\n"
+        "--queries: two embedding sets from mocoplus embed; --against MODEL scores another bundle beside).\n"
+        "Without labels, --unlabelled searches altered views of a sample of the corpus (RUN --data, or --memory)\n"
+        "for their originals: recall@1 and @10, beside raw pixels.\n\n"
         "Examples:\n\n"
         "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test\n\n"
         "  mocoplus evaluate runs/fmnist --data shards/fmnist-train --eval shards/fmnist-test --checkpoint last\n\n"
         "  mocoplus evaluate --memory emb/fmnist-train --queries emb/fmnist-test --baselines pixels,hog\n\n"
-        "  mocoplus evaluate --memory emb/fmnist-train --queries emb/fmnist-test --against models/fmnist-old"
+        "  mocoplus evaluate --memory emb/fmnist-train --queries emb/fmnist-test --against models/fmnist-old\n\n"
+        "  mocoplus evaluate runs/photos --data shards/photos --unlabelled\n\n"
+        "  mocoplus evaluate --memory emb/photos --unlabelled --sample 1000"
     ),
 )
 @one_line_errors
@@ -130,8 +137,25 @@ def evaluate_command(
         typer.Option(min=1, help="Keep the whitening's leading D directions (default: model.embedding_dims)."),
     ] = None,
     linear: Annotated[bool, typer.Option(help="Fit the linear probe (minutes for wide embeddings).")] = True,
+    unlabelled: Annotated[
+        bool,
+        typer.Option(
+            "--unlabelled",
+            help="Quality without labels: altered views of a sample of the corpus (--data, or --memory) searched "
+            "for their originals; recall@1/@10 beside raw pixels.",
+        ),
+    ] = False,
+    sample: Annotated[
+        int, typer.Option(min=1, help="With --unlabelled: pictures whose views are searched.")
+    ] = ViewConfig.sample,
+    views: Annotated[int, typer.Option(min=1, help="With --unlabelled: altered views per picture.")] = ViewConfig.views,
 ) -> None:
     """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines."""
+    if unlabelled:
+        _evaluate_unlabelled(run, data, memory, ViewConfig(sample=sample, views=views),
+                             against=against, cache=cache, checkpoint=checkpoint, workers=workers,
+                             as_json=as_json, progress=progress, refused=(eval_shards, queries, baselines))  # fmt: skip
+        return
     names = tuple(name.strip() for name in baselines.split(",") if name.strip())
     if memory is not None or queries is not None:
         if run is not None or data or eval_shards or memory is None or queries is None:
@@ -180,6 +204,47 @@ def evaluate_command(
     ]
     rows += [(name, scores.as_dict(), None) for name, scores in result.baselines.items()]
     Console().print(retrieval_table(title, rows))
+
+
+def _evaluate_unlabelled(
+    run: Path | None,
+    data: str | None,
+    memory: Path | None,
+    config: ViewConfig,
+    *,
+    against: Path | None,
+    cache: Path | None,
+    checkpoint: str,
+    workers: int,
+    as_json: bool,
+    progress: bool,
+    refused: tuple[object, ...],
+) -> None:
+    """`evaluate --unlabelled`: a run on its shards (RUN --data) or an embedding set (--memory)."""
+    from pipeline.evaluate.views import evaluate_embedding_views, evaluate_run_views
+
+    if any(refused):
+        raise ValueError("--unlabelled scores one corpus: it takes no --eval, --queries or --baselines (pixels are in)")
+    if memory is not None:
+        if run is not None or data:
+            raise ValueError("evaluate --unlabelled takes either RUN with --data, or --memory")
+        result = evaluate_embedding_views(
+            memory, config, against=against, cache=cache, workers=workers, progress=progress
+        )
+        corpus, model = str(memory), "model"
+    else:
+        if run is None or not data or against is not None:
+            raise ValueError("evaluate --unlabelled takes either RUN with --data, or --memory (and --against)")
+        result = evaluate_run_views(run, data, config, checkpoint=checkpoint, workers=workers, progress=progress)
+        corpus, model = data, "key encoder"
+    if as_json:
+        typer.echo(json.dumps(result.to_json()))
+        return
+    title = (
+        f"{result.sample:,} pictures × {result.views} altered views searched among the {result.corpus:,} of "
+        f"{corpus}, cosine similarity"
+    )
+    Console().print(view_recall_table(title, result.rows(model, f"against {against}")))
 
 
 @commands.command(

@@ -26,3 +26,18 @@ def retrieval_table(title: str, rows: list[tuple[str, dict[str, float], float | 
             values.append("—" if linear is None else f"{linear:.2%}".removesuffix("%"))
         table.add_row(name, *values)
     return table
+
+
+def view_recall_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
+    """Label-free scores side by side: recall@k of each picture's original from its altered views, in %."""
+    table = Table(
+        title=f"{title} (%)",
+        caption="recall@k: views whose original is among the k nearest of the whole corpus",
+    )
+    table.add_column("features", no_wrap=True)
+    headers = list(rows[0][1]) if rows else []
+    for header in headers:
+        table.add_column(header, justify="right", no_wrap=True)
+    for name, scores in rows:
+        table.add_row(name, *[f"{scores[header]:.2%}".removesuffix("%") for header in headers])
+    return table

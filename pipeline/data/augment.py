@@ -129,7 +129,18 @@ def colour_32_preset() -> AugmentConfig:
     return AugmentConfig(output_size=32, blur_p=0.0, mean=(0.4914, 0.4822, 0.4465), std=(0.2470, 0.2435, 0.2616))
 
 
-PRESETS = {"small-grayscale": small_grayscale_preset, "colour-32": colour_32_preset, "colour-224": colour_224_preset}
+def colour_small_preset() -> AugmentConfig:
+    """Photos at a CPU's input size (the ``photos-cpu`` preset's 64 px): the CIFAR recipe's crops of 20-100 %,
+    flip, jitter (p 0.8) and 20 % gray, no blur, normalised with ImageNet's statistics (photos, not CIFAR)."""
+    return AugmentConfig(output_size=64, blur_p=0.0)
+
+
+PRESETS = {
+    "small-grayscale": small_grayscale_preset,
+    "colour-32": colour_32_preset,
+    "colour-small": colour_small_preset,
+    "colour-224": colour_224_preset,
+}
 
 
 def _as_float_batch(images: Tensor) -> Tensor:

@@ -77,18 +77,24 @@ class _Labelled:
     labels: torch.Tensor
 
 
+def live_vectors(embeddings: EmbeddingSet) -> tuple[list[str], torch.Tensor]:
+    """The keys and float32 vectors of the live rows of ``embeddings``."""
+    rows = embeddings.live_rows()
+    keys, _labels = embeddings.keys_and_labels()
+    return [keys[row] for row in rows], torch.from_numpy(embeddings.rows(rows).astype("float32"))
+
+
 def _labelled(embeddings: EmbeddingSet, role: str) -> _Labelled:
     """The live rows of ``embeddings`` with their keys and labels; every one must carry a label."""
     rows = embeddings.live_rows()
-    keys, labels = embeddings.keys_and_labels()
-    labels = labels[rows]
+    labels = embeddings.keys_and_labels()[1][rows]
     if len(rows) == 0 or (labels < 0).any():
         raise EmbeddingSetError(
             f"{embeddings.path} ({role}): the suite needs labelled samples; "
-            f"{int((labels < 0).sum())} of {len(rows)} have no label"
+            f"{int((labels < 0).sum())} of {len(rows)} have no label (score it with --unlabelled)"
         )
-    vectors = torch.from_numpy(embeddings.rows(rows).astype("float32"))
-    return _Labelled(vectors, [keys[row] for row in rows], torch.from_numpy(labels))
+    keys, vectors = live_vectors(embeddings)
+    return _Labelled(vectors, keys, torch.from_numpy(labels))
 
 
 def _suite(bank: _Labelled, asked: _Labelled, classes: int) -> RetrievalScores:
@@ -136,7 +142,7 @@ def evaluate_embeddings(
     return EmbeddingEvaluation(str(memory), str(queries), len(bank.keys), len(asked.keys), model, scored, other)
 
 
-def _image_format(embeddings: EmbeddingSet) -> tuple[int, str]:
+def image_format(embeddings: EmbeddingSet) -> tuple[int, str]:
     """The size and mode the set's model reads images at (its model.json, where the set says it is)."""
     try:
         info = read_model_json(Path(embeddings.manifest.get("model", "")))
@@ -158,7 +164,7 @@ def _score_baselines(
 ) -> dict[str, RetrievalScores]:
     if not names:
         return {}
-    size, mode = _image_format(memory_set)
+    size, mode = image_format(memory_set)
     bank_rows = baseline_rows(names, shard_set_of(memory_set), size, mode, cache, bar, workers)
     query_rows = baseline_rows(names, shard_set_of(query_set), size, mode, cache, bar, workers)
     task = bar.task("baselines", total=len(names), unit="feature sets")
@@ -176,6 +182,23 @@ def _score_baselines(
     return scores
 
 
+def embedded_against(
+    model: Path, embeddings: EmbeddingSet, cache: Path, workers: int, bar: StageProgress
+) -> tuple[EmbeddingSet, ModelBundle]:
+    """The shards of ``embeddings`` embedded by another bundle ``model``, kept in the cache (once per bundle
+    and shard set)."""
+    from pipeline.embed.config import EmbedConfig
+    from pipeline.embed.embed import embed
+
+    bundle = ModelBundle(model, spin=False)
+    shards = shard_set_of(embeddings)
+    folder = embeddings_folder(cache, bundle.hash, shards, bundle.size)
+    task = bar.task(f"against {shards.name}"[:22], total=None, unit="images")
+    done = embed(model, str(shards), folder, EmbedConfig(workers=workers), progress=False)
+    bar.finish(task, status=f"{done.samples:,} embedded now")
+    return EmbeddingSet(folder), bundle
+
+
 def _score_against(
     model: Path,
     memory_set: EmbeddingSet,
@@ -184,19 +207,10 @@ def _score_against(
     workers: int,
     bar: StageProgress,
 ) -> ScoredModel:
-    """``model``'s suite on the same shards: embedded into the cache (once per bundle and shard set)."""
-    from pipeline.embed.config import EmbedConfig
-    from pipeline.embed.embed import embed
-
-    bundle = ModelBundle(model, spin=False)
-    sets = []
-    for embeddings in (memory_set, query_set):
-        shards = shard_set_of(embeddings)
-        folder = embeddings_folder(cache, bundle.hash, shards, bundle.size)
-        task = bar.task(f"against {shards.name}"[:22], total=None, unit="images")
-        done = embed(model, str(shards), folder, EmbedConfig(workers=workers), progress=False)
-        bar.finish(task, status=f"{done.samples:,} embedded now")
-        sets.append(EmbeddingSet(folder))
-    bank, asked = _labelled(sets[0], "memory, against"), _labelled(sets[1], "queries, against")
+    """``model``'s suite on the same shards (embedded into the cache)."""
+    (bank_set, bundle), (query_set_other, _) = (
+        embedded_against(model, embeddings, cache, workers, bar) for embeddings in (memory_set, query_set)
+    )
+    bank, asked = _labelled(bank_set, "memory, against"), _labelled(query_set_other, "queries, against")
     classes = int(max(bank.labels.max(), asked.labels.max())) + 1
     return ScoredModel(str(model), bundle.hash, bundle.dim, _suite(bank, asked, classes))

@@ -10,6 +10,11 @@ the served vectors, `pipeline.evaluate.embedded`) with
   the main scores the candidate may trail it by at most ``tolerance`` (a run of
   another seed moves them by a few tenths of a point).
 
+Without labels (`pipeline.evaluate.views`) the same two rules apply to recall
+of the originals from altered views: the candidate must beat raw pixels on
+recall@10 and may trail the published model by at most ``tolerance`` on
+recall@1 and recall@10 (`view_gate`).
+
 Scores that are not finite (a diverged model's vectors) never pass.
 """
 
@@ -50,18 +55,50 @@ def quality_gate(
     config: GateConfig = GateConfig(),
 ) -> GateDecision:
     """Pass or refuse ``candidate`` against raw ``pixels`` and the ``published`` model (None: the first model)."""
-    new, raw = candidate.as_dict(), pixels.as_dict()
-    reasons = [
-        f"{SCORE_LABELS[name]} is {new[name]} (not a number)" for name in config.scores if not math.isfinite(new[name])
-    ]
-    if not reasons and not new[HEADLINE] > raw[HEADLINE]:
-        reasons.append(f"{SCORE_LABELS[HEADLINE]} {new[HEADLINE]:.2%} does not beat raw pixels ({raw[HEADLINE]:.2%})")
-    if not reasons and published is not None:
-        old = published.as_dict()
+    return _decide(
+        candidate.as_dict(), pixels.as_dict(), published.as_dict() if published is not None else None,
+        headline=HEADLINE, scores=config.scores, labels=SCORE_LABELS, tolerance=config.tolerance,
+    )  # fmt: skip
+
+
+VIEW_HEADLINE = "recall@10"
+
+
+def view_gate(
+    candidate: dict[str, float],
+    pixels: dict[str, float],
+    published: dict[str, float] | None = None,
+    tolerance: float = GateConfig.tolerance,
+) -> GateDecision:
+    """The gate on label-free scores (``{"recall@1": ..., "recall@10": ...}``, as `ViewRecall.as_dict`)."""
+    GateConfig(tolerance=tolerance)  # the same bounds on the tolerance
+    if VIEW_HEADLINE not in candidate:
+        raise ValueError(f"the label-free gate needs {VIEW_HEADLINE}; got {', '.join(candidate)}")
+    return _decide(
+        candidate, pixels, published,
+        headline=VIEW_HEADLINE, scores=tuple(candidate), labels={name: name for name in candidate},
+        tolerance=tolerance,
+    )  # fmt: skip
+
+
+def _decide(
+    new: dict[str, float],
+    raw: dict[str, float],
+    old: dict[str, float] | None,
+    *,
+    headline: str,
+    scores: tuple[str, ...],
+    labels: dict[str, str],
+    tolerance: float,
+) -> GateDecision:
+    reasons = [f"{labels[name]} is {new[name]} (not a number)" for name in scores if not math.isfinite(new[name])]
+    if not reasons and not new[headline] > raw[headline]:
+        reasons.append(f"{labels[headline]} {new[headline]:.2%} does not beat raw pixels ({raw[headline]:.2%})")
+    if not reasons and old is not None:
         reasons += [
-            f"{SCORE_LABELS[name]} {new[name]:.2%} is {old[name] - new[name]:.2%} below the published model's "
-            f"{old[name]:.2%} (tolerance {config.tolerance:.2%})"
-            for name in config.scores
-            if new[name] < old[name] - config.tolerance
+            f"{labels[name]} {new[name]:.2%} is {old[name] - new[name]:.2%} below the published model's "
+            f"{old[name]:.2%} (tolerance {tolerance:.2%})"
+            for name in scores
+            if new[name] < old[name] - tolerance
         ]
     return GateDecision(not reasons, tuple(reasons))
