@@ -96,7 +96,11 @@ def train_command(
 def evaluate_command(
     run: Annotated[Path | None, typer.Argument(help="A run folder (from mocoplus train).")] = None,
     data: Annotated[
-        str | None, typer.Option(help="Labelled training shards: the kNN memory and the linear probe's data.")
+        str | None,
+        typer.Option(
+            help="Labelled training shards: the kNN memory and the linear probe's data (with --unlabelled: the "
+            "corpus, labels not needed)."
+        ),
     ] = None,
     eval_shards: Annotated[str | None, typer.Option("--eval", help="Labelled held-out shards to score.")] = None,
     memory: Annotated[
@@ -150,7 +154,8 @@ def evaluate_command(
     ] = ViewConfig.sample,
     views: Annotated[int, typer.Option(min=1, help="With --unlabelled: altered views per picture.")] = ViewConfig.views,
 ) -> None:
-    """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines."""
+    """The retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10) and a linear probe, against baselines;
+    without labels (--unlabelled), recall of a corpus's pictures from altered views, against raw pixels."""
     if unlabelled:
         _evaluate_unlabelled(run, data, memory, ViewConfig(sample=sample, views=views),
                              against=against, cache=cache, checkpoint=checkpoint, workers=workers,
@@ -240,11 +245,13 @@ def _evaluate_unlabelled(
     if as_json:
         typer.echo(json.dumps(result.to_json()))
         return
-    title = (
+    console = Console(highlight=False, soft_wrap=True)
+    console.print(
         f"{result.sample:,} pictures × {result.views} altered views searched among the {result.corpus:,} of "
-        f"{corpus}, cosine similarity"
+        f"{corpus} (cosine similarity)",
+        markup=False,
     )
-    Console().print(view_recall_table(title, result.rows(model, f"against {against}")))
+    console.print(view_recall_table("without labels", result.rows(model, f"against {against}")), soft_wrap=False)
 
 
 @commands.command(

@@ -29,11 +29,10 @@ def retrieval_table(title: str, rows: list[tuple[str, dict[str, float], float | 
 
 
 def view_recall_table(title: str, rows: list[tuple[str, dict[str, float]]]) -> Table:
-    """Label-free scores side by side: recall@k of each picture's original from its altered views, in %."""
-    table = Table(
-        title=f"{title} (%)",
-        caption="recall@k: views whose original is among the k nearest of the whole corpus",
-    )
+    """Label-free scores side by side: recall@k of each picture's original from its altered views, in %.
+
+    The table is narrow, so the title is short; say what was searched in a line above it."""
+    table = Table(title=f"{title} (%)", caption="recall@k: original in the top k")
     table.add_column("features", no_wrap=True)
     headers = list(rows[0][1]) if rows else []
     for header in headers:

@@ -263,6 +263,7 @@ def evaluate_views(
         bar.advance(task)
     view_pixels = torch.from_numpy(as_uint8(views, mode)).permute(0, 3, 1, 2)  # [N, C, S, S], as the corpus's
     pixels = pixel_recall(corpus_pixels, originals, view_pixels, config.ks)
+    bar.advance(task)
     bar.finish(task, status="done")
     return ViewEvaluation(len(keys), len(rows), config.views, model, pixels, other)
 
