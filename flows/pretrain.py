@@ -154,7 +154,7 @@ def evaluate_candidate_views(memory: str, against: str | None, cache: str) -> di
     result = evaluate_embedding_views(
         Path(memory), against=Path(against) if against else None, cache=Path(cache), progress=False
     )
-    return result.to_json() | {"model_bundle": _bundle_of(memory), "against_model": against}
+    return result.to_json() | {"against_model": against}
 
 
 @task
@@ -188,12 +188,6 @@ def view_quality_gate(evaluation: dict[str, Any], candidate: str, tolerance: flo
     create_markdown_artifact(f"**{verdict}**\n\n{note}\n\n{table}", key="pretrain-gate", description=verdict)
     get_run_logger().info("%s\n%s\n%s", verdict, note, table)
     return {"passed": decision.passed, "reasons": list(decision.reasons), "tolerance": tolerance, "labels": False}
-
-
-def _bundle_of(embeddings: str) -> str:
-    from artifacts.embedding_set import EmbeddingSet
-
-    return str(EmbeddingSet(Path(embeddings)).manifest.get("model", ""))
 
 
 def shards_labelled(shards: str) -> bool:

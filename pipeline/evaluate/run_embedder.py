@@ -97,6 +97,8 @@ class RunEmbedder:
 
     def embed_pictures(self, pictures: np.ndarray) -> Tensor:
         """Vectors of uint8 pictures ``[N, S, S, C]`` (already at the model's size), whitened like the corpus."""
+        if self.config.model.embedding_whitening == "pca" and self.whitening is None:
+            raise RuntimeError("the run's embedding is whitened: embed its corpus (corpus) before other pictures")
         images = torch.from_numpy(np.ascontiguousarray(pictures)).permute(0, 3, 1, 2)
         features = self._features(images.split(256))
         return self.whitening(features) if self.whitening is not None else features

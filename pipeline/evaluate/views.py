@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,8 +35,9 @@ from PIL import Image, ImageEnhance, ImageOps
 from torch import Tensor
 from torch.nn import functional as F
 
+from artifacts.corpus_images import CorpusImagesError, scan_shard
 from artifacts.images import DEFAULT_MAX_PIXELS, InvalidImageError, decode_image, fit_square, to_mode
-from artifacts.shard_set import IMAGE_EXTENSIONS, ShardList, resolve_shards
+from artifacts.shard_set import ShardList, resolve_shards
 from pipeline.evaluate.config import ViewConfig
 from pipeline.progress import StageProgress, stage_progress
 
@@ -149,23 +148,25 @@ def sample_keys(keys: list[str], config: ViewConfig) -> list[int]:
 
 
 def stored_images(shards: ShardList, keys: Iterable[str]) -> dict[str, bytes]:
-    """The stored image bytes of ``keys`` from local shard files (tar headers scanned, only their data read).
+    """The stored image bytes of ``keys`` from local shard files: each shard's headers scanned
+    (`artifacts.corpus_images.scan_shard`), then one bounded read per sampled picture.
 
     A key removed in a later generation is skipped in the shard that held it, so the live copy is the one read.
     """
     wanted, found = set(keys), {}
     for url in shards.urls:
-        if not os.path.isfile(url):
-            raise ValueError(f"label-free evaluation reads pictures from local shard files; {url} is not one")
+        try:
+            located = scan_shard(url)
+        except CorpusImagesError as error:
+            raise ValueError(f"label-free evaluation: {error}") from None
         dead = shards.dead.get(url, frozenset())
-        with tarfile.open(url) as tar:
-            for member in tar:
-                folder, _, base = member.name.rpartition("/")
-                stem, _, extension = base.partition(".")
-                key = f"{folder}/{stem}" if folder else stem
-                usable = member.isfile() and extension.lower() in IMAGE_EXTENSIONS and member.size <= MAX_SAMPLE_BYTES
-                if usable and key in wanted and key not in found and key not in dead:
-                    found[key] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        chosen = {key: stored for key, stored in located.items() if key in wanted - found.keys() and key not in dead}
+        with open(url, "rb") as handle:
+            for key, stored in sorted(chosen.items(), key=lambda item: item[1].offset):
+                if stored.size > MAX_SAMPLE_BYTES:
+                    raise ValueError(f"sampled picture {key!r} is {stored.size:,} bytes, over {MAX_SAMPLE_BYTES:,}")
+                handle.seek(stored.offset)
+                found[key] = handle.read(stored.size)
         if len(found) == len(wanted):
             break
     missing = wanted - set(found)
