@@ -191,11 +191,16 @@ class EmbeddingSet:
         """Every row's key and label (−1 where a sample had none), in id order."""
         keys: list[str] = []
         labels: list[int] = []
+        for part_keys, part_labels in self.keys_and_labels_by_part():
+            keys += part_keys
+            labels += [-1 if label is None else int(label) for label in part_labels]
+        return keys, np.asarray(labels, dtype=np.int64)
+
+    def keys_and_labels_by_part(self) -> Iterator[tuple[list[str], list[int | None]]]:
+        """Each part's keys and labels in row order, one part in memory at a time (an index's id map)."""
         for part in self.parts:
             record = self.record(part)
-            keys += record["keys"]
-            labels += [-1 if label is None else int(label) for label in record["labels"]]
-        return keys, np.asarray(labels, dtype=np.int64)
+            yield record["keys"], record["labels"]
 
 
 # --- the writer side: parts, then the manifest over them ------------------------------------------

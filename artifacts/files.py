@@ -126,3 +126,19 @@ def read_npy(path: str | os.PathLike[str], max_bytes: int = MAX_FILE_BYTES) -> n
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return text[0] if text else type(error).__name__
+
+
+def map_npy(path: str | os.PathLike[str]) -> np.ndarray:
+    """A ``.npy`` array of numbers, memory-mapped read-only: only its header is read now, its values when touched.
+
+    For arrays too large to read whole (an index of tens of millions of ids). Refused with one line: anything but
+    a regular file, a damaged header, values that are not numbers, a body shorter than the header says.
+    """
+    require_regular_file(path)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:  # a short body: "mmap length is greater than file size"
+        raise UnreadableFileError(f"not a valid .npy file ({_first_line(error)})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.dtype.fields is not None:
+        raise UnreadableFileError("does not hold an array of numbers")
+    return array

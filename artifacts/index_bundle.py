@@ -1,8 +1,9 @@
 """The index bundle contract: open one and search it, and write one (`mocoplus index`) — no torch here.
 
-An index bundle is ``index.faiss`` (the FAISS index), ``keys.json`` (id →
-sample key), ``labels.npy`` (id → label, −1 for none), ``rows.npy`` (id → row
-of the embedding set), ``index.json`` (factory string, metric, tuned search
+An index bundle is ``index.faiss`` (the FAISS index), its id map
+(`artifacts.id_map`: id → sample key, label and embedding-set row, in
+memory-mapped arrays, so a bundle of tens of millions of keys opens in
+milliseconds and holds in memory only what searches touch), ``index.json`` (factory string, metric, tuned search
 parameter, measured recall@k and QPS, build times, the model bundle hash) and,
 in a version made by ``mocoplus index --update``, ``deleted.npy``: the ids of
 removed samples, which every search filters out in FAISS itself (an
@@ -30,7 +31,8 @@ import faiss
 import numpy as np
 
 from artifacts.atomic import sha256_file
-from artifacts.files import read_npy, read_regular_file
+from artifacts.files import read_npy
+from artifacts.id_map import IdMap, IdMapError, write_id_map
 from artifacts.jsonfile import MAX_JSON_BYTES, read_json
 from artifacts.query_vectors import QueryVectorError, query_vector_problem
 from artifacts.versions import resolve_version
@@ -38,9 +40,8 @@ from artifacts.versions import resolve_version
 if TYPE_CHECKING:
     from artifacts.embedding_set import EmbeddingSet
 
-INDEX_FORMAT = 1
-INDEX_JSON, INDEX_FILE, KEYS_FILE, LABELS_FILE = "index.json", "index.faiss", "keys.json", "labels.npy"
-ROWS_FILE = "rows.npy"  # index id → row of the embedding set it came from
+INDEX_FORMAT = 2  # 1: keys.json, read whole (refused: rebuild)
+INDEX_JSON, INDEX_FILE = "index.json", "index.faiss"
 DELETED_FILE = "deleted.npy"  # ids of removed samples, kept in the index but never returned
 INDEX_KIND = "mocoplus.index"
 SEARCH_PARAMETERS = ("nprobe", "efSearch")  # what index.json's "search" may tune: IVF's and HNSW's
@@ -158,6 +159,11 @@ def takes_search_parameters(index: faiss.Index) -> bool:
 def read_index_json(path: Path) -> dict[str, Any]:
     info_path = Path(path) / INDEX_JSON
     info = read_json(info_path, IndexBundleError, f"{path} is not an index bundle: no {INDEX_JSON}")
+    if info.get("kind") == INDEX_KIND and info.get("format") == 1:
+        raise IndexBundleError(
+            f"{path} is a format-1 index bundle (keys.json, read whole), which this version no longer reads: "
+            "rebuild it with `mocoplus index EMBEDDINGS --out NEW_FOLDER` and serve that"
+        )
     if info.get("kind") != INDEX_KIND or info.get("format") != INDEX_FORMAT:
         raise IndexBundleError(f"{info_path} is not a format-{INDEX_FORMAT} mocoplus index description")
     for name, kind, least in (("count", int, 0), ("dim", int, 1), ("bundle_hash", str, None)):
@@ -181,27 +187,20 @@ class IndexBundle:
         self.info = read_index_json(self.path)
         self.index = _read_faiss(self.path / INDEX_FILE, mmap)
         try:
-            self.keys: list[str] = json.loads(read_regular_file(self.path / KEYS_FILE, MAX_JSON_BYTES))
-            self.labels: np.ndarray = read_npy(self.path / LABELS_FILE, MAX_JSON_BYTES)
-            self.rows: np.ndarray = read_npy(self.path / ROWS_FILE, MAX_JSON_BYTES)
-        except (ValueError, RecursionError) as error:  # UnreadableFileError and JSONDecodeError are ValueErrors
-            raise IndexBundleError(f"{self.path}: id map unreadable ({str(error)[:200]})") from None
-        if not isinstance(self.keys, list):
-            raise IndexBundleError(f"{self.path}: id map unreadable ({KEYS_FILE} is not a list)")
+            self.ids = IdMap(self.path)
+        except IdMapError as error:
+            raise IndexBundleError(f"id map unreadable: {str(error)[:300]}") from None
+        self.keys, self.labels, self.rows = self.ids.keys, self.ids.labels, self.ids.rows
         self.deleted = _read_deleted(self.path, self.index.ntotal)
         live = self.index.ntotal - len(self.deleted)
-        if not (
-            len(self.keys) == len(self.labels) == len(self.rows) == self.index.ntotal and live == self.info["count"]
-        ):
+        if not (len(self.ids) == self.index.ntotal and live == self.info["count"]):
             raise IndexBundleError(
-                f"{self.path}: {self.index.ntotal} vectors ({len(self.deleted)} deleted), {len(self.keys)} keys, "
-                f"{len(self.labels)} labels, {len(self.rows)} rows, "
-                f"index.json says {self.info['count']}: the bundle is damaged"
+                f"{self.path}: {self.index.ntotal} vectors ({len(self.deleted)} deleted), {len(self.ids)} ids "
+                f"in the id map, index.json says {self.info['count']}: the bundle is damaged"
             )
         self._selector = live_selector(self.deleted, self.index.ntotal)
         if self.index.d != self.info["dim"]:
             raise IndexBundleError(f"{self.path}: index dimension {self.index.d}, index.json says {self.info['dim']}")
-        self._id_of: dict[str, int] | None = None
         self._embeddings: tuple[tuple[int, int, int], EmbeddingSet | None] | None = None  # `_indexed_embeddings`
         self._embeddings_lock = threading.Lock()
         self._parameter, self._params = _search_settings(self.info, self.path / INDEX_JSON)
@@ -278,12 +277,14 @@ class IndexBundle:
         return self._selector is None or bool(self._selector.is_member(position))
 
     def id_of(self, key: str) -> int:
-        if self._id_of is None:
-            removed = set(self.deleted.tolist())
-            self._id_of = {key: position for position, key in enumerate(self.keys) if position not in removed}
-        if key not in self._id_of:
+        """The id of the live sample ``key`` (a replaced sample's old id stays in the index, deleted)."""
+        try:
+            live = [position for position in self.ids.ids_of(key) if self.is_live(position)]
+        except IdMapError as error:
+            raise IndexBundleError(str(error)) from None
+        if not live:
             raise KeyError(f"no sample with key {key!r} in index {self.root}")
-        return self._id_of[key]
+        return live[-1]
 
     def vector_of(self, key: str) -> np.ndarray:
         """The stored vector for a corpus ``key``: from the embedding set when it is still the one indexed, else
@@ -322,7 +323,7 @@ class IndexBundle:
                     expected = recorded.get("manifest_sha256")
                     if (
                         candidate.bundle_hash == self.bundle_hash
-                        and (not len(self.rows) or int(self.rows.max()) < candidate.count)
+                        and int(recorded.get("rows", candidate.count + 1)) <= candidate.count
                         and (not expected or sha256_file(manifest) == expected)
                     ):
                         opened = candidate
@@ -391,7 +392,7 @@ class IndexBundle:
             ids = np.where(np.isin(ids, self.deleted), -1, ids)
         return [
             [
-                Hit(rank, int(i), self.keys[i], int(self.labels[i]), float(score))
+                Hit(rank, int(i), self.ids.key(i), int(self.labels[i]), float(score))
                 for rank, (i, score) in enumerate(
                     ((i, s) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0), 1
                 )
@@ -526,19 +527,12 @@ def write_faiss_index(index: faiss.Index, path: Path) -> None:
 
 
 def write_index_files(
-    folder: Path,
-    index: faiss.Index,
-    keys: list[str],
-    labels: np.ndarray,
-    rows: np.ndarray,
-    deleted: np.ndarray | None = None,
+    folder: Path, index: faiss.Index, embeddings: EmbeddingSet, rows: np.ndarray, deleted: np.ndarray | None = None
 ) -> None:
-    """The index and its id maps into a bundle folder being built: id i is embedding-set row ``rows[i]``;
+    """The index and its id map into a bundle folder being built: id i is embedding-set row ``rows[i]``;
     ``deleted``: ids of removed samples (an updated version's)."""
     write_faiss_index(index, folder / INDEX_FILE)
-    (folder / KEYS_FILE).write_text(json.dumps([keys[row] for row in rows]))
-    np.save(folder / LABELS_FILE, labels[rows])
-    np.save(folder / ROWS_FILE, rows)
+    write_id_map(folder, embeddings.keys_and_labels_by_part(), rows, embeddings.count)
     if deleted is not None and len(deleted):
         np.save(folder / DELETED_FILE, np.sort(np.asarray(deleted, dtype=np.int64)))
 

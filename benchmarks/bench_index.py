@@ -42,10 +42,14 @@ from pipeline.index.tune import queries_per_second, recall_at_k
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 
 
-def synthetic(n: int, d: int, intrinsic: int, noise: float, seed: int) -> np.ndarray:
-    """Unit vectors near a random ``intrinsic``-dimensional subspace of R^d (see the module docstring)."""
+def synthetic(n: int, d: int, intrinsic: int, noise: float, seed: int, mixing_seed: int | None = None) -> np.ndarray:
+    """Unit vectors near a random ``intrinsic``-dimensional subspace of R^d (see the module docstring).
+
+    ``mixing_seed``: the subspace's own seed, so corpora made a part at a time (other ``seed``) share it.
+    """
     rng = np.random.default_rng(seed)
-    mixing = rng.standard_normal((intrinsic, d)).astype(np.float32) / np.sqrt(intrinsic)
+    mixing_rng = rng if mixing_seed is None else np.random.default_rng(mixing_seed)
+    mixing = mixing_rng.standard_normal((intrinsic, d)).astype(np.float32) / np.sqrt(intrinsic)
     out = np.empty((n, d), dtype=np.float32)
     for start in range(0, n, 100_000):  # bounded temporaries
         rows = min(100_000, n - start)

@@ -7,9 +7,14 @@ tasks, share i taking input shards i, i + n, ... (the same split as
 runner each share runs on its own worker; the default is a thread pool.
 `with_dask` runs the same flow on a Dask cluster (prefect-dask): an existing
 one by address, or a local one of n worker processes — the scale-out path.
+With ``index_shards`` > 1 the index is built as tasks too
+(`pipeline.index.shards`): one task trains the quantizer and stages the build,
+``index_shards`` + 1 tasks fill its parts on the same task runner (thread
+pool, or Dask workers), and the last merges, tunes and writes the bundle.
 Tasks pass paths, not arrays, retry with back-off, and skip what is done:
-embedding resumes part by part, and an index whose ``index.json`` names the
-current embedding manifest is kept. With ``update``, the index gets its next
+embedding resumes part by part, a staged index keeps its trained quantizer and
+finished parts, and an index whose ``index.json`` names the current embedding
+manifest is kept. With ``update``, the index gets its next
 version (`pipeline.index.update`) instead of being built anew. A markdown
 artifact reports the result, an image artifact shows a 2-D map of the
 embeddings (``map_sample`` of them).
@@ -46,18 +51,39 @@ def embed_share(model: str, data: str, out: str, share: int, shares: int, batch_
 
 
 @task(retries=1, retry_delay_seconds=5)
+def stage_index(embeddings: str, out: str, kind: str, target_recall: float, shards: int) -> dict[str, Any] | None:
+    """Plan the sharded index, train its quantizer once and stage the build; None when ``out`` is up to date."""
+    from pipeline.index.build import stage_index_build
+    from pipeline.index.config import IndexConfig
+
+    config = IndexConfig(kind=kind, target_recall=target_recall, num_shards=shards)
+    staged = stage_index_build(Path(embeddings), Path(out), config)
+    return None if staged is None else {"staging": str(staged.folder), "parts": staged.parts}
+
+
+@task(retries=2, retry_delay_seconds=[2, 10], task_run_name="index part {part}")
+def fill_index_part(staging: str, part: int) -> dict[str, Any]:
+    """Fill one part of a staged index on whichever worker runs it (skipped when a rerun finds it done)."""
+    from pipeline.index.shards import fill_part
+
+    record = fill_part(staging, part)
+    get_run_logger().info("index part %d: %s by %s", part, "kept" if record["reused"] else "filled", record["writer"])
+    return record
+
+
+@task(retries=1, retry_delay_seconds=5)
 def index_embeddings(
-    embeddings: str, out: str, kind: str, target_recall: float, update: bool = False, keep: int = 3
+    embeddings: str, out: str, kind: str, target_recall: float, update: bool = False, keep: int = 3, shards: int = 1
 ) -> dict[str, Any]:
     """Build the index, or with ``update`` its next version (up to date when ``out`` already indexes exactly
-    this embedding set with these options)."""
+    this embedding set with these options). A staged sharded build is finished: merged, tuned, written."""
     from pipeline.index.build import build_index
     from pipeline.index.config import IndexConfig
     from pipeline.index.update import update_index
 
-    config = IndexConfig(kind=kind, target_recall=target_recall)
+    config = IndexConfig(kind=kind, target_recall=target_recall, num_shards=shards)
     if update:
-        changes = {"kind": kind, "target_recall": target_recall}
+        changes = {"kind": kind, "target_recall": target_recall, "num_shards": shards}
         result = update_index(Path(embeddings), Path(out), changes, keep=keep)
     else:
         result = build_index(Path(embeddings), Path(out), config)
@@ -114,12 +140,14 @@ def index_corpus(
     update: bool = False,
     keep: int = 3,
     embeddings: str | None = None,
+    index_shards: int = 1,
 ) -> dict[str, Any]:
     """Embed ``data`` with ``model`` in ``shares`` parallel tasks into ``out/embeddings``, index into ``out/index``.
 
     ``map_sample`` vectors are drawn as ``out/map.png`` (0: no map). ``update``: the index's next version
     (``keep`` versions kept) instead of a new build. ``embeddings``: another folder for the vectors (the
     ``end-to-end`` flow gives the one its quality gate embedded: nothing is embedded twice).
+    ``index_shards`` > 1: an IVF index built in that many parts, filled as parallel tasks.
     """
     embeddings, index = embeddings or str(Path(out) / EMBEDDINGS), str(Path(out) / INDEX)
     clock = StageClock()
@@ -129,7 +157,11 @@ def index_corpus(
         )
         samples = sum(result["samples"] for result in shares_done.result())
     with clock.stage("index"):
-        info = index_embeddings(embeddings, index, kind, target_recall, update, keep)
+        if index_shards > 1 and not update:
+            staged = stage_index(embeddings, index, kind, target_recall, index_shards)
+            if staged is not None:
+                fill_index_part.map(unmapped(staged["staging"]), range(staged["parts"])).result()
+        info = index_embeddings(embeddings, index, kind, target_recall, update, keep, index_shards)
         summary = check_recall(info)
     with clock.stage("map"):
         picture = draw_corpus_map(embeddings, str(Path(out) / MAP), map_sample, map_method) if map_sample else None

@@ -17,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from artifacts.embedding_set import EmbeddingSet, EmbeddingSetError, write_embedding_set
+from artifacts.id_map import ID_MAP_FILES
 from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
 from artifacts.model_bundle import ModelBundle
 from flows.cli.main import app
@@ -119,13 +120,9 @@ def test_index_json_describes_the_bundle(bundle, embeddings, tmp_path):
     assert report["queries"] == 60  # a tenth of the set at most is held out
     assert report["k"] == 10 and report["recall"] >= 0.95 and report["qps"] > 0
     assert info["build"]["total_seconds"] >= info["build"]["add_seconds"] >= 0
-    assert sorted(path.name for path in (tmp_path / "index" / "current").iterdir()) == [
-        "index.faiss",
-        INDEX_JSON,
-        "keys.json",
-        "labels.npy",
-        "rows.npy",
-    ]
+    assert sorted(path.name for path in (tmp_path / "index" / "current").iterdir()) == sorted(
+        ["index.faiss", INDEX_JSON, *ID_MAP_FILES]
+    )
     assert info["bytes"] == (tmp_path / "index" / "current" / "index.faiss").stat().st_size
 
 
@@ -345,8 +342,12 @@ def test_index_refuses_incomplete_sets_used_folders_and_impossible_budgets(embed
 
 def test_damaged_index_bundles_fail_in_one_line(embeddings, tmp_path):
     build_index(embeddings, tmp_path / "index", IndexConfig(queries=50), **QUIET)
-    (tmp_path / "index" / "current" / "keys.json").write_text(json.dumps(["only-one"]))
+    current = tmp_path / "index" / "current"
+    np.save(current / "labels.npy", np.zeros(3, dtype=np.int64))  # fewer labels than keys
     with pytest.raises(IndexBundleError, match="the bundle is damaged"):
+        IndexBundle(tmp_path / "index")
+    (current / "labels.npy").write_bytes(b"not an array")
+    with pytest.raises(IndexBundleError, match=r"labels\.npy: not a valid \.npy file"):
         IndexBundle(tmp_path / "index")
     (tmp_path / "index" / "current" / "index.faiss").write_bytes(b"garbage")
     with pytest.raises(IndexBundleError, match="not a readable FAISS index"):

@@ -23,6 +23,7 @@ from test_train import TINY, losses
 
 from artifacts.atomic import building_dir, reusable_output, sweep_stale_temps, temp_path_for
 from artifacts.embedding_set import write_embedding_set
+from artifacts.id_map import ID_MAP_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +106,7 @@ def test_killed_index_build_reruns_to_the_uninterrupted_bundle_and_leaves_nothin
     assert hidden(out.parent) == []
     clean = tmp_path / "indexes" / "clean"
     assert mocoplus("index", str(emb), "--out", str(clean), "--kind", "flat").returncode == 0
-    for name in ("index.faiss", "keys.json", "labels.npy", "rows.npy"):
+    for name in ("index.faiss", *ID_MAP_FILES):
         assert (out / "current" / name).read_bytes() == (clean / "current" / name).read_bytes(), name
 
     again = mocoplus("index", str(emb), "--out", str(out), "--kind", "flat")

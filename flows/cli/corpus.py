@@ -16,7 +16,7 @@ from artifacts.model_bundle import Provider
 from flows.cli.errors import one_line_errors
 from flows.cli.options import byte_size, byte_text, choice, from_env, progress_option
 from pipeline.embed.config import EmbedConfig
-from pipeline.index.config import IndexConfig
+from pipeline.index.config import IndexConfig, Merge
 from pipeline.index.plan import IndexKind, Metric
 
 commands = typer.Typer()
@@ -74,7 +74,7 @@ def embed_command(
 @commands.command(
     "index",
     help=(
-        "Build a FAISS index bundle from an embedding set: index.faiss, keys.json, labels.npy, index.json.\n\n"
+        "Build a FAISS index bundle from an embedding set: index.faiss, its id map (keys, labels), index.json.\n\n"
         "--kind auto picks by size and memory budget: Flat (exact) up to 50k vectors, HNSW32 up to 2M,\n"
         "IVF-Flat while the raw vectors fit the budget, OPQ + IVF-PQ beyond. The search parameter (nprobe,\n"
         "efSearch) is tuned to the smallest value whose recall@k against exact search on held-out queries\n"
@@ -82,7 +82,7 @@ def embed_command(
         "Examples:\n\n"
         "  mocoplus index emb/fmnist --out indexes/fmnist\n\n"
         "  mocoplus index emb/web --out indexes/web --kind ivfpq --memory-budget 2G --target-recall 0.9\n\n"
-        "  mocoplus index emb/web --out indexes/web --kind ivf --num-shards 8   # sharded build, merged\n\n"
+        "  mocoplus index emb/web --out indexes/web --kind ivfpq --num-shards 8 --workers 2   # 2 processes\n\n"
         "  mocoplus index emb/photos --out indexes/photos --update --keep 3   # after ingest --update and embed"
     ),
 )
@@ -114,6 +114,17 @@ def index_command(
     num_shards: Annotated[
         int, typer.Option(min=1, help="Build IVF shards on one trained index, then merge.")
     ] = IndexConfig.num_shards,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Local processes filling the shards at once (with --num-shards).")
+    ] = 1,
+    merge: Annotated[
+        Merge,
+        typer.Option(
+            parser=choice(Merge, "merge"),
+            help="How shards merge: auto (in memory while they fit --memory-budget), memory, or disk "
+            "(an index.ivfdata searched memory-mapped).",
+        ),
+    ] = IndexConfig.merge,
     gpu: Annotated[bool, typer.Option("--gpu", help="Train, add and tune on GPU (needs faiss-gpu).")] = IndexConfig.gpu,
     update: Annotated[
         bool,
@@ -138,13 +149,14 @@ def index_command(
         memory_budget=byte_size(memory_budget),
         queries=queries,
         num_shards=num_shards,
+        merge=merge,
         gpu=gpu,
     )
     if update:  # the bundle keeps its options; those given on this command line change them
         given = {name: getattr(config, name) for name in asdict(config) if _given(context, name)}
-        result = update_index(embeddings, out, given, keep=keep, progress=progress)
+        result = update_index(embeddings, out, given, keep=keep, progress=progress, workers=workers)
     else:
-        result = build_index(embeddings, out, config, progress=progress)
+        result = build_index(embeddings, out, config, progress=progress, workers=workers)
     info = result.info
     if as_json:
         typer.echo(json.dumps(info))

@@ -28,7 +28,9 @@ versions.
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -51,7 +53,16 @@ from artifacts.index_bundle import (
 from artifacts.versions import current_version, resolve_version, switch_current, version_name
 from pipeline.index.config import IndexConfig
 from pipeline.index.plan import HNSW_BUILD_EFFORT, IndexPlan, plan_index
-from pipeline.index.shards import ShardedBuild, shard_bounds
+from pipeline.index.shards import (
+    IVFDATA_FILE,
+    StagedBuild,
+    fill_parts,
+    merge_mode,
+    merge_parts,
+    shard_bounds,
+    stage,
+    staging_dir,
+)
 from pipeline.index.tune import (
     Tuning,
     exact_neighbours,
@@ -77,16 +88,57 @@ class IndexResult:
 
 
 def build_index(
-    embeddings_dir: Path, out_dir: Path, config: IndexConfig = IndexConfig(), *, progress: bool = True
+    embeddings_dir: Path,
+    out_dir: Path,
+    config: IndexConfig = IndexConfig(),
+    *,
+    progress: bool = True,
+    workers: int = 1,
 ) -> IndexResult:
     """Build, tune and write the index bundle for the embedding set at ``embeddings_dir``.
 
     A rerun into a finished ``out_dir`` with the same embeddings and options is
     up to date and builds nothing; other contents of ``out_dir`` are an error
     (``mocoplus index --update`` brings a bundle up to date with its set).
+    A sharded build fills its parts in ``workers`` local processes, and a
+    rerun after a killed one keeps its trained index and finished parts.
     """
     embeddings = EmbeddingSet(embeddings_dir)
     inputs = index_inputs(embeddings, config)
+    existing = _finished(embeddings_dir, out_dir, inputs)
+    if existing is not None:
+        return IndexResult(Path(out_dir), existing, up_to_date=True)
+    staging = staging_dir(Path(out_dir))
+    with building_dir(Path(out_dir)) as work:  # the whole folder appears at once, or nothing does
+        (work / version_name(1)).mkdir()
+        info = write_version(
+            work / version_name(1), embeddings, config, inputs, version=1, progress=progress, staging=staging,
+            workers=workers,
+        )  # fmt: skip
+        switch_current(work, 1)
+    shutil.rmtree(staging, ignore_errors=True)
+    return IndexResult(Path(out_dir), info)
+
+
+def stage_index_build(embeddings_dir: Path, out_dir: Path, config: IndexConfig) -> StagedBuild | None:
+    """The first task of a sharded build run elsewhere (the ``index-corpus`` flow): plan, train, stage.
+
+    Its parts are then filled by `pipeline.index.shards.fill_part` on any worker that sees the folders, and
+    `build_index` finishes (merges, tunes, writes). None when ``out_dir`` already holds this index.
+    """
+    if config.num_shards < 2:
+        raise ValueError("only a sharded build (num_shards >= 2) is staged")
+    embeddings = EmbeddingSet(embeddings_dir)
+    inputs = index_inputs(embeddings, config)
+    if _finished(embeddings_dir, out_dir, inputs) is not None:
+        return None
+    layout = Layout.of(embeddings, config)
+    sharded = Sharded(embeddings, layout.plan, config, inputs, layout.order, layout.corpus, staging_dir(Path(out_dir)))
+    return sharded.stage(layout.rng, {})
+
+
+def _finished(embeddings_dir: Path, out_dir: Path, inputs: dict[str, Any]) -> dict[str, Any] | None:
+    """``out_dir``'s index.json when it already holds this index; None when empty; an error when another."""
     try:
         existing = reusable_output(resolve_version(out_dir), INDEX_JSON, inputs)
     except FileExistsError:
@@ -96,13 +148,7 @@ def build_index(
             f"{out_dir} holds an index of other embeddings or options: pass --update to bring it up to date "
             f"with {embeddings_dir}, or choose a new --out"
         ) from None
-    if existing is not None:
-        return IndexResult(Path(out_dir), existing, up_to_date=True)
-    with building_dir(Path(out_dir)) as work:  # the whole folder appears at once, or nothing does
-        (work / version_name(1)).mkdir()
-        info = write_version(work / version_name(1), embeddings, config, inputs, version=1, progress=progress)
-        switch_current(work, 1)
-    return IndexResult(Path(out_dir), info)
+    return existing
 
 
 def index_inputs(embeddings: EmbeddingSet, config: IndexConfig) -> dict[str, Any]:
@@ -119,61 +165,34 @@ def write_version(
     version: int,
     progress: bool,
     reason: str | None = None,
+    staging: Path | None = None,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Build, tune and write a complete bundle of the set's live rows into the folder ``work``; its info.
 
-    ``reason``: why an update rebuilt instead of adding (recorded in ``index.json``).
+    ``reason``: why an update rebuilt instead of adding (recorded in ``index.json``). A sharded build
+    (``config.num_shards > 1``) keeps its trained index and finished parts in ``staging`` (default: inside
+    ``work``) and fills the parts in ``workers`` processes.
     """
-    live = embeddings.live_rows()
-    if len(live) < 1:
-        raise ValueError(f"{embeddings.path} holds no vectors to index")
-    plan = plan_index(len(live), embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
-    if config.num_shards > 1 and plan.nlist is None:
-        raise ValueError(f"a sharded build needs an IVF index (--kind ivf or ivfpq), not {plan.kind}")
-    rng = np.random.default_rng(config.seed)
-    held_out = _held_out_rows(len(live), config.queries, rng)
-    order = live[_index_order(len(live), held_out)]  # index id → embedding-set row
-    total, corpus = len(live), len(live) - len(held_out)  # index ids [0, corpus) while tuning
+    layout = Layout.of(embeddings, config)
+    plan, order, corpus, total, rng = layout.plan, layout.order, layout.corpus, len(layout.order), layout.rng
     timings: dict[str, float] = {}
 
     started = time.perf_counter()
-    index = _trained_index(embeddings, live, plan, config, rng, timings)
     with stage_progress(progress) as bar:
         task = bar.task(f"indexing ({plan.factory})", total=total, unit="vectors")
-        clock = time.perf_counter()
         advance = lambda rows: bar.advance(task, rows)  # noqa: E731
-        # shards are filled on the CPU from a file: a GPU-trained index is copied back first
-        trained = faiss.index_gpu_to_cpu(index) if config.num_shards > 1 and is_gpu_index(index) else index
-        sharded = ShardedBuild(trained, work, config.memory_budget) if config.num_shards > 1 else None
-        merge = None
-        if sharded is not None:
-            for bounds in shard_bounds(corpus, config.num_shards):
-                sharded.fill(embeddings, order, bounds, config.chunk_rows, advance)
-            sharded.fill(embeddings, order, (corpus, total), config.chunk_rows, advance)
-            index = sharded.merge(config.num_shards, TUNING_IVFDATA)  # the corpus shards, without the held out
+        if config.num_shards > 1:
+            built = Sharded(embeddings, plan, config, inputs, order, corpus, staging or work / ".staging")
+            index, search, report, merge = built.build(work, rng, timings, workers, advance)
+            parts: list[dict[str, Any]] | None = built.records
         else:
-            for _, block in embeddings.ordered(order[:corpus], config.chunk_rows):
-                index.add(block)
-                advance(len(block))
-        timings["add_seconds"] = time.perf_counter() - clock
-        search, report = _tune_and_measure(index, embeddings, order, corpus, plan, config, timings)
-        clock = time.perf_counter()
-        if sharded is not None:  # the bundle's index: every shard, the held-out one last
-            del index
-            index, merge = sharded.merge(), sharded.mode
-            (work / TUNING_IVFDATA).unlink(missing_ok=True)
-            sharded.close()
-            for name, value in search["params"].items():
-                set_search_parameter(index, name, value)
-        elif len(held_out):  # the tuning queries join the index last: ids corpus, ..., count - 1
-            index.add(embeddings.rows(order[corpus:]))
-            advance(len(held_out))
-        timings["add_seconds"] += time.perf_counter() - clock
+            index, search, report, merge = _build_whole(embeddings, plan, config, order, corpus, rng, timings, advance)
+            parts = None
     timings["total_seconds"] = time.perf_counter() - started
 
-    keys, labels = embeddings.keys_and_labels()
     # a sharded build's merged index is already on the CPU (and may live in an on-disk .ivfdata)
-    write_index_files(work, faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index, keys, labels, order)
+    write_index_files(work, faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index, embeddings, order)
     info = {
         **_describe(embeddings, plan, config, search, report, timings, merge, work),
         "count": total,
@@ -181,8 +200,121 @@ def write_version(
         "trained": {"count": total, "added_since": 0, **({"reason": reason} if reason else {})},
         "inputs": inputs,
     }
+    if parts is not None:
+        info["build"]["parts"] = parts
     write_index_json(work, info)
     return info
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What a build indexes and how: the plan, index id → embedding row (held-out rows last), the corpus size."""
+
+    plan: IndexPlan
+    order: np.ndarray
+    corpus: int  # index ids [0, corpus) while tuning; the held-out rows follow
+    rng: np.random.Generator  # drawn from next: the training sample
+
+    @classmethod
+    def of(cls, embeddings: EmbeddingSet, config: IndexConfig) -> Layout:
+        live = embeddings.live_rows()
+        if len(live) < 1:
+            raise ValueError(f"{embeddings.path} holds no vectors to index")
+        plan = plan_index(len(live), embeddings.dim, kind=config.kind, memory_budget=config.memory_budget)
+        if config.num_shards > 1 and plan.nlist is None:
+            raise ValueError(f"a sharded build needs an IVF index (--kind ivf or ivfpq), not {plan.kind}")
+        rng = np.random.default_rng(config.seed)
+        held_out = _held_out_rows(len(live), config.queries, rng)
+        order = live[_index_order(len(live), held_out)]
+        return cls(plan, order, len(live) - len(held_out), rng)
+
+
+def _build_whole(
+    embeddings: EmbeddingSet,
+    plan: IndexPlan,
+    config: IndexConfig,
+    order: np.ndarray,
+    corpus: int,
+    rng: np.random.Generator,
+    timings: dict[str, float],
+    advance: Callable[[int], None],
+) -> tuple[faiss.Index, dict[str, Any], dict[str, Any], None]:
+    """One index in this process: trained, filled with the corpus, tuned, then given the held-out rows."""
+    index = _trained_index(embeddings, embeddings.live_rows(), plan, config, rng, timings)
+    clock = time.perf_counter()
+    for _, block in embeddings.ordered(order[:corpus], config.chunk_rows):
+        index.add(block)
+        advance(len(block))
+    timings["add_seconds"] = time.perf_counter() - clock
+    search, report = _tune_and_measure(index, embeddings, order, corpus, plan, config, timings)
+    clock = time.perf_counter()
+    if len(order) > corpus:  # the tuning queries join the index last: ids corpus, ..., count - 1
+        index.add(embeddings.rows(order[corpus:]))
+        advance(len(order) - corpus)
+    timings["add_seconds"] += time.perf_counter() - clock
+    return index, search, report, None
+
+
+@dataclass
+class Sharded:
+    """A sharded build (`pipeline.index.shards`): staged, parts filled, merged twice (to tune, then whole)."""
+
+    embeddings: EmbeddingSet
+    plan: IndexPlan
+    config: IndexConfig
+    inputs: dict[str, Any]
+    order: np.ndarray
+    corpus: int
+    staging: Path
+    records: list[dict[str, Any]] | None = None
+
+    def stage(self, rng: np.random.Generator, timings: dict[str, float]) -> StagedBuild:
+        """The staging folder with the trained index (kept from an earlier run of this build, or trained now)."""
+        config = self.config
+        # the held-out rows are a part of their own, filled like the others and merged last
+        bounds = [*shard_bounds(self.corpus, config.num_shards), (self.corpus, len(self.order))]
+
+        def trained() -> faiss.Index:  # parts are filled on the CPU from a file: a GPU-trained index comes back
+            index = _trained_index(self.embeddings, self.embeddings.live_rows(), self.plan, config, rng, timings)
+            return faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index
+
+        description = {"inputs": self.inputs, "factory": self.plan.factory}
+        staged, reused = stage(
+            self.staging, self.embeddings, description, self.order, bounds, config.chunk_rows, trained
+        )
+        if reused:
+            timings["train_seconds"] = 0.0
+        return staged
+
+    def build(
+        self, work: Path, rng: np.random.Generator, timings: dict[str, float], workers: int,
+        advance: Callable[[int], None],
+    ) -> tuple[faiss.Index, dict[str, Any], dict[str, Any], str]:  # fmt: skip
+        config = self.config
+        staged = self.stage(rng, timings)
+        clock = time.perf_counter()
+        self.records = [_public(record) for record in fill_parts(staged, workers, advance)]
+        timings["add_seconds"] = time.perf_counter() - clock
+        mode = merge_mode(staged, config.merge, config.memory_budget)
+        clock = time.perf_counter()
+        index = merge_parts(staged, mode, config.num_shards, work / TUNING_IVFDATA)  # the corpus, no held-out
+        timings["merge_seconds"] = time.perf_counter() - clock
+        search, report = _tune_and_measure(index, self.embeddings, self.order, self.corpus, self.plan, config, timings)
+        del index
+        clock = time.perf_counter()
+        index = merge_parts(staged, mode, None, work / IVFDATA_FILE)  # the bundle's: every part
+        (work / TUNING_IVFDATA).unlink(missing_ok=True)
+        timings["merge_seconds"] += time.perf_counter() - clock
+        for name, value in search["params"].items():
+            set_search_parameter(index, name, value)
+        return index, search, report, mode
+
+
+def _public(record: dict[str, Any]) -> dict[str, Any]:
+    """A part's record as ``index.json`` lists it: its rows, its writer, whether a rerun found it done."""
+    start, stop = record["bounds"]
+    return {"part": record["part"], "rows": stop - start, "writer": record["writer"], "seconds": record["seconds"],
+            "reused": record["reused"]}  # fmt: skip
 
 
 def _held_out_rows(count: int, queries: int, rng: np.random.Generator) -> np.ndarray:

@@ -22,7 +22,11 @@ budget ``B`` for the index:
 
 Training samples: ``64·nlist`` vectors for the coarse quantizer (FAISS warns
 below 39 per centroid; k-means quality saturates well before 256), and at
-least 65,536 when PQ codebooks are trained too.
+least 65,536 when PQ codebooks are trained too — but never more than
+``TRAIN_SAMPLE_BYTES`` (512 MiB) of float32, whatever the dimension: 1M
+vectors at 128-d, 65,536 at 2,048-d. Where that cap would leave fewer than
+39 vectors per list, ``nlist`` shrinks to fit it (at 2,048-d: at most 1,024
+lists), trading search speed for a build whose memory does not grow with ``d``.
 """
 
 from __future__ import annotations
@@ -45,7 +49,9 @@ HNSW_BUILD_EFFORT = 80
 # Sub-quantizer counts FAISS supports everywhere, the GPU IVF-PQ included.
 PQ_SIZES = (4, 8, 12, 16, 20, 24, 28, 32, 48, 56, 64, 96)
 TRAIN_PER_LIST = 64
+TRAIN_PER_LIST_MIN = 39  # FAISS warns below this many training vectors per centroid
 PQ_TRAIN_MIN = 65_536
+TRAIN_SAMPLE_BYTES = 512 << 20  # the training sample's float32 size, whatever the dimension
 
 
 @dataclass(frozen=True)
@@ -62,13 +68,19 @@ class IndexPlan:
         return _nlist_of(self.factory)
 
 
-def list_count(n: int) -> int:
-    """A power of two near ``4√n``, with at least 39 vectors per list, in [1, 65536]."""
+def list_count(n: int, d: int = 1) -> int:
+    """A power of two near ``4√n``, with at least 39 vectors per list in ``n`` and in the training sample
+    ``d``-dimensional vectors may use (`train_cap`), in [1, 65536]."""
     target = 4 * math.sqrt(max(n, 1))
     nlist = 1 << max(0, round(math.log2(target)))
-    while nlist > 1 and n < 39 * nlist:
+    while nlist > 1 and min(n, train_cap(d)) < TRAIN_PER_LIST_MIN * nlist:
         nlist //= 2
     return min(nlist, 65536)
+
+
+def train_cap(d: int) -> int:
+    """The most ``d``-dimensional float32 vectors a training sample may hold (`TRAIN_SAMPLE_BYTES`)."""
+    return max(1, TRAIN_SAMPLE_BYTES // (4 * d))
 
 
 def plan_index(n: int, d: int, *, kind: str = "auto", memory_budget: int = 4 << 30) -> IndexPlan:
@@ -90,15 +102,16 @@ def plan_index(n: int, d: int, *, kind: str = "auto", memory_budget: int = 4 << 
         reason = _auto_reason(kind, n, memory_budget, graph_too_big=n <= HNSW_MAX)
     else:
         reason = f"asked for {kind}"
-    nlist = list_count(n)
+    nlist = list_count(n, d)
+    cap = train_cap(d)
     if kind == "flat":
         return IndexPlan("flat", "Flat", 0, None, flat_bytes, reason)
     if kind == "hnsw":
         return IndexPlan("hnsw", f"HNSW{HNSW_LINKS},Flat", 0, "efSearch", hnsw_bytes, reason)
     if kind == "ivf":
-        return IndexPlan("ivf", f"IVF{nlist},Flat", min(n, TRAIN_PER_LIST * nlist), "nprobe", flat_bytes, reason)
+        return IndexPlan("ivf", f"IVF{nlist},Flat", min(n, TRAIN_PER_LIST * nlist, cap), "nprobe", flat_bytes, reason)
     m = pq_bytes(n, d, memory_budget)
-    train = min(n, max(TRAIN_PER_LIST * nlist, PQ_TRAIN_MIN))
+    train = min(n, max(TRAIN_PER_LIST * nlist, PQ_TRAIN_MIN), cap)
     return IndexPlan("ivfpq", f"OPQ{m},IVF{nlist},PQ{m}np", train, "nprobe", n * (m + 8) + 4 * d * nlist, reason)
 
 

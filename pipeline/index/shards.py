@@ -1,31 +1,54 @@
-"""Sharded IVF builds: one trained index, shards filled independently, then merged.
+"""Sharded IVF builds as tasks: train once, fill parts anywhere, merge, tune.
 
-For corpora beyond one machine, FAISS's recipe (its ``demo_ondisk_ivf``): train
-the coarse quantizer (and OPQ/PQ) once, give every shard a copy of that empty
-trained index, fill each shard with its own rows — on its own machine if need
-be, since a shard needs only the trained index and its rows — and merge the
-inverted lists. The merged index is the same index one build would make: the
-same centroids, every vector in the list it would have joined, with its
-global row id. Shards here are contiguous id ranges, so the merged lists even
-keep one build's order.
+FAISS's recipe for corpora beyond one process (its ``demo_ondisk_ivf``, and
+autofaiss at scale): train the coarse quantizer (and OPQ/PQ) once; give every
+part a copy of that empty trained index and its own contiguous range of ids —
+a part needs nothing else, so parts fill in parallel, in local processes
+(`fill_parts`) or on Dask workers (the ``index-corpus`` flow); then merge the
+inverted lists. The merged index is the one a single build makes: the same
+centroids, every vector in the list it would have joined, with its global id,
+in the same order.
 
-The merge runs in memory when the index fits the memory budget, and into an
-on-disk ``index.ivfdata`` (memory-mapped at search time) when it does not.
+The work lives in a **staging folder** beside the bundle (``.NAME.staging``),
+which survives a killed build: ``build.json`` (what is being built: the
+inputs, the plan, each part's id range), ``order.npy`` (index id →
+embedding-set row), ``trained.faiss``, and per part ``part-NNNN.faiss`` then
+``part-NNNN.json`` (written last, naming its writer). A rerun with the same
+inputs keeps the trained index and every finished part and fills only the
+rest; other inputs start the staging afresh. The staging folder is removed
+once the bundle is in place.
+
+The merge runs in memory, or into an on-disk ``index.ivfdata`` (memory-mapped
+at search time, never loaded whole) when the parts exceed the memory budget
+or ``merge="disk"`` asks for it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import itertools
-from collections.abc import Callable
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing import get_context
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
 
+from artifacts.atomic import commit_file, temp_path_for, write_json_atomic
 from artifacts.embedding_set import EmbeddingSet
 from artifacts.index_bundle import write_faiss_index
+from artifacts.jsonfile import read_json
 
-TRAINED_FILE, IVFDATA_FILE = "trained.faiss", "index.ivfdata"
+STAGING_JSON, ORDER_FILE, TRAINED_FILE, IVFDATA_FILE = "build.json", "order.npy", "trained.faiss", "index.ivfdata"
 
 
 def shard_bounds(count: int, num_shards: int) -> list[tuple[int, int]]:
@@ -34,80 +57,222 @@ def shard_bounds(count: int, num_shards: int) -> list[tuple[int, int]]:
     return [(int(low), int(high)) for low, high in itertools.pairwise(edges)]
 
 
-def fill_shard(
-    trained_path: Path,
-    embeddings: EmbeddingSet,
-    order: np.ndarray,
-    bounds: tuple[int, int],
-    chunk_rows: int,
-    advance: Callable[[int], None] = lambda rows: None,
-) -> faiss.Index:
-    """A copy of the trained index holding index ids [start, stop) (embedding rows ``order[start:stop]``)."""
-    shard = faiss.read_index(str(trained_path))
-    start, stop = bounds
-    for first, block in embeddings.ordered(order[start:stop], chunk_rows, start):
-        shard.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
-        advance(len(block))
-    return shard
+def staging_dir(out_dir: Path) -> Path:
+    """Where a sharded build of the bundle ``out_dir`` keeps its work between runs (hidden, beside it)."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f".{out_dir.name}.staging"
 
 
-def merge_in_memory(trained_path: Path, shard_paths: list[Path]) -> faiss.Index:
-    merged = faiss.read_index(str(trained_path))
-    target = faiss.extract_index_ivf(merged)
-    for path in shard_paths:
-        shard = faiss.read_index(str(path))  # held: the extracted IVF part does not own its memory
-        target.merge_from(faiss.extract_index_ivf(shard), 0)
-    merged.ntotal = target.ntotal  # an OPQ wrapper keeps its own count
-    return merged
+@dataclass(frozen=True)
+class StagedBuild:
+    """A staging folder whose trained index and id order are written: the parts can be filled."""
 
-
-def merge_on_disk(trained_path: Path, shard_paths: list[Path], ivfdata: Path) -> faiss.Index:
-    from faiss.contrib.ondisk import merge_ondisk
-
-    merged = faiss.read_index(str(trained_path))
-    merge_ondisk(merged, [str(path) for path in shard_paths], str(ivfdata))
-    merged.ntotal = faiss.extract_index_ivf(merged).ntotal
-    return merged
-
-
-class ShardedBuild:
-    """Shard files filled from one trained index in ``work``; merged on request, removed by `close`.
-
-    The builder merges twice: the corpus shards alone, to tune on queries the
-    index does not hold, then every shard, held-out rows included, for the
-    bundle. Merging reads the shard files, so both are cheap next to filling.
-    """
-
-    def __init__(self, trained: faiss.Index, work: Path, memory_budget: int) -> None:
-        self.work, self.memory_budget = work, memory_budget
-        self.trained_path = work / TRAINED_FILE
-        write_faiss_index(trained, self.trained_path)
-        self.shards: list[Path] = []
-
-    def fill(
-        self,
-        embeddings: EmbeddingSet,
-        order: np.ndarray,
-        bounds: tuple[int, int],
-        chunk_rows: int,
-        advance: Callable[[int], None] = lambda rows: None,
-    ) -> None:
-        path = self.work / f"shard-{len(self.shards):04d}.faiss"
-        write_faiss_index(fill_shard(self.trained_path, embeddings, order, bounds, chunk_rows, advance), path)
-        self.shards.append(path)
+    folder: Path
+    embeddings: Path
+    bounds: tuple[tuple[int, int], ...]  # each part's [start, stop) index ids: the corpus shards, then the held-out
+    chunk_rows: int
 
     @property
-    def mode(self) -> str:
-        """``memory`` when the shards fit the budget, else ``disk``."""
-        return "memory" if sum(path.stat().st_size for path in self.shards) <= self.memory_budget else "disk"
+    def parts(self) -> int:
+        return len(self.bounds)
 
-    def merge(self, count: int | None = None, ivfdata: str = IVFDATA_FILE) -> faiss.Index:
-        """The first ``count`` shards (all by default) merged into one index."""
-        shards = self.shards[:count]
-        if self.mode == "memory":
-            return merge_in_memory(self.trained_path, shards)
-        return merge_on_disk(self.trained_path, shards, self.work / ivfdata)
+    def part_path(self, part: int) -> Path:
+        return self.folder / f"part-{part:04d}.faiss"
 
-    def close(self) -> None:
-        for path in [self.trained_path, *self.shards]:
-            path.unlink(missing_ok=True)
+    def record_path(self, part: int) -> Path:
+        return self.folder / f"part-{part:04d}.json"
+
+    def order(self) -> np.ndarray:
+        return np.load(self.folder / ORDER_FILE, mmap_mode="r")
+
+    def done(self, part: int) -> dict[str, Any] | None:
+        """The part's record when it is finished (its record, written last, matches its range), else None."""
+        try:
+            record = read_json(self.record_path(part), ValueError, "missing")
+        except (ValueError, OSError):
+            return None
+        if tuple(record.get("bounds", ())) != self.bounds[part] or not self.part_path(part).is_file():
+            return None
+        return record
+
+
+def stage(
+    folder: Path, embeddings: EmbeddingSet, description: dict[str, Any], order: np.ndarray,
+    bounds: list[tuple[int, int]], chunk_rows: int, train: Callable[[], faiss.Index],
+) -> tuple[StagedBuild, bool]:  # fmt: skip
+    """The staging folder for this build: reused when it describes the same build, else started afresh
+    (``train()`` makes the trained, empty index). Also whether the training was reused."""
+    folder = Path(folder)
+    wanted = {"embeddings": str(embeddings.path.resolve()), "description": description, "bounds": bounds,
+              "chunk_rows": chunk_rows}  # fmt: skip
+    staged = StagedBuild(folder, embeddings.path.resolve(), tuple(tuple(b) for b in bounds), chunk_rows)  # type: ignore[misc]
+    try:
+        found = read_json(folder / STAGING_JSON, ValueError, "missing")
+    except (ValueError, OSError):
+        found = None
+    if found == json.loads(json.dumps(wanted)) and (folder / TRAINED_FILE).is_file():
+        return staged, True
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    np.save(folder / ORDER_FILE, np.asarray(order, dtype=np.int64))
+    write_faiss_index(train(), folder / TRAINED_FILE)
+    write_json_atomic(folder / STAGING_JSON, wanted)  # last: the staging is usable
+    return staged, False
+
+
+def open_staged(folder: Path | str) -> StagedBuild:
+    """A staging folder written by `stage`, read back (what a fill task on another worker opens)."""
+    folder = Path(folder)
+    found = read_json(folder / STAGING_JSON, ValueError, f"{folder} holds no staged index build ({STAGING_JSON})")
+    bounds = tuple(tuple(bound) for bound in found["bounds"])
+    return StagedBuild(folder, Path(found["embeddings"]), bounds, int(found["chunk_rows"]))  # type: ignore[arg-type]
+
+
+def writer_name() -> str:
+    """Who fills a part: ``host:pid``, and the Dask worker's name when a Dask worker runs it."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        from distributed import get_worker
+
+        return f"{name} (dask worker {get_worker().name})"
+    except (ImportError, ValueError):
+        return name
+
+
+def fill_part(folder: Path | str, part: int, advance: Callable[[int], None] = lambda rows: None) -> dict[str, Any]:
+    """Fill part ``part`` of the staged build in ``folder`` (skipped when already done); its record.
+
+    Reads only the trained index, the order and its own rows; writes its index, then its record. A fill
+    killed half-way leaves at most a temp file: the part is not done, and its rerun starts it again.
+    """
+    staged = open_staged(folder)
+    finished = staged.done(part)
+    if finished is not None:
+        advance(finished["bounds"][1] - finished["bounds"][0])
+        return {**finished, "reused": True}
+    started = time.perf_counter()
+    start, stop = staged.bounds[part]
+    index = faiss.read_index(str(staged.folder / TRAINED_FILE))
+    embeddings = EmbeddingSet(staged.embeddings)
+    rows = np.asarray(staged.order()[start:stop])
+    for first, block in embeddings.ordered(rows, staged.chunk_rows, start):
+        index.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
+        advance(len(block))
+    temp = temp_path_for(staged.part_path(part))
+    try:
+        write_faiss_index(index, temp)
+        commit_file(temp, staged.part_path(part))
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    record = {"part": part, "bounds": [start, stop], "writer": writer_name(),
+              "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
+    write_json_atomic(staged.record_path(part), record)
+    return {**record, "reused": False}
+
+
+def fill_parts(staged: StagedBuild, workers: int = 1, advance: Callable[[int], None] = lambda rows: None) -> list:
+    """Fill every unfinished part, in this process (``workers`` 1) or in ``workers`` local processes; the records.
+
+    Worker ``w`` fills parts ``w, w + workers, ...`` (the split ``mocoplus embed --num-shards`` uses), so
+    which process writes which part does not depend on timing. Processes are spawned, not forked (FAISS's
+    OpenMP threads do not survive a fork). A worker that dies fails the build with a one-line error and
+    the parts every worker finished kept: the rerun fills only the others.
+    """
+    if workers <= 1 or staged.parts <= 1:
+        return [fill_part(staged.folder, part, advance) for part in range(staged.parts)]
+    already = {part for part in range(staged.parts) if staged.done(part) is not None}
+    context = get_context("spawn")
+    processes = [
+        context.Process(target=_fill_share, args=(str(staged.folder), list(range(w, staged.parts, workers))))
+        for w in range(min(workers, staged.parts))
+    ]
+    for process in processes:
+        process.start()
+    counted: set[int] = set()
+    try:
+        while True:
+            alive = [process for process in processes if process.is_alive()]
+            for part in range(staged.parts):
+                if part not in counted and staged.done(part) is not None:
+                    counted.add(part)
+                    advance(staged.bounds[part][1] - staged.bounds[part][0])
+            if not alive:
+                break
+            alive[0].join(timeout=0.5)
+    finally:
+        for process in processes:  # an interrupt in the parent stops its workers too
+            if process.is_alive():
+                process.terminate()
+            process.join()
+    failed = [(w, process.exitcode) for w, process in enumerate(processes) if process.exitcode != 0]
+    if failed:
+        worker, code = failed[0]
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+        raise RuntimeError(
+            f"index worker {worker} of {len(processes)} failed ({how}); {len(counted)} of {staged.parts} parts are "
+            "done and kept in the staging folder: rerun the same command to fill the rest"
+        )
+    return [{**record, "reused": record["part"] in already} for record in part_records(staged)]
+
+
+def _fill_share(folder: str, parts: list[int]) -> None:
+    """One worker process's share of the parts."""
+    for part in parts:
+        fill_part(folder, part)
+
+
+def part_records(staged: StagedBuild) -> list[dict[str, Any]]:
+    """Every part's record (all must be done)."""
+    records = [staged.done(part) for part in range(staged.parts)]
+    missing = [part for part, record in enumerate(records) if record is None]
+    if missing:
+        raise RuntimeError(f"{staged.folder}: parts {missing} are not filled yet")
+    return records  # type: ignore[return-value]
+
+
+def merge_mode(staged: StagedBuild, merge: str, memory_budget: int) -> str:
+    """``memory`` or ``disk``: ``merge`` itself unless ``auto``, then disk when the parts exceed the budget."""
+    if merge != "auto":
+        return merge
+    size = sum(staged.part_path(part).stat().st_size for part in range(staged.parts))
+    return "memory" if size <= memory_budget else "disk"
+
+
+@contextmanager
+def c_stdout_silenced() -> Iterator[None]:
+    """Drop what C code prints to stdout (file descriptor 1) while the block runs.
+
+    C's stdout is block-buffered on a pipe, so it is flushed before file descriptor 1 is put back:
+    otherwise the text would reach the pipe later, in the middle of the command's own output.
+    """
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved, null = os.dup(1), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
+
+
+def merge_parts(staged: StagedBuild, mode: str, count: int | None = None, ivfdata: Path | None = None) -> faiss.Index:
+    """The first ``count`` parts (all by default) merged into one index, in memory or into ``ivfdata``."""
+    paths = [staged.part_path(part) for part in range(staged.parts)][:count]
+    merged = faiss.read_index(str(staged.folder / TRAINED_FILE))
+    if mode == "disk":
+        from faiss.contrib.ondisk import merge_ondisk
+
+        with c_stdout_silenced():  # FAISS's on-disk lists printf "resizing ..." (it would corrupt --json)
+            merge_ondisk(merged, [str(path) for path in paths], str(ivfdata or staged.folder / IVFDATA_FILE))
+        merged.ntotal = faiss.extract_index_ivf(merged).ntotal
+        return merged
+    target = faiss.extract_index_ivf(merged)
+    for path in paths:
+        part = faiss.read_index(str(path))  # held: the extracted IVF part does not own its memory
+        target.merge_from(faiss.extract_index_ivf(part), 0)
+    merged.ntotal = target.ntotal  # an OPQ wrapper keeps its own count
+    return merged

@@ -39,6 +39,7 @@ reason says so.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -74,6 +75,7 @@ from pipeline.index.build import (
 )
 from pipeline.index.config import IndexConfig
 from pipeline.index.plan import IndexPlan, plan_index
+from pipeline.index.shards import staging_dir
 from pipeline.index.tune import exact_neighbours, queries_per_second, recall_at_k, tune
 from pipeline.progress import stage_progress
 
@@ -90,11 +92,13 @@ def update_index(
     *,
     keep: int = 3,
     progress: bool = True,
+    workers: int = 1,
 ) -> IndexResult:
     """Bring the bundle at ``out_dir`` up to date with the embedding set (its first build when it has none).
 
     The bundle keeps the options it was built with (kind, metric, target recall, budget...); ``changes``
-    (`IndexConfig` field → value) overrides some of them from this version on.
+    (`IndexConfig` field → value) overrides some of them from this version on. A sharded rebuild fills its
+    parts in ``workers`` processes.
     """
     root = Path(out_dir)
     if keep < 1:
@@ -106,7 +110,7 @@ def update_index(
                 f"{root} was built before index versions existed: build it once into a new --out, "
                 "later updates then work"
             )
-        return build_index(embeddings_dir, root, IndexConfig(**(changes or {})), progress=progress)
+        return build_index(embeddings_dir, root, IndexConfig(**(changes or {})), progress=progress, workers=workers)
     embeddings = EmbeddingSet(embeddings_dir)
     base = root / version_name(number)
     next_number = max(versions(root), default=number) + 1
@@ -120,21 +124,24 @@ def update_index(
         inputs = index_inputs(embeddings, config)
         with building_dir(root / version_name(next_number)) as work:
             reason = f"version {number} is unreadable ({error})"
-            fresh = _rebuilt(work, embeddings, config, inputs, next_number, progress, reason)
+            fresh = _rebuilt(work, embeddings, config, inputs, next_number, Rebuild(progress, root, workers), reason)
     else:
         if info.get("inputs") == _as_json(inputs):
             return IndexResult(root, info, up_to_date=True)
         _check_updatable(info, embeddings, base)
         with building_dir(root / version_name(next_number)) as work:
-            fresh = _next_version(work, base, base_bundle, embeddings, config, inputs, next_number, progress)
+            fresh = _next_version(
+                work, base, base_bundle, embeddings, config, inputs, next_number, Rebuild(progress, root, workers)
+            )
     switch_current(root, next_number)
+    shutil.rmtree(staging_dir(root), ignore_errors=True)
     prune_versions(root, keep)
     return IndexResult(root, fresh)
 
 
 def _changed_options(before: IndexConfig, now: IndexConfig) -> str:
     """The options that shape the index or its tuning and differ (``a → b``, comma-separated), or ``""``."""
-    shaping = ("kind", "metric", "target_recall", "k", "memory_budget", "num_shards")
+    shaping = ("kind", "metric", "target_recall", "k", "memory_budget", "num_shards", "merge")
     return ", ".join(
         f"{name} {getattr(before, name)} → {getattr(now, name)}"
         for name in shaping
@@ -178,7 +185,7 @@ def _next_version(
     config: IndexConfig,
     inputs: dict[str, Any],
     number: int,
-    progress: bool,
+    how: Rebuild,
 ) -> dict[str, Any]:
     started = time.perf_counter()
     info = bundle.info
@@ -194,7 +201,7 @@ def _next_version(
     growth = Growth(live_count, stored, len(dead), added_since, int(trained["count"]))
     reasons = _rebuild_reasons(info, base, config, plan, growth)
     if reasons:
-        return _rebuilt(work, embeddings, config, inputs, number, progress, "; ".join(reasons))
+        return _rebuilt(work, embeddings, config, inputs, number, how, "; ".join(reasons))
 
     index, stored_rows = bundle.index, bundle.rows
     removed_now = len(dead) - len(bundle.deleted)
@@ -205,7 +212,7 @@ def _next_version(
     held_rows = np.sort(rng.choice(new_rows, size=held, replace=False)) if held >= MIN_HELD_OUT else new_rows[:0]
     first_rows = np.setdiff1d(new_rows, held_rows)
     timings: dict[str, float] = {}
-    with stage_progress(progress) as bar:
+    with stage_progress(how.progress) as bar:
         task = bar.task(f"updating ({info['factory']})", total=len(new_rows), unit="vectors")
         clock = time.perf_counter()
         for _, block in embeddings.ordered(first_rows, config.chunk_rows):
@@ -220,7 +227,7 @@ def _next_version(
             timings["tune_seconds"] = report.pop("seconds")
             reason = _recall_lost(info["recall_at_k"], report) if plan.search_parameter is not None else None
             if reason:
-                return _rebuilt(work, embeddings, config, inputs, number, progress, reason)
+                return _rebuilt(work, embeddings, config, inputs, number, how, reason)
         else:  # stored vectors would flatter an HNSW graph: the tuned setting stands until new vectors come
             note = f"kept from version {info.get('index_version')}: fewer than {MIN_HELD_OUT} new vectors to tune on"
             search, report = info["search"], {**info["recall_at_k"], "held_out": note}
@@ -231,8 +238,7 @@ def _next_version(
         timings["add_seconds"] += time.perf_counter() - clock
     rows = np.concatenate([rows, held_rows]).astype(np.int64)
     timings["total_seconds"] = time.perf_counter() - started
-    keys, labels = embeddings.keys_and_labels()
-    write_index_files(work, index, keys, labels, rows, dead)
+    write_index_files(work, index, embeddings, rows, dead)
     fresh = {
         **info,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -315,12 +321,24 @@ def _recall_lost(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Rebuild:
+    """How a full build inside an update runs: its progress bar, the bundle (its staging folder), the workers."""
+
+    progress: bool
+    root: Path
+    workers: int = 1
+
+
 def _rebuilt(
-    work: Path, embeddings: EmbeddingSet, config: IndexConfig, inputs: dict[str, Any], number: int, progress: bool,
+    work: Path, embeddings: EmbeddingSet, config: IndexConfig, inputs: dict[str, Any], number: int, how: Rebuild,
     reason: str,
 ) -> dict[str, Any]:  # fmt: skip
     """A full build of the live rows into ``work`` (a version of its own, trained afresh), saying why."""
-    return write_version(work, embeddings, config, inputs, version=number, progress=progress, reason=reason)
+    return write_version(
+        work, embeddings, config, inputs, version=number, progress=how.progress, reason=reason,
+        staging=staging_dir(how.root), workers=how.workers,
+    )  # fmt: skip
 
 
 def _retune(
