@@ -11,6 +11,8 @@ import pytest
 
 from pipeline.embed.config import EmbedConfig
 from pipeline.embed.embed import embed
+from pipeline.index.build import build_index
+from pipeline.index.config import IndexConfig
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 
@@ -171,8 +173,20 @@ def test_end_to_end_chains_pretrain_index_and_a_search(fashion_mnist_env, tmp_pa
 def test_the_dask_path_with_two_local_workers_embeds_as_the_sequential_path(bundle, fashion_shards, tmp_path):
     from flows.index_corpus import with_dask
 
-    result = with_dask(workers=2)(str(bundle), str(fashion_shards), str(tmp_path / "out"), shares=2)
+    result = with_dask(workers=2)(
+        str(bundle), str(fashion_shards), str(tmp_path / "out"), shares=2, kind="ivf", index_shards=3, map_sample=0
+    )
     assert result["samples_embedded_now"] == 600
+    info = json.loads((tmp_path / "out" / "index" / "current" / "index.json").read_text())
+    writers = {part["writer"] for part in info["build"]["parts"]}  # 3 shards + the held-out part
+    assert len(info["build"]["parts"]) == 4
+    assert len({writer.split(" (dask worker")[0] for writer in writers}) == 2  # both worker processes filled parts
+    assert all("(dask worker" in writer for writer in writers)
+    one = build_index(tmp_path / "out" / "embeddings", tmp_path / "one", IndexConfig(kind="ivf", num_shards=3))
+    for name in ("index.faiss", "rows.npy", "keys.bin"):  # the Dask-built index is the one-process build
+        assert (tmp_path / "out" / "index" / "current" / name).read_bytes() == (
+            tmp_path / "one" / "current" / name
+        ).read_bytes()
     sequential = tmp_path / "sequential"
     embed(bundle, str(fashion_shards), sequential, EmbedConfig(workers=0), progress=False)
     for part in sorted(sequential.glob("part-*.npy")):

@@ -311,10 +311,9 @@ class Sharded:
 
 
 def _public(record: dict[str, Any]) -> dict[str, Any]:
-    """A part's record as ``index.json`` lists it: its rows, its writer, whether a rerun found it done."""
+    """A part's record as ``index.json`` lists it: its rows, who filled it (host:pid, Dask worker) and how long."""
     start, stop = record["bounds"]
-    return {"part": record["part"], "rows": stop - start, "writer": record["writer"], "seconds": record["seconds"],
-            "reused": record["reused"]}  # fmt: skip
+    return {"part": record["part"], "rows": stop - start, "writer": record["writer"], "seconds": record["seconds"]}
 
 
 def _held_out_rows(count: int, queries: int, rng: np.random.Generator) -> np.ndarray:
