@@ -182,7 +182,8 @@ def test_the_dask_path_with_two_local_workers_embeds_as_the_sequential_path(bund
     assert len(info["build"]["parts"]) == 4
     assert len({writer.split(" (dask worker")[0] for writer in writers}) == 2  # both worker processes filled parts
     assert all("(dask worker" in writer for writer in writers)
-    one = build_index(tmp_path / "out" / "embeddings", tmp_path / "one", IndexConfig(kind="ivf", num_shards=3))
+    one_process = IndexConfig(kind="ivf", num_shards=3)
+    build_index(tmp_path / "out" / "embeddings", tmp_path / "one", one_process, progress=False)
     for name in ("index.faiss", "rows.npy", "keys.bin"):  # the Dask-built index is the one-process build
         assert (tmp_path / "out" / "index" / "current" / name).read_bytes() == (
             tmp_path / "one" / "current" / name

@@ -262,6 +262,17 @@ def test_an_unreachable_target_settles_at_the_knee_not_the_limit():
     assert not result.reached and result.value == 12  # the smallest within 0.005 of the best (0.9)
 
 
+def test_the_search_upwards_stops_at_a_plateau_not_at_an_exhaustive_scan():
+    asked = []
+
+    def recall_of(value: int) -> float:  # saturates at 0.9 from 12 on; nlist 16,384 would be a full scan
+        asked.append(value)
+        return min(0.9, 0.5 + value / 30)
+
+    result = tune(recall_of, "nprobe", start=1, limit=16384, target=0.95)
+    assert result.value == 12 and max(asked) == 32  # 16 → 32 gained nothing: no 64, ..., 16,384
+
+
 # --- guards and bad input ---------------------------------------------------------------------------------
 
 
