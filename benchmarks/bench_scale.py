@@ -79,6 +79,7 @@ class TreeMemory:
 
     def __init__(self, pid: int, interval: float = 1.0) -> None:
         self.root, self.interval, self.peak, self.peak_processes = psutil.Process(pid), interval, 0, 0
+        self.peak_anon = 0  # the heap alone: the rest of RSS is mapped file pages (parts, the merged lists)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -87,12 +88,14 @@ class TreeMemory:
         while not self._stop.is_set():
             try:
                 tree = [self.root, *self.root.children(recursive=True)]
-                total = 0
+                total = anon = 0
                 for process in tree:
-                    with contextlib.suppress(psutil.NoSuchProcess):  # ended since the listing
+                    with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError):  # ended since the listing
                         total += process.memory_info().rss
+                        anon += resident_kinds(process.pid).get("anon_after_bytes", 0)
                 if total > self.peak:
                     self.peak, self.peak_processes = total, len(tree)
+                self.peak_anon = max(self.peak_anon, anon)
             except psutil.NoSuchProcess:
                 return
             self._stop.wait(self.interval)
@@ -143,18 +146,29 @@ def serve(model: str, index: Path, keys: list[str], d: int, queries: int) -> dic
             vector = rng.standard_normal(d).astype(np.float32)
             vector /= np.linalg.norm(vector)
             found = post(f"{url}/v1/search", {"vectors": [vector.tolist()], "k": 10})
-            assert len(found["results"][0]) == 10
+            assert len(found["results"][0]["hits"]) == 10, found
         vector_qps = queries / (time.perf_counter() - clock)
         for key in keys:
             found = post(f"{url}/v1/search", {"key": key, "k": 10})
-            assert found["results"][0], key
+            assert found["results"][0]["hits"], (key, found)
         info = psutil.Process(process.pid).memory_full_info()
         return {"ready_seconds": round(ready_seconds, 1), "rss_idle_bytes": idle, "rss_after_bytes": info.rss,
-                "uss_after_bytes": info.uss, "vector_searches": queries, "key_searches": len(keys),
-                "vector_search_per_s_one_client": round(vector_qps, 1)}  # fmt: skip
+                "uss_after_bytes": info.uss, **resident_kinds(process.pid), "vector_searches": queries,
+                "key_searches": len(keys), "vector_search_per_s_one_client": round(vector_qps, 1)}  # fmt: skip
     finally:
         process.terminate()
         process.wait(timeout=60)
+
+
+def resident_kinds(pid: int) -> dict[str, int]:
+    """Resident bytes by kind (/proc/PID/status): anonymous (the heap: what the process holds) and file-backed
+    (mapped index and id-map pages: page cache the kernel may drop and read again)."""
+    kinds = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            kinds[f"{name[3:].lower()}_after_bytes"] = int(value.split()[0]) * 1024
+    return kinds
 
 
 def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -165,6 +179,10 @@ def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
 
 def run_one(n: int, d: int, args: argparse.Namespace, bundle_hash: str) -> dict[str, Any]:
     work = Path(args.work) / f"{n}x{d}"
+    recorded = work / "result.json"
+    if args.reuse_builds and recorded.exists() and (work / "index" / "current").exists():
+        print(f"{n:,} × {d}: reusing the build measured in {recorded}", file=sys.stderr)
+        return json.loads(recorded.read_text())
     embeddings = work / "embeddings"
     if not (embeddings / "manifest.json").exists():
         shutil.rmtree(embeddings, ignore_errors=True)
@@ -179,6 +197,7 @@ def run_one(n: int, d: int, args: argparse.Namespace, bundle_hash: str) -> dict[
         "n": n, "d": d, "factory": info["factory"], "seconds": round(seconds, 1),
         "build": {name: value for name, value in info["build"].items() if name.endswith("_seconds")},
         "peak_rss_bytes": memory.peak, "peak_rss_gib": round(memory.peak / 2**30, 2),
+        "peak_anon_gib": round(memory.peak_anon / 2**30, 2),
         "processes_at_peak": memory.peak_processes,
         "recall_at_10": report["recall"], "nprobe": info["search"]["params"].get("nprobe"),
         "qps": round(report["qps"], 1), "exact_qps": round(report["exact_qps"] or 0, 2),
@@ -186,6 +205,7 @@ def run_one(n: int, d: int, args: argparse.Namespace, bundle_hash: str) -> dict[
         "merge": info["build"]["merge"], "parts": len(info["build"].get("parts") or []),
     }  # fmt: skip
     print(json.dumps(result), file=sys.stderr)
+    recorded.write_text(json.dumps(result) + "\n")
     return result
 
 
@@ -208,6 +228,9 @@ def main() -> None:
     parser.add_argument("--model", help="a model bundle of the corpus's dimension: serve the largest bundle with it")
     parser.add_argument("--queries", type=int, default=200, help="vector searches sent to the service")
     parser.add_argument("--keep", action="store_true", help="keep the embedding sets and bundles")
+    parser.add_argument(
+        "--reuse-builds", action="store_true", help="with --keep: a kept run (bundle and result.json) is not rebuilt"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     runs = [tuple(int(value) for value in run.split("x")) for run in args.runs.split(",")]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -111,6 +112,32 @@ def test_a_dead_worker_fails_the_build_in_one_line_and_the_rerun_finishes(embedd
     staged.part_path(1).rmdir()
     assert [record["reused"] for record in fill_parts(staged, workers=2)] == [True, False, True, False, True]
     assert build_index(embeddings, out, CONFIG, progress=False, workers=2).info["count"] == 6000
+
+
+# A build process (this script) whose worker asked to die with it; the test SIGKILLs the build.
+PARENT_OF_A_WORKER = """
+import subprocess, sys, os, time
+worker = subprocess.Popen(
+    [sys.executable, "-c", "import sys, time; from pipeline.index.shards import _die_with_parent; "
+     "_die_with_parent(int(sys.argv[1])); print('armed', flush=True); time.sleep(300)", str(os.getpid())],
+    stdout=subprocess.PIPE, text=True,
+)
+worker.stdout.readline()
+print(worker.pid, flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_worker_dies_with_a_build_killed_by_sigkill():
+    import psutil
+
+    build = subprocess.Popen([sys.executable, "-c", PARENT_OF_A_WORKER], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    worker = psutil.Process(int(build.stdout.readline()))
+    build.kill()
+    build.wait()
+    with contextlib.suppress(psutil.NoSuchProcess):
+        worker.wait(timeout=60)  # gone: no orphan keeps filling parts behind a rerun
+    assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
 
 
 @pytest.mark.parametrize("dim", [128, 256, 2048, 16384])

@@ -30,6 +30,7 @@ import itertools
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -184,7 +185,9 @@ def fill_parts(staged: StagedBuild, workers: int = 1, advance: Callable[[int], N
     already = {part for part in range(staged.parts) if staged.done(part) is not None}
     context = get_context("spawn")
     processes = [
-        context.Process(target=_fill_share, args=(str(staged.folder), list(range(w, staged.parts, workers))))
+        context.Process(
+            target=_fill_share, args=(str(staged.folder), list(range(w, staged.parts, workers)), os.getpid())
+        )
         for w in range(min(workers, staged.parts))
     ]
     for process in processes:
@@ -216,10 +219,21 @@ def fill_parts(staged: StagedBuild, workers: int = 1, advance: Callable[[int], N
     return [{**record, "reused": record["part"] in already} for record in part_records(staged)]
 
 
-def _fill_share(folder: str, parts: list[int]) -> None:
-    """One worker process's share of the parts."""
+def _fill_share(folder: str, parts: list[int], parent: int | None = None) -> None:
+    """One worker process's share of the parts; it dies with the build that started it (``kill -9`` of the
+    build must not leave workers filling parts behind the rerun's back)."""
+    if parent is not None:
+        _die_with_parent(parent)
     for part in parts:
         fill_part(folder, part)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (``PR_SET_PDEATHSIG``); elsewhere, nothing."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before the request: nobody will kill us
+            os._exit(1)
 
 
 def part_records(staged: StagedBuild) -> list[dict[str, Any]]:
