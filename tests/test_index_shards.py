@@ -57,6 +57,7 @@ def test_two_worker_processes_fill_the_parts_and_the_merge_equals_one_process(em
     one = build_index(embeddings, tmp_path / "one", CONFIG, progress=False).info
     two = build_index(embeddings, tmp_path / "two", CONFIG, progress=False, workers=2).info
     assert [part["rows"] for part in two["build"]["parts"]] == [1450, 1450, 1450, 1450, 200]  # 4 + the held-out
+    assert two["build"]["parts_kept"] == 0
     assert {part["writer"] for part in one["build"]["parts"]} == {f"{socket.gethostname()}:{os.getpid()}"}
     writers = [part["writer"] for part in two["build"]["parts"]]
     assert writers[0] == writers[2] == writers[4] != writers[1] == writers[3]  # worker w: parts w, w + 2, ...
@@ -87,7 +88,7 @@ def test_a_worker_killed_mid_fill_is_redone_alone_and_finished_parts_are_untouch
 
     info = build_index(embeddings, out, CONFIG, progress=False).info
     assert [part["writer"] for part in info["build"]["parts"]] == [record["writer"] for record in records]
-    assert info["build"]["train_seconds"] == 0  # the staged quantizer was kept too
+    assert info["build"]["train_seconds"] == 0 and info["build"]["parts_kept"] == 5  # quantizer and parts kept
     assert not staged.folder.exists()
     build_index(embeddings, tmp_path / "clean", CONFIG, progress=False)
     same_bundle(out, tmp_path / "clean")

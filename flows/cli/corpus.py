@@ -174,6 +174,9 @@ def index_command(
         )
     else:
         how = f"built in {info['build']['total_seconds']:.1f} s"
+        if info["build"].get("parts_kept"):
+            parts = info["build"]["parts"]
+            how += f" (resumed: {info['build']['parts_kept']} of {len(parts)} shards kept from an interrupted build)"
         if info.get("trained", {}).get("reason"):
             how = f"rebuilt: {info['trained']['reason']}; {how}"
     if report.get("recall") is None:  # a handful of vectors: none can be held out to measure on

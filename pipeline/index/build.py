@@ -186,9 +186,10 @@ def write_version(
             built = Sharded(embeddings, plan, config, inputs, order, corpus, staging or work / ".staging")
             index, search, report, merge = built.build(work, rng, timings, workers, advance)
             parts: list[dict[str, Any]] | None = built.records
+            kept = built.kept
         else:
             index, search, report, merge = _build_whole(embeddings, plan, config, order, corpus, rng, timings, advance)
-            parts = None
+            parts, kept = None, 0
     timings["total_seconds"] = time.perf_counter() - started
 
     # a sharded build's merged index is already on the CPU (and may live in an on-disk .ivfdata)
@@ -201,7 +202,7 @@ def write_version(
         "inputs": inputs,
     }
     if parts is not None:
-        info["build"]["parts"] = parts
+        info["build"].update(parts=parts, parts_kept=kept)
     write_index_json(work, info)
     return info
 
@@ -267,6 +268,7 @@ class Sharded:
     corpus: int
     staging: Path
     records: list[dict[str, Any]] | None = None
+    kept: int = 0  # parts found filled when this build came to them: by a killed run, or by the flow's tasks
 
     def stage(self, rng: np.random.Generator, timings: dict[str, float]) -> StagedBuild:
         """The staging folder with the trained index (kept from an earlier run of this build, or trained now)."""
@@ -293,7 +295,9 @@ class Sharded:
         config = self.config
         staged = self.stage(rng, timings)
         clock = time.perf_counter()
-        self.records = [_public(record) for record in fill_parts(staged, workers, advance)]
+        records = fill_parts(staged, workers, advance)
+        self.records = [_public(record) for record in records]
+        self.kept = sum(record["reused"] for record in records)
         timings["add_seconds"] = time.perf_counter() - clock
         mode = merge_mode(staged, config.merge, config.memory_budget)
         clock = time.perf_counter()
