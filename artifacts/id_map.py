@@ -155,6 +155,8 @@ def write_id_map(
                 encoded = [key.encode("utf-8") for key in keys]
                 lengths = np.fromiter((len(key) for key in encoded), dtype=np.int64, count=len(encoded))
                 stop = filled + len(encoded)
+                if stop > row_count:
+                    raise ValueError(f"the embedding set's parts hold more than {row_count} keys, its manifest's rows")
                 row_offsets[filled + 1 : stop + 1] = row_offsets[filled] + np.cumsum(lengths)
                 row_labels[filled:stop] = [-1 if label is None else int(label) for label in labels]
                 out.write(b"".join(encoded))

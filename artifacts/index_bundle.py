@@ -55,6 +55,10 @@ class IndexBundleError(ValueError):
     """An index bundle that is missing, damaged, or does not belong to the model it is used with."""
 
 
+class OldIndexFormatError(IndexBundleError):
+    """A bundle of a format this version no longer reads: rebuilt by the user, never silently."""
+
+
 @dataclass(frozen=True)
 class Hit:
     rank: int
@@ -160,7 +164,7 @@ def read_index_json(path: Path) -> dict[str, Any]:
     info_path = Path(path) / INDEX_JSON
     info = read_json(info_path, IndexBundleError, f"{path} is not an index bundle: no {INDEX_JSON}")
     if info.get("kind") == INDEX_KIND and info.get("format") == 1:
-        raise IndexBundleError(
+        raise OldIndexFormatError(
             f"{path} is a format-1 index bundle (keys.json, read whole), which this version no longer reads: "
             "rebuild it with `mocoplus index EMBEDDINGS --out NEW_FOLDER` and serve that"
         )

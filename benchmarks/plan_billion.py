@@ -4,9 +4,9 @@ Reads the JSON of `bench_scale.py` and computes, for ``--n`` vectors split
 into index shards of ``--shard-vectors`` each (one shard per serving machine),
 from the largest run of dimension ``--d`` (its phases' seconds, bytes and memory):
 
-- the build of one shard: training as measured (beyond ~6.7M vectors at
-  128-d the planner's nlist and training sample no longer grow — the sample
-  is capped at 512 MiB — so training costs the same), adding, merging and
+- the build of one shard: training as measured (from 10M vectors at 128-d
+  the planner's nlist, 16,384, and training sample, 1M vectors = the 512 MiB
+  cap, no longer grow, so training costs the same), adding, merging and
   tuning in proportion to the vectors; then divided by ``--cores`` over the
   cores measured (an assumption, said so in the output: FAISS's k-means,
   assignment and PQ encoding are OpenMP loops);

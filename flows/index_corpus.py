@@ -58,7 +58,8 @@ def stage_index(embeddings: str, out: str, kind: str, target_recall: float, shar
 
     config = IndexConfig(kind=kind, target_recall=target_recall, num_shards=shards)
     staged = stage_index_build(Path(embeddings), Path(out), config)
-    return None if staged is None else {"staging": str(staged.folder), "parts": staged.parts}
+    # absolute: a Dask worker on another machine runs from another folder
+    return None if staged is None else {"staging": str(staged.folder.resolve()), "parts": staged.parts}
 
 
 @task(retries=2, retry_delay_seconds=[2, 10], task_run_name="index part {part}")

@@ -13,6 +13,7 @@ from artifacts.id_map import KEYS_FILE, OFFSETS_FILE, IdMap, IdMapError, write_i
 from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
 from pipeline.index.build import build_index
 from pipeline.index.config import IndexConfig
+from pipeline.index.update import update_index
 
 PARTS = [  # two embedding-set parts: keys and labels in row order
     (["a.png", "été/ü.png", "", "dup"], [3, None, 0, 1]),
@@ -86,3 +87,6 @@ def test_a_format_1_bundle_is_refused_with_how_to_rebuild(tmp_path):
     info_path.write_text(json.dumps({**info, "format": 1}))
     with pytest.raises(IndexBundleError, match=r"format-1 index bundle .* rebuild it with `mocoplus index"):
         IndexBundle(tmp_path / "index")
+    with pytest.raises(IndexBundleError, match=r"format-1 index bundle"):  # not rebuilt with default options
+        update_index(emb, tmp_path / "index", progress=False)
+    assert json.loads(info_path.read_text())["format"] == 1 and len(list((tmp_path / "index").iterdir())) == 2

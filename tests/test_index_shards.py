@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from artifacts.embedding_set import write_embedding_set
+from artifacts.embedding_set import EmbeddingSet, write_embedding_set
 from artifacts.id_map import ID_MAP_FILES
 from pipeline.index.build import build_index, stage_index_build
 from pipeline.index.config import IndexConfig
 from pipeline.index.plan import TRAIN_SAMPLE_BYTES, plan_index
-from pipeline.index.shards import fill_part, fill_parts, staging_dir
+from pipeline.index.shards import StagingChangedError, fill_part, fill_parts, open_staged, staging_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = IndexConfig(kind="ivf", queries=200, num_shards=4, chunk_rows=400)
@@ -88,7 +89,7 @@ def test_a_worker_killed_mid_fill_is_redone_alone_and_finished_parts_are_untouch
 
     info = build_index(embeddings, out, CONFIG, progress=False).info
     assert [part["writer"] for part in info["build"]["parts"]] == [record["writer"] for record in records]
-    assert info["build"]["train_seconds"] == 0 and info["build"]["parts_kept"] == 5  # quantizer and parts kept
+    assert info["build"]["train_reused"] and info["build"]["parts_kept"] == 5  # the quantizer and parts were kept
     assert not staged.folder.exists()
     build_index(embeddings, tmp_path / "clean", CONFIG, progress=False)
     same_bundle(out, tmp_path / "clean")
@@ -104,15 +105,39 @@ def test_other_options_start_the_staging_afresh(embeddings, tmp_path):
         stage_index_build(embeddings, out, IndexConfig(kind="ivf"))
 
 
-def test_a_dead_worker_fails_the_build_in_one_line_and_the_rerun_finishes(embeddings, tmp_path, monkeypatch):
-    out = tmp_path / "index"
-    staged = stage_index_build(embeddings, out, CONFIG)
+def test_a_dead_worker_fails_the_build_in_one_line_and_the_rerun_finishes(embeddings, tmp_path):
+    out, config = tmp_path / "index", IndexConfig(kind="ivf", queries=200, num_shards=4)  # the command's defaults
+    staged = stage_index_build(embeddings, out, config)
     staged.part_path(1).mkdir()  # worker 1 cannot write its first part: it dies, worker 0 finishes its share
-    with pytest.raises(RuntimeError, match=r"index worker 1 of 2 failed \(exit status 1\); 3 of 5 parts are done"):
-        fill_parts(staged, workers=2)
+    command = [sys.executable, "-m", "flows.cli", "index", str(embeddings), "--out", str(out), "--kind", "ivf",
+               "--queries", "200", "--num-shards", "4", "--workers", "2"]  # fmt: skip
+    failed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert failed.returncode == 1 and failed.stderr.count("\n") == 1, failed.stderr  # one line, no traceback
+    assert re.fullmatch(
+        r"error: index worker 1 of 2 failed \(IsADirectoryError: .*part-0001\.faiss.*\); 3 of 5 parts are done "
+        r"and kept in the staging folder: rerun the same command to fill the rest\n",
+        failed.stderr,
+    )
+    assert not out.exists() and not list(staged.folder.glob("worker-*.error"))
     staged.part_path(1).rmdir()
     assert [record["reused"] for record in fill_parts(staged, workers=2)] == [True, False, True, False, True]
-    assert build_index(embeddings, out, CONFIG, progress=False, workers=2).info["count"] == 6000
+    assert build_index(embeddings, out, config, progress=False, workers=2).info["count"] == 6000
+
+
+def test_a_part_filled_for_an_older_staging_is_never_written_into_a_newer_one(embeddings, tmp_path, monkeypatch):
+    out = tmp_path / "index"
+    staged = stage_index_build(embeddings, out, CONFIG)
+    real = EmbeddingSet.ordered
+
+    def restaged_meanwhile(self, *args, **kwargs):  # another run restages with other inputs during this fill
+        monkeypatch.setattr(EmbeddingSet, "ordered", real)
+        stage_index_build(embeddings, out, IndexConfig(**{**CONFIG.__dict__, "seed": 1}))
+        yield from real(self, *args, **kwargs)
+
+    monkeypatch.setattr(EmbeddingSet, "ordered", restaged_meanwhile)
+    with pytest.raises(StagingChangedError, match="staged afresh while part 0 was filled"):
+        fill_part(staged.folder, 0)
+    assert not staged.part_path(0).exists() and open_staged(staged.folder).build_id != staged.build_id
 
 
 # A build process (this script) whose worker asked to die with it; the test SIGKILLs the build.

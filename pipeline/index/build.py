@@ -171,8 +171,8 @@ def write_version(
     """Build, tune and write a complete bundle of the set's live rows into the folder ``work``; its info.
 
     ``reason``: why an update rebuilt instead of adding (recorded in ``index.json``). A sharded build
-    (``config.num_shards > 1``) keeps its trained index and finished parts in ``staging`` (default: inside
-    ``work``) and fills the parts in ``workers`` processes.
+    (``config.num_shards > 1``) keeps its trained index and finished parts in ``staging`` for a rerun to resume
+    from (without one: a folder inside ``work``, removed once merged) and fills them in ``workers`` processes.
     """
     layout = Layout.of(embeddings, config)
     plan, order, corpus, total, rng = layout.plan, layout.order, layout.corpus, len(layout.order), layout.rng
@@ -185,6 +185,8 @@ def write_version(
         if config.num_shards > 1:
             built = Sharded(embeddings, plan, config, inputs, order, corpus, staging or work / ".staging")
             index, search, report, merge = built.build(work, rng, timings, workers, advance)
+            if staging is None:  # no folder to resume from was given: the parts were this build's alone
+                shutil.rmtree(built.staging, ignore_errors=True)
             parts: list[dict[str, Any]] | None = built.records
             kept = built.kept
         else:
@@ -202,7 +204,7 @@ def write_version(
         "inputs": inputs,
     }
     if parts is not None:
-        info["build"].update(parts=parts, parts_kept=kept)
+        info["build"].update(parts=parts, parts_kept=kept, train_reused=built.train_reused)
     write_index_json(work, info)
     return info
 
@@ -269,6 +271,7 @@ class Sharded:
     staging: Path
     records: list[dict[str, Any]] | None = None
     kept: int = 0  # parts found filled when this build came to them: by a killed run, or by the flow's tasks
+    train_reused: bool = False  # the quantizer came from the staging folder (an earlier run or the flow's task)
 
     def stage(self, rng: np.random.Generator, timings: dict[str, float]) -> StagedBuild:
         """The staging folder with the trained index (kept from an earlier run of this build, or trained now)."""
@@ -280,12 +283,18 @@ class Sharded:
             index = _trained_index(self.embeddings, self.embeddings.live_rows(), self.plan, config, rng, timings)
             return faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index
 
-        description = {"inputs": self.inputs, "factory": self.plan.factory}
+        # what the parts depend on: not the tuning's target, k or the merge, which a rerun may change freely
+        shaping = ("kind", "metric", "memory_budget", "queries", "num_shards", "gpu", "seed")
+        description = {
+            "embeddings_manifest_sha256": self.inputs["embeddings_manifest_sha256"],
+            "factory": self.plan.factory,
+            "options": {name: getattr(config, name) for name in shaping},
+        }
         staged, reused = stage(
             self.staging, self.embeddings, description, self.order, bounds, config.chunk_rows, trained
         )
-        if reused:
-            timings["train_seconds"] = 0.0
+        timings["train_seconds"] = staged.train_seconds  # as measured when it was staged
+        self.train_reused = reused
         return staged
 
     def build(

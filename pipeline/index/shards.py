@@ -34,6 +34,7 @@ import signal
 import socket
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,6 +73,8 @@ class StagedBuild:
     embeddings: Path
     bounds: tuple[tuple[int, int], ...]  # each part's [start, stop) index ids: the corpus shards, then the held-out
     chunk_rows: int
+    build_id: str  # drawn when the folder was staged: a part filled for an earlier staging never passes for one
+    train_seconds: float = 0.0
 
     @property
     def parts(self) -> int:
@@ -92,33 +95,53 @@ class StagedBuild:
             record = read_json(self.record_path(part), ValueError, "missing")
         except (ValueError, OSError):
             return None
-        if tuple(record.get("bounds", ())) != self.bounds[part] or not self.part_path(part).is_file():
+        if (
+            record.get("build_id") != self.build_id
+            or tuple(record.get("bounds", ())) != self.bounds[part]
+            or not self.part_path(part).is_file()
+        ):
             return None
         return record
+
+    def still_current(self) -> bool:
+        """Whether the folder still holds this staging (a rerun with other inputs restages it)."""
+        try:
+            return read_json(self.folder / STAGING_JSON, ValueError, "missing").get("build_id") == self.build_id
+        except (ValueError, OSError):
+            return False
 
 
 def stage(
     folder: Path, embeddings: EmbeddingSet, description: dict[str, Any], order: np.ndarray,
     bounds: list[tuple[int, int]], chunk_rows: int, train: Callable[[], faiss.Index],
 ) -> tuple[StagedBuild, bool]:  # fmt: skip
-    """The staging folder for this build: reused when it describes the same build, else started afresh
-    (``train()`` makes the trained, empty index). Also whether the training was reused."""
+    """The staging folder for this build: reused when it describes the same build (``description``: what
+    shapes the parts — the embeddings, the plan, the options the order and training depend on) with the
+    same id order, else started afresh (``train()`` makes the trained, empty index). Also whether it was reused."""
     folder = Path(folder)
+    order = np.asarray(order, dtype=np.int64)
     wanted = {"embeddings": str(embeddings.path.resolve()), "description": description, "bounds": bounds,
               "chunk_rows": chunk_rows}  # fmt: skip
-    staged = StagedBuild(folder, embeddings.path.resolve(), tuple(tuple(b) for b in bounds), chunk_rows)  # type: ignore[misc]
     try:
         found = read_json(folder / STAGING_JSON, ValueError, "missing")
+        reusable = (
+            {name: found.get(name) for name in wanted} == json.loads(json.dumps(wanted))
+            and (folder / TRAINED_FILE).is_file()
+            and np.array_equal(np.load(folder / ORDER_FILE, mmap_mode="r"), order)
+        )
     except (ValueError, OSError):
-        found = None
-    if found == json.loads(json.dumps(wanted)) and (folder / TRAINED_FILE).is_file():
-        return staged, True
+        reusable = False
+    if reusable:
+        return open_staged(folder), True
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    np.save(folder / ORDER_FILE, np.asarray(order, dtype=np.int64))
+    np.save(folder / ORDER_FILE, order)
+    started = time.perf_counter()
     write_faiss_index(train(), folder / TRAINED_FILE)
-    write_json_atomic(folder / STAGING_JSON, wanted)  # last: the staging is usable
-    return staged, False
+    seconds = round(time.perf_counter() - started, 3)
+    # last: the staging is usable
+    write_json_atomic(folder / STAGING_JSON, {**wanted, "build_id": uuid.uuid4().hex, "train_seconds": seconds})
+    return open_staged(folder), False
 
 
 def open_staged(folder: Path | str) -> StagedBuild:
@@ -126,7 +149,10 @@ def open_staged(folder: Path | str) -> StagedBuild:
     folder = Path(folder)
     found = read_json(folder / STAGING_JSON, ValueError, f"{folder} holds no staged index build ({STAGING_JSON})")
     bounds = tuple(tuple(bound) for bound in found["bounds"])
-    return StagedBuild(folder, Path(found["embeddings"]), bounds, int(found["chunk_rows"]))  # type: ignore[arg-type]
+    return StagedBuild(
+        folder, Path(found["embeddings"]), bounds, int(found["chunk_rows"]),  # type: ignore[arg-type]
+        str(found["build_id"]), float(found.get("train_seconds", 0.0)),
+    )  # fmt: skip
 
 
 def writer_name() -> str:
@@ -159,6 +185,8 @@ def fill_part(folder: Path | str, part: int, advance: Callable[[int], None] = la
     for first, block in embeddings.ordered(rows, staged.chunk_rows, start):
         index.add_with_ids(block, np.arange(first, first + len(block), dtype=np.int64))
         advance(len(block))
+    if not staged.still_current():  # restaged meanwhile (a rerun with other inputs): this part is stale
+        raise StagingChangedError(f"{staged.folder} was staged afresh while part {part} was filled: not written")
     temp = temp_path_for(staged.part_path(part))
     try:
         write_faiss_index(index, temp)
@@ -166,10 +194,18 @@ def fill_part(folder: Path | str, part: int, advance: Callable[[int], None] = la
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    record = {"part": part, "bounds": [start, stop], "writer": writer_name(),
+    record = {"part": part, "bounds": [start, stop], "build_id": staged.build_id, "writer": writer_name(),
               "seconds": round(time.perf_counter() - started, 3)}  # fmt: skip
     write_json_atomic(staged.record_path(part), record)
     return {**record, "reused": False}
+
+
+class StagingChangedError(ValueError):
+    """The staging folder was staged afresh (other inputs) while a part was being filled for the old one."""
+
+
+class IndexWorkerError(OSError):
+    """A local worker process filling parts failed; ``str(error)`` is one line with its reason."""
 
 
 def fill_parts(staged: StagedBuild, workers: int = 1, advance: Callable[[int], None] = lambda rows: None) -> list:
@@ -186,7 +222,7 @@ def fill_parts(staged: StagedBuild, workers: int = 1, advance: Callable[[int], N
     context = get_context("spawn")
     processes = [
         context.Process(
-            target=_fill_share, args=(str(staged.folder), list(range(w, staged.parts, workers)), os.getpid())
+            target=_fill_share, args=(str(staged.folder), list(range(w, staged.parts, workers)), os.getpid(), w)
         )
         for w in range(min(workers, staged.parts))
     ]
@@ -209,23 +245,40 @@ def fill_parts(staged: StagedBuild, workers: int = 1, advance: Callable[[int], N
                 process.terminate()
             process.join()
     failed = [(w, process.exitcode) for w, process in enumerate(processes) if process.exitcode != 0]
+    reasons = [_take_reason(staged.folder, w) for w in range(len(processes))]
     if failed:
         worker, code = failed[0]
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
-        raise RuntimeError(
+        how = f"killed by signal {-code}" if code is not None and code < 0 else reasons[worker] or f"exit {code}"
+        raise IndexWorkerError(
             f"index worker {worker} of {len(processes)} failed ({how}); {len(counted)} of {staged.parts} parts are "
             "done and kept in the staging folder: rerun the same command to fill the rest"
         )
     return [{**record, "reused": record["part"] in already} for record in part_records(staged)]
 
 
-def _fill_share(folder: str, parts: list[int], parent: int | None = None) -> None:
+def _fill_share(folder: str, parts: list[int], parent: int, worker: int) -> None:
     """One worker process's share of the parts; it dies with the build that started it (``kill -9`` of the
-    build must not leave workers filling parts behind the rerun's back)."""
-    if parent is not None:
-        _die_with_parent(parent)
-    for part in parts:
-        fill_part(folder, part)
+    build must not leave workers filling parts behind the rerun's back). A failure is left, as one line, in
+    ``worker-N.error`` for the build to report (a traceback from a child process would say less)."""
+    _die_with_parent(parent)
+    try:
+        for part in parts:
+            fill_part(folder, part)
+    except Exception as error:
+        text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        (Path(folder) / f"worker-{worker}.error").write_text(f"{type(error).__name__}: {text}"[:500])
+        sys.exit(1)
+
+
+def _take_reason(folder: Path, worker: int) -> str:
+    """Worker ``worker``'s failure as it left it (and removed), or ``""``."""
+    path = Path(folder) / f"worker-{worker}.error"
+    try:
+        return path.read_text()[:500]
+    except OSError:
+        return ""
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -241,7 +294,7 @@ def part_records(staged: StagedBuild) -> list[dict[str, Any]]:
     records = [staged.done(part) for part in range(staged.parts)]
     missing = [part for part, record in enumerate(records) if record is None]
     if missing:
-        raise RuntimeError(f"{staged.folder}: parts {missing} are not filled yet")
+        raise ValueError(f"{staged.folder}: parts {missing} are not filled yet")
     return records  # type: ignore[return-value]
 
 

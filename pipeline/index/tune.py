@@ -14,7 +14,8 @@ missed and the first that reached it: recall grows with effort, so this finds
 the smallest value in O(log) evaluations of the query set. An index that
 cannot reach the target (PQ codes too coarse) gets the smallest value within
 0.005 of the best recall it reached: past that knee, effort buys nothing —
-and the doubling stops once one doubling gains less than ``PLATEAU`` (0.001),
+and the doubling stops once two doublings in a row each gain less than
+``PLATEAU`` (0.001; one flat step can be the query set's granularity),
 instead of running on to an exhaustive scan (``nprobe = nlist``: at 10M
 vectors and 16,384 lists, minutes of tuning for nothing).
 """
@@ -81,7 +82,8 @@ def set_search_parameter(index: faiss.Index, name: str, value: int) -> None:
 
 
 def tune(recall_of: Callable[[int], float], parameter: str | None, *, start: int, limit: int, target: float) -> Tuning:
-    """The smallest ``value`` in [start, limit] whose ``recall_of(value)`` ≥ ``target`` (or ``limit``'s)."""
+    """The smallest ``value`` in [start, limit] whose ``recall_of(value)`` ≥ ``target``; when none does (or
+    recall plateaus first), the smallest within `KNEE` of the best recall measured."""
     if parameter is None:
         recall = recall_of(0)
         return Tuning(None, None, recall, target, recall >= target, (Probe(0, recall),))
@@ -93,9 +95,10 @@ def tune(recall_of: Callable[[int], float], parameter: str | None, *, start: int
         return probes[value]
 
     def smallest_reaching(goal: float) -> int:
-        low, value = None, max(1, start)
+        low, value, flat = None, max(1, start), 0
         while measure(value) < goal and value < limit:
-            if low is not None and measure(value) - measure(low) < PLATEAU:
+            flat = flat + 1 if low is not None and measure(value) - measure(low) < PLATEAU else 0
+            if flat == 2:
                 break  # a plateau below the goal: more effort buys nothing
             low, value = value, min(limit, value * 2)
         if measure(value) >= goal and low is not None:

@@ -56,6 +56,7 @@ from artifacts.index_bundle import (
     INDEX_JSON,
     IndexBundle,
     IndexBundleError,
+    OldIndexFormatError,
     live_selector,
     read_index_json,
     search_parameters_for,
@@ -119,6 +120,8 @@ def update_index(
         config = replace(_recorded_config(info), **(changes or {}))
         inputs = index_inputs(embeddings, config)
         base_bundle = IndexBundle(base, mmap=False)  # in memory: the copy the new version grows from
+    except OldIndexFormatError:
+        raise  # its options are not read back: rebuilding with defaults would change the index silently
     except IndexBundleError as error:  # damaged on disk: the embedding set still holds everything
         config = IndexConfig(**(changes or {}))
         inputs = index_inputs(embeddings, config)
