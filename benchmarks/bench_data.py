@@ -92,8 +92,8 @@ def _preset():
 def preset_step():
     """The preset's model, optimiser and precision as the shared training step (views placed in its layout)."""
     from mocoplus import MoCoPlus
+    from pipeline.precision import resolve_precision
     from pipeline.train.optim import build_optimizer
-    from pipeline.train.precision import resolve_precision
     from pipeline.train.step import TrainingStep
 
     config = _preset()

@@ -38,11 +38,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from artifacts.model_bundle import TORCHSCRIPT_FILE, ModelBundle
 from mocoplus import MoCoPlus
-from pipeline.evaluate.knn import knn_top1
 from pipeline.export.config import ExportConfig
 from pipeline.export.export import EmbeddingModel, export, parity_images
+from pipeline.knn import knn_top1
+from pipeline.precision import resolve_precision
 from pipeline.train.checkpoints import load_run, save_checkpoint
-from pipeline.train.precision import resolve_precision
 from pipeline.train.run_config import config_from_dict, load_config
 
 

@@ -46,7 +46,7 @@ from mocoplus import MoCoConfig, MoCoPlus
 from mocoplus.config import NegativeSampling
 from mocoplus.losses import contrastive_loss
 from mocoplus.negatives import NEGATIVE_MODES
-from pipeline.train.precision import Precision, bf16_is_native, resolve_precision
+from pipeline.precision import Precision, bf16_is_native, resolve_precision
 from pipeline.train.step import TrainingStep
 
 SELECTION_BUDGET = 0.10  # the issue's target: selection adds at most 10% to a step
@@ -58,7 +58,7 @@ SELECTION_BUDGET = 0.10  # the issue's target: selection adds at most 10% to a s
 def resolve_step_precision(settings: Settings, device: torch.device) -> tuple[Precision, dict[str, object]]:
     """The training step's precision as the trainer picks it (``--channels-last`` may override the layout).
 
-    ``auto`` is `pipeline.train.precision`'s rule: bf16 autocast + channels_last where
+    ``auto`` is `pipeline.precision`'s rule: bf16 autocast + channels_last where
     bf16 is native on the device (detected through oneDNN / CUDA), else fp32.
     """
     precision = resolve_precision(settings.step_dtype, device)
@@ -67,7 +67,7 @@ def resolve_step_precision(settings: Settings, device: torch.device) -> tuple[Pr
     report = {
         "bf16_native": bf16_is_native(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "decided_by": "pipeline.train.precision.resolve_precision",
+        "decided_by": "pipeline.precision.resolve_precision",
     }
     return precision, report
 

@@ -19,7 +19,7 @@ import torch
 from harness import emit, report, time_interleaved  # benchmarks/ is the script's folder, first on sys.path
 
 from mocoplus import MoCoConfig, MoCoPlus
-from pipeline.train.precision import resolve_precision
+from pipeline.precision import resolve_precision
 from pipeline.train.step import TrainingStep
 
 

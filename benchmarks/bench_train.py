@@ -40,8 +40,8 @@ from harness import emit, report, time_interleaved  # benchmarks/ is the script'
 from lightly_peer import lightly_moco_step
 
 from mocoplus import MoCoPlus
+from pipeline.precision import resolve_precision
 from pipeline.train.optim import build_optimizer
-from pipeline.train.precision import resolve_precision
 from pipeline.train.run_config import load_config
 from pipeline.train.step import TrainingStep
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from pipeline.train.precision import Precision
+from pipeline.precision import Precision
 from pipeline.train.run_config import RunConfig
 
 

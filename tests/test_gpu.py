@@ -21,7 +21,7 @@ from reference import naive_info_nce, unit_vectors
 
 from mocoplus import MoCoConfig, MoCoPlus
 from mocoplus.losses import info_nce
-from pipeline.train.precision import bf16_is_native, cuda_capability_has_bf16, resolve_precision
+from pipeline.precision import bf16_is_native, cuda_capability_has_bf16, resolve_precision
 from pipeline.train.step import TrainingStep
 
 pytestmark = pytest.mark.gpu

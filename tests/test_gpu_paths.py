@@ -35,8 +35,8 @@ from artifacts.index_bundle import (
 from artifacts.model_bundle import cuda_provider_options, preload_cuda_libraries
 from pipeline.index.build import build_index
 from pipeline.index.config import IndexConfig
+from pipeline.precision import Precision, bf16_is_native, cuda_capability_has_bf16
 from pipeline.train.placement import cuda_device_for, resolve_training_precision
-from pipeline.train.precision import Precision, bf16_is_native, cuda_capability_has_bf16
 from pipeline.train.run_config import TrainConfig
 from pipeline.train.state import rng_state, set_rng_state
 from serving import gpus

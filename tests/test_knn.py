@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.evaluate.knn import extract_features, knn_predict, knn_top1
-from pipeline.train.precision import resolve_precision
+from pipeline.knn import extract_features, knn_predict, knn_top1
+from pipeline.precision import resolve_precision
 
 
 def naive_knn(bank, bank_labels, queries, num_classes, k, temperature):

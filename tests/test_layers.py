@@ -71,6 +71,44 @@ def test_nothing_imports_the_flows_but_the_flows_and_the_tests() -> None:
     assert found == []
 
 
+# the stage folders of pipeline/ and the folders each may import (docs/architecture.md): one direction only, so
+# a change to a later stage never reaches an earlier one; what two stages share sits below them (pipeline/*.py)
+STAGE_IMPORTS = {
+    "data": set(),
+    "pictures": set(),
+    "train": {"data", "pictures"},
+    "evaluate": {"data", "train", "embed"},
+    "export": {"data", "train"},
+    "embed": {"data"},
+    "index": set(),
+}
+
+
+def stage_folders_imported(stage: str) -> set[str]:
+    """The other stage folders that any module of ``pipeline/<stage>/`` imports."""
+    return {
+        name.split(".")[1]
+        for path in (ROOT / "pipeline" / stage).rglob("*.py")
+        for name in imported(path)
+        if name.count(".") >= 1 and name.startswith("pipeline.") and name.split(".")[1] in STAGE_IMPORTS
+    } - {stage}
+
+
+@pytest.mark.parametrize("stage", sorted(STAGE_IMPORTS))
+def test_a_stage_folder_imports_only_the_stages_before_it(stage: str) -> None:
+    assert stage_folders_imported(stage) <= STAGE_IMPORTS[stage]
+
+
+def test_the_stage_rule_has_no_loop_and_covers_every_folder() -> None:
+    folders = {path.name for path in (ROOT / "pipeline").iterdir() if (path / "__init__.py").exists()}
+    assert folders == set(STAGE_IMPORTS)
+    reachable = {stage: set(allowed) for stage, allowed in STAGE_IMPORTS.items()}
+    for _ in STAGE_IMPORTS:  # transitive closure
+        for stage in reachable:
+            reachable[stage] |= {far for near in reachable[stage] for far in reachable[near]}
+    assert not [stage for stage, seen in reachable.items() if stage in seen]
+
+
 def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "module.py"
     module.write_text("import os\n\ndef run():\n    from pipeline.train.trainer import train\n    import torch.nn\n")

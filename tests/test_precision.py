@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.train.precision import cpu_supports_bf16, resolve_precision
+from pipeline.precision import cpu_supports_bf16, resolve_precision
 
 
 def test_explicit_choices_are_honoured():

@@ -114,7 +114,7 @@ def test_unknown_baseline_is_a_clear_error():
 
 
 def test_the_suites_weighted_knn_is_the_monitors_knn_rule_so_evaluate_computes_it_once():
-    from pipeline.evaluate.knn import knn_top1
+    from pipeline.knn import knn_top1
 
     generator = torch.Generator().manual_seed(7)
     bank, queries = torch.randn(900, 24, generator=generator), torch.randn(300, 24, generator=generator)

@@ -38,11 +38,11 @@ from mocoplus.whitening import PcaWhitening, WhiteningConfig
 from pipeline.data.augment import eval_transform
 from pipeline.data.streams import EvalStream, StreamConfig
 from pipeline.evaluate.baselines import BASELINES, baseline_features
-from pipeline.evaluate.knn import knn_top1, labelled_features
 from pipeline.evaluate.retrieval import WEIGHTED_K, WEIGHTED_TEMPERATURE, RetrievalScores, retrieval_scores
+from pipeline.knn import knn_top1, labelled_features
+from pipeline.precision import resolve_precision
 from pipeline.progress import StageProgress, stage_progress
 from pipeline.train.checkpoints import load_run
-from pipeline.train.precision import resolve_precision
 from pipeline.train.run_config import config_from_dict
 
 ENCODERS = ("query", "key")

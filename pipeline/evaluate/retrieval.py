@@ -6,7 +6,7 @@ set as memory, the held-out set as queries, and five scores from one top-200
 search per query:
 
 - **weighted kNN-200** (τ 0.1): the k = 200 nearest vote with weight
-  exp(sim / τ) (InstDisc, MoCo's CIFAR monitor; `pipeline.evaluate.knn.knn_predict`);
+  exp(sim / τ) (InstDisc, MoCo's CIFAR monitor; `pipeline.knn.knn_predict`);
 - **1-, 5- and 20-NN**: plain majority vote of the k nearest; a tie goes to
   the tied class that appears first in the ranking (so 1-NN is the nearest
   neighbour's label and ties never depend on class numbering);

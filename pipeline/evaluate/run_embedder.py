@@ -23,10 +23,10 @@ from mocoplus.backbones import GridEmbedding
 from mocoplus.whitening import PcaWhitening, WhiteningConfig
 from pipeline.data.augment import AugmentConfig, eval_transform
 from pipeline.data.streams import EvalStream, StreamConfig
-from pipeline.evaluate.knn import extract_features
+from pipeline.knn import extract_features
+from pipeline.precision import Precision, resolve_precision
 from pipeline.progress import StageProgress
 from pipeline.train.checkpoints import load_run
-from pipeline.train.precision import Precision, resolve_precision
 from pipeline.train.run_config import RunConfig, config_from_dict
 
 

@@ -16,7 +16,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from pipeline.data.augment import eval_transform
 from pipeline.data.streams import EvalStream, StreamConfig
-from pipeline.evaluate.knn import knn_top1, labelled_features
+from pipeline.knn import knn_top1, labelled_features
 from pipeline.pictures.curves import CURVES_FILE, METRICS_FILE, draw_curves
 from pipeline.progress import StageProgress
 from pipeline.train.checkpoints import mark_best

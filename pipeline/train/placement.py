@@ -11,7 +11,7 @@ from datetime import timedelta
 import torch
 from torch import distributed as dist
 
-from pipeline.train.precision import Precision, resolve_precision
+from pipeline.precision import Precision, resolve_precision
 
 
 @dataclass(frozen=True)

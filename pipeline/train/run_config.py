@@ -38,7 +38,7 @@ from artifacts.files import UnreadableFileError, read_regular_file
 from mocoplus import MoCoConfig
 from pipeline.data.augment import PRESETS as AUGMENT_PRESETS
 from pipeline.data.augment import AugmentConfig
-from pipeline.train.precision import PRECISIONS
+from pipeline.precision import PRECISIONS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 MAX_CONFIG_BYTES = 1 << 20

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from mocoplus.builder import MoCoOutput
-from pipeline.train.precision import Precision
+from pipeline.precision import Precision
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pipeline.train.precision import Precision, resolve_precision
+from pipeline.precision import Precision, resolve_precision
 
 
 @torch.no_grad()
