@@ -200,7 +200,9 @@ def train_bf16(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     if result.returncode:
         return {"status": "failed", "reason": tail(result.stderr), "seconds": round(seconds, 1)}
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from artifacts.run_folder import RunFolder
+
+    records = list(RunFolder(run_dir).metric_records())
     steps = [r for r in records if "loss" in r]
     rates = sorted(r["images_per_s"] for r in steps[10:]) or [0.0]
     return {
@@ -275,8 +277,10 @@ def throughput(args: argparse.Namespace) -> dict[str, Any]:
 @step
 def export_parity(args: argparse.Namespace) -> dict[str, Any]:
     """Export the bf16 run's key encoder; embed alike with ONNX Runtime's CUDA and CPU providers?"""
+    from artifacts.run_folder import RunFolder
+
     needed = needs(args.work, modules=(*TRAIN_PACKAGES, "onnx", "onnxscript"), ort_cuda=True)
-    if (answer := needed or needs_output(args.work / "run" / "checkpoints", "trained run")) is not None:
+    if (answer := needed or needs_output(RunFolder(args.work / "run").checkpoints, "trained run")) is not None:
         return answer
     model_dir = args.work / "model"
     shutil.rmtree(model_dir, ignore_errors=True)

@@ -38,7 +38,8 @@ def picture_failed(what: str, error: Exception) -> None:
 @task
 def publish_curves(run_dir: str) -> str | None:
     """The run's ``curves.png`` (drawn by training) as the ``pretrain-curves`` artifact."""
-    from pipeline.pictures.curves import CURVES_FILE, draw_curves
+    from artifacts.run_folder import CURVES_FILE
+    from pipeline.pictures.curves import draw_curves
 
     path = Path(run_dir) / CURVES_FILE
     try:

@@ -22,6 +22,7 @@ from typing import Any
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_markdown_artifact
 
+from artifacts.run_folder import RunFolder
 from artifacts.shard_set import MANIFEST_NAME
 from flows.index_corpus import embed_share
 from flows.pictures import publish_curves
@@ -55,7 +56,7 @@ def train_command(
     command += [argument for override in overrides for argument in ("--set", override)]
     if eval_shards:
         command += ["--eval", eval_shards]
-    if any((Path(run_dir) / "checkpoints").glob("*.pt")):
+    if RunFolder(run_dir).has_checkpoints():
         command.append("--resume")
     return command
 

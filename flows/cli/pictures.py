@@ -35,7 +35,8 @@ def plot_command(
     out: Annotated[Path | None, typer.Option(help="The PNG to write (default: RUN/curves.png for one run).")] = None,
 ) -> None:
     """Draw training curves of one or more runs."""
-    from pipeline.pictures.curves import CURVES_FILE, draw_curves
+    from artifacts.run_folder import CURVES_FILE
+    from pipeline.pictures.curves import draw_curves
 
     if out is None:
         if len(runs) > 1:

@@ -56,12 +56,13 @@ def train_command(
     ] = True,
 ) -> None:
     """Pretrain MoCoPlus on shards: one CPU/GPU, or every process of a torchrun launch."""
+    from artifacts.run_folder import CONFIG_FILE
     from pipeline.train.run_config import load_config, with_data
-    from pipeline.train.trainer import CONFIG_NAME, train
+    from pipeline.train.trainer import train
 
-    spec = config if config or not resume else str(out / CONFIG_NAME)
-    if resume and not config and not (out / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{out} holds no run to resume (no {CONFIG_NAME}, no checkpoints)")
+    spec = config if config or not resume else str(out / CONFIG_FILE)
+    if resume and not config and not (out / CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{out} holds no run to resume (no {CONFIG_FILE}, no checkpoints)")
     run_config = load_config(spec, overrides or [])
     changes = {"train": data} if data else {}
     if eval_shards:

@@ -9,14 +9,14 @@ Lines that are not JSON (a run killed mid-write) are skipped, not fatal.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from artifacts.run_folder import CURVES_FILE, METRICS_FILE, RunFolder
 from pipeline.pictures.figures import new_figure, save_png
 
-METRICS_FILE = "metrics.jsonl"  # what pipeline.train.hooks.MetricsLog writes (not imported: that pulls in torch)
-CURVES_FILE = "curves.png"
+__all__ = ["CURVES_FILE", "METRICS_FILE", "RunMetrics", "draw_curves", "read_metrics"]
+
 SIMILARITIES = {
     "positive_similarity": ("positive", "-"),
     "negative_similarity": ("all negatives", "--"),
@@ -39,25 +39,16 @@ class RunMetrics:
 
 def read_metrics(run_dir: Path) -> RunMetrics:
     """The series of ``run_dir/metrics.jsonl`` (a clear error when the run has logged nothing yet)."""
-    path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} has no {METRICS_FILE}: not a training run, or it logged nothing yet")
+    records = RunFolder(run_dir).metric_records()
     resolved = Path(run_dir).resolve()
     metrics = RunMetrics(f"{resolved.parent.name}/{resolved.name}")  # flows name every run folder "run"
-    with open(path) as handle:
-        for line in handle:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                continue
-            if "knn_top1" in record:
-                metrics.knn.append((int(record.get("epoch", 0)) + 1, 100 * float(record["knn_top1"])))
-                continue
-            for name, value in record.items():
-                if name not in ("step", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
-                    metrics.series.setdefault(name, []).append((record["step"], float(value)))
+    for record in records:
+        if "knn_top1" in record:
+            metrics.knn.append((int(record.get("epoch", 0)) + 1, 100 * float(record["knn_top1"])))
+            continue
+        for name, value in record.items():
+            if name not in ("step", "epoch") and isinstance(value, int | float) and not isinstance(value, bool):
+                metrics.series.setdefault(name, []).append((record["step"], float(value)))
     return metrics
 
 

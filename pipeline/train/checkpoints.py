@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import json
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -24,15 +23,13 @@ import torch
 
 from artifacts.atomic import commit_file, temp_path_for, write_json_atomic
 from artifacts.files import read_regular_file
+from artifacts.run_folder import LAST_FILE, RunFolder, step_file_name
 from mocoplus import MoCoPlus
 from pipeline.train.run_config import config_from_dict
 
-CHECKPOINT_DIR = "checkpoints"
-_STEP_FILE = re.compile(r"step-(\d{8})\.pt")
-
 
 def checkpoint_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / CHECKPOINT_DIR
+    return RunFolder(run_dir).checkpoints
 
 
 def _save(state: dict[str, Any], path: Path) -> None:
@@ -50,7 +47,7 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, *, keep_las
     """Write ``state`` as ``step-NNNNNNNN.pt`` atomically, point ``last.json`` at it, prune old ones."""
     folder = checkpoint_dir(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:08d}.pt"
+    path = folder / step_file_name(step)
     temp = temp_path_for(path)
     try:
         _save(state, temp)
@@ -58,50 +55,50 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, *, keep_las
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    write_json_atomic(folder / "last.json", {"checkpoint": path.name, "step": step, "epoch": state.get("epoch")})
-    for old in sorted(p for p in folder.iterdir() if _STEP_FILE.fullmatch(p.name))[:-keep_last]:
+    write_json_atomic(folder / LAST_FILE, {"checkpoint": path.name, "step": step, "epoch": state.get("epoch")})
+    for old in RunFolder(run_dir).step_files()[:-keep_last]:
         old.unlink()
     return path
 
 
 def mark_best(run_dir: Path, path: Path, metrics: dict[str, Any]) -> None:
     """Keep a copy of ``path`` as ``best.pt`` (it survives pruning), with ``best.json`` describing it."""
-    folder = checkpoint_dir(run_dir)
-    temp = temp_path_for(folder / "best.pt")
+    run = RunFolder(run_dir)
+    temp = temp_path_for(run.best)
     try:
         shutil.copyfile(path, temp)
-        commit_file(temp, folder / "best.pt")
+        commit_file(temp, run.best)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
-    write_json_atomic(folder / "best.json", {"checkpoint": path.name, **metrics})
+    write_json_atomic(run.best_info, {"checkpoint": path.name, **metrics})
 
 
 def resolve_checkpoint(run_dir: Path, which: str = "last") -> Path:
     """``last``, ``best``, ``auto`` (best if the run has one, else last) or a path → an existing checkpoint
     file, or a `FileNotFoundError` saying what is missing."""
+    run = RunFolder(run_dir)
     if which == "auto":
-        which = "best" if (checkpoint_dir(run_dir) / "best.pt").is_file() else "last"
+        which = "best" if run.best.is_file() else "last"
     if which not in ("last", "best"):
         path = Path(which)
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint {path} not found")
         return path
-    folder = checkpoint_dir(run_dir)
     if which == "best":
-        if not (folder / "best.pt").is_file():
+        if not run.best.is_file():
             raise FileNotFoundError(f"{run_dir} has no best checkpoint (the kNN monitor needs --eval shards)")
-        return folder / "best.pt"
+        return run.best
     try:
-        pointer = json.loads(read_regular_file(folder / "last.json", 1 << 20))
-        path = folder / pointer["checkpoint"]
+        pointer = json.loads(read_regular_file(run.last, 1 << 20))
+        path = run.checkpoints / pointer["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError):
-        steps = sorted(p for p in folder.glob("step-*.pt") if _STEP_FILE.fullmatch(p.name)) if folder.is_dir() else []
+        steps = run.step_files()
         if not steps:
             raise FileNotFoundError(f"{run_dir} has no checkpoints") from None
         path = steps[-1]
     if not path.is_file():
-        raise FileNotFoundError(f"{path} (named by last.json) is missing")
+        raise FileNotFoundError(f"{path} (named by {LAST_FILE}) is missing")
     return path
 
 

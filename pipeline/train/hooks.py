@@ -14,18 +14,17 @@ import time
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from artifacts.run_folder import RunFolder
 from pipeline.data.augment import eval_transform
 from pipeline.data.streams import EvalStream, StreamConfig
 from pipeline.knn import knn_top1, labelled_features
-from pipeline.pictures.curves import CURVES_FILE, METRICS_FILE, draw_curves
+from pipeline.pictures.curves import draw_curves
 from pipeline.progress import StageProgress
 from pipeline.train.checkpoints import mark_best
 from pipeline.train.placement import barrier
 
 if TYPE_CHECKING:
     from pipeline.train.trainer import Trainer
-
-METRICS_NAME = METRICS_FILE
 
 
 class Hook(Protocol):
@@ -40,7 +39,7 @@ class MetricsLog:
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
         main = trainer.placement.is_main
-        self.file: IO[str] | None = open(trainer.run_dir / METRICS_NAME, "a") if main else None  # noqa: SIM115
+        self.file: IO[str] | None = open(RunFolder(trainer.run_dir).metrics, "a") if main else None  # noqa: SIM115
         self.writer = _tensorboard(trainer.run_dir) if main and trainer.config.train.tensorboard else None
 
     def after_step(self, epoch: int, record: dict[str, float], last: bool) -> None:
@@ -212,7 +211,7 @@ def _tensorboard(run_dir: Path):
 def draw_run_curves(run_dir: Path) -> Path | None:
     """``RUN/curves.png`` from the run's metrics, when it ends or is stopped; a picture never fails a run."""
     try:
-        return draw_curves([run_dir], run_dir / CURVES_FILE)
+        return draw_curves([run_dir], RunFolder(run_dir).curves)
     except Exception as error:  # matplotlib missing or broken, a disk full: the checkpoints matter, not the picture
-        print(f"warning: {run_dir / CURVES_FILE} not drawn: {error}", file=sys.stderr)
+        print(f"warning: {RunFolder(run_dir).curves} not drawn: {error}", file=sys.stderr)
         return None

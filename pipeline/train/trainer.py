@@ -36,12 +36,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from artifacts.atomic import prepare_out_dir, sweep_stale_temps, write_json_atomic
 from artifacts.files import read_regular_file
+from artifacts.run_folder import MAX_METRICS_BYTES, RunFolder
 from mocoplus import MoCoPlus
 from pipeline.data.streams import StreamConfig, TrainBatch, TrainStream
 from pipeline.progress import stage_progress
 from pipeline.train.checkpoints import checkpoint_dir, load_checkpoint, resolve_checkpoint, save_checkpoint
 from pipeline.train.hooks import (
-    METRICS_NAME,
     Checkpointing,
     Hook,
     KnnMonitor,
@@ -58,9 +58,7 @@ from pipeline.train.state import rng_state, set_rng_state, state_fingerprint
 from pipeline.train.step import TrainingStep
 
 CHECKPOINT_FORMAT = "mocoplus.checkpoint"
-CONFIG_NAME = "config.json"
 SUMMARY_NAME = "train.json"
-MAX_METRICS_BYTES = 1 << 30  # metrics.jsonl: a line a step
 REPLAN_AFTER_STEPS, REPLAN_EVERY_STEPS = 20, 10  # a time budget's pace: measured after 20 steps, every 10
 
 
@@ -153,7 +151,7 @@ class Trainer:
         torch.manual_seed(config.train.seed + 1_000_003 * placement.rank)  # shuffle-BN's draws differ per rank
         if resume:
             self._resume()  # restores the RNG states too
-        elif _has_checkpoints(self.run_dir):
+        elif RunFolder(self.run_dir).has_checkpoints():
             raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume, or choose another --out")
 
     @property
@@ -217,7 +215,7 @@ class Trainer:
         if self.config.train.time_budget:
             self.total_steps = min(int(state.get("total_steps", self.step_cap)), self.step_cap)
         if self.placement.is_main:
-            _truncate_metrics(self.run_dir / METRICS_NAME, self.step)
+            _truncate_metrics(RunFolder(self.run_dir).metrics, self.step)
 
     # -- the loop --
 
@@ -273,7 +271,7 @@ class Trainer:
             prepare_out_dir(self.run_dir)
             for folder in (self.run_dir, checkpoint_dir(self.run_dir)):
                 sweep_stale_temps(folder)  # a checkpoint or metrics file half-written by a killed run
-            write_json_atomic(self.run_dir / CONFIG_NAME, self.config.to_dict())
+            write_json_atomic(RunFolder(self.run_dir).config, self.config.to_dict())
         barrier()
 
     def _batches(self, epoch: int) -> Iterator[TrainBatch]:
@@ -337,11 +335,6 @@ class Trainer:
         prints: list[str | None] = [None] * self.placement.world_size
         dist.all_gather_object(prints, state_fingerprint(self.model))
         return len(set(prints)) == 1
-
-
-def _has_checkpoints(run_dir: Path) -> bool:
-    folder = run_dir / "checkpoints"
-    return folder.is_dir() and any(folder.glob("*.pt"))
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
