@@ -243,7 +243,7 @@ def _build_whole(
     advance: Callable[[int], None],
 ) -> tuple[faiss.Index, dict[str, Any], dict[str, Any], None]:
     """One index in this process: trained, filled with the corpus, tuned, then given the held-out rows."""
-    index = _trained_index(embeddings, embeddings.live_rows(), plan, config, rng, timings)
+    index = _trained_index(embeddings, np.sort(order), plan, config, rng, timings)  # the live rows, not re-read
     clock = time.perf_counter()
     for _, block in embeddings.ordered(order[:corpus], config.chunk_rows):
         index.add(block)
@@ -280,7 +280,8 @@ class Sharded:
         bounds = [*shard_bounds(self.corpus, config.num_shards), (self.corpus, len(self.order))]
 
         def trained() -> faiss.Index:  # parts are filled on the CPU from a file: a GPU-trained index comes back
-            index = _trained_index(self.embeddings, self.embeddings.live_rows(), self.plan, config, rng, timings)
+            live = np.sort(self.order)  # the live rows, without reading the parts' removals again
+            index = _trained_index(self.embeddings, live, self.plan, config, rng, timings)
             return faiss.index_gpu_to_cpu(index) if is_gpu_index(index) else index
 
         # what the parts depend on: not the tuning's target, k or the merge, which a rerun may change freely
