@@ -43,9 +43,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mocoplus import MoCoConfig, MoCoPlus
-from mocoplus.config import NegativeSampling
 from mocoplus.losses import contrastive_loss
-from mocoplus.negatives import NEGATIVE_MODES
+from mocoplus.negatives import NEGATIVE_MODES, NegativeSampling
 from pipeline.precision import Precision, bf16_is_native, resolve_precision
 from pipeline.train.step import TrainingStep
 
@@ -106,13 +105,13 @@ def similarity_profile(anchors: Tensor, queue: Tensor, settings: Settings) -> di
     """How the threshold mode sees these inputs: the share it drops and how many rows run short of k."""
     with torch.no_grad():
         similarities = anchors.detach() @ queue.T
-        above = similarities > settings.threshold
+        above = similarities > settings.negative_threshold
         kept_per_row = (~above).sum(dim=1)
     return {
         "mean_similarity": round(similarities.mean().item(), 4),
         "p99_similarity": round(similarities.flatten()[:1_000_000].quantile(0.99).item(), 4),
         "threshold_dropped_fraction": round(above.float().mean().item(), 4),
-        "rows_with_fewer_than_k_below_threshold": round((kept_per_row < settings.k).float().mean().item(), 4),
+        "rows_short_of_num_negatives": round((kept_per_row < settings.num_negatives).float().mean().item(), 4),
     }
 
 
@@ -122,14 +121,14 @@ def similarity_profile(anchors: Tensor, queue: Tensor, settings: Settings) -> di
 def sampling_for(mode: str, settings: Settings) -> NegativeSampling:
     """The NegativeSampling each mode is benchmarked with: the settings' value of every field the mode reads.
 
-    The fields come from the mode's entry in `NEGATIVE_MODES` (``k``, ``skip``,
-    ``threshold`` are shared so modes do comparable work; the rest keep their
-    defaults), so a new mode is timed with its own selector and parameters,
+    The fields come from the mode's entry in `NEGATIVE_MODES` (``num_negatives``,
+    ``skip_negatives``, ``negative_threshold`` are shared so modes do comparable
+    work; the rest keep their defaults), so a new mode is timed with its own selector and parameters,
     never as another mode.
     """
     parameters = NEGATIVE_MODES[mode].parameters
     return NegativeSampling(
-        mode=mode, **{name: getattr(settings, name) for name in parameters if hasattr(settings, name)}
+        negatives=mode, **{name: getattr(settings, name) for name in parameters if hasattr(settings, name)}
     )
 
 

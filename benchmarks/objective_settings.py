@@ -26,9 +26,9 @@ class Settings:
     dim: int = 128
     queue_sizes: tuple[int, ...] = (4096, 65536)
     modes: tuple[str, ...] = NEGATIVES
-    k: int = 1024
-    skip: int = 16
-    threshold: float = 0.5
+    num_negatives: int = 1024  # the settings of `mocoplus.negatives.NegativeSampling`, by their names
+    skip_negatives: int = 16
+    negative_threshold: float = 0.5
     temperature: float = 0.2
     clusters: int = 10
     cluster_noise: float = 1.0
@@ -76,9 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dim", type=int, default=defaults.dim, help="embedding dimension d")
     parser.add_argument("--queue-sizes", type=int, nargs="+", default=list(defaults.queue_sizes), help="queue sizes K")
     parser.add_argument("--modes", nargs="+", choices=NEGATIVES, default=list(defaults.modes), help="negatives modes")
-    parser.add_argument("-k", "--k", type=int, default=defaults.k, help="negatives kept by topk/band/threshold")
-    parser.add_argument("--skip", type=int, default=defaults.skip, help="most-similar entries band mode skips")
-    parser.add_argument("--threshold", type=float, default=defaults.threshold, help="threshold mode's cut-off")
+    parser.add_argument(
+        "--num-negatives", type=int, default=defaults.num_negatives, help="negatives kept by topk/band/threshold"
+    )
+    parser.add_argument(
+        "--skip-negatives", type=int, default=defaults.skip_negatives, help="most-similar entries band mode skips"
+    )
+    parser.add_argument(
+        "--negative-threshold", type=float, default=defaults.negative_threshold, help="threshold mode's cut-off"
+    )
     parser.add_argument("--temperature", type=float, default=defaults.temperature, help="InfoNCE temperature τ")
     parser.add_argument("--clusters", type=int, default=defaults.clusters, help="cluster centres of the inputs")
     parser.add_argument("--cluster-noise", type=float, default=defaults.cluster_noise, help="spread within a cluster")
@@ -136,9 +142,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         dim=args.dim,
         queue_sizes=queue_sizes,
         modes=tuple(dict.fromkeys(["all", *args.modes])),  # "all" is the baseline every ratio needs
-        k=args.k,
-        skip=args.skip,
-        threshold=args.threshold,
+        num_negatives=args.num_negatives,
+        skip_negatives=args.skip_negatives,
+        negative_threshold=args.negative_threshold,
         temperature=args.temperature,
         clusters=args.clusters,
         cluster_noise=args.cluster_noise,
@@ -166,7 +172,8 @@ def reproducing_command(settings: Settings) -> str:
         "benchmarks/bench_objective.py",
         *("--batch", str(settings.batch), "--dim", str(settings.dim)),
         *("--queue-sizes", *map(str, settings.queue_sizes), "--modes", *settings.modes),
-        *("--k", str(settings.k), "--skip", str(settings.skip), "--threshold", str(settings.threshold)),
+        *("--num-negatives", str(settings.num_negatives), "--skip-negatives", str(settings.skip_negatives)),
+        *("--negative-threshold", str(settings.negative_threshold)),
         *("--temperature", str(settings.temperature), "--clusters", str(settings.clusters)),
         *("--cluster-noise", str(settings.cluster_noise)),
         *("--warmup", str(settings.warmup), "--repeats", str(settings.repeats)),

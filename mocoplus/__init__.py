@@ -10,8 +10,9 @@ Pure PyTorch (no file I/O, no CLI): researchers can use it on its own.
 """
 
 from mocoplus.builder import MoCoOutput, MoCoPlus, momentum_at
-from mocoplus.config import MoCoConfig, NegativeSampling
+from mocoplus.config import MoCoConfig
 from mocoplus.losses import ContrastiveResult, contrastive_loss, dual_view_loss, info_nce
+from mocoplus.negatives import NegativeSampling
 
 __version__ = "0.1.0"
 

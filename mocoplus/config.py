@@ -6,10 +6,10 @@ before any tensor is allocated, not as a shape error deep inside a step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, get_args
 
-from mocoplus.negatives import NEGATIVE_MODES, NEGATIVES, Negatives
+from mocoplus.negatives import ALL_NEGATIVES, Negatives, NegativeSampling
 
 Arch = Literal["resnet18", "resnet34", "resnet50"]
 DualView = Literal["none", "symmetric", "key-anchor"]
@@ -28,58 +28,6 @@ EMBEDDING_WHITENINGS: tuple[str, ...] = get_args(EmbeddingWhitening)
 def _require_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-@dataclass(frozen=True)
-class NegativeSampling:
-    """Which queue entries serve as negatives for each anchor (docs/architecture.md, "The method").
-
-    ``mode``: ``all`` (the whole queue, MoCo), ``topk`` (the ``k`` most similar),
-    ``band`` (drop the ``skip`` most similar — or the most similar
-    ``skip_fraction`` of the queue — likely false negatives, keep the next
-    ``k``), ``threshold`` (drop entries more similar than ``threshold``, keep
-    the ``k`` most similar of the rest; ``k=None`` keeps all of the rest).
-
-    Two modes keep the whole queue but change how it counts (`mocoplus.losses`):
-    ``debiased`` (Chuang et al. 2020) subtracts the expected share of same-class
-    entries, a class prior ``tau_plus``, from the negatives' sum; ``hard-weighted``
-    (Robinson et al. 2021) also weights each entry by e^{β·a·n/τ} (concentration
-    ``beta``; β = 0 is ``debiased``).
-    """
-
-    mode: Negatives = "all"
-    k: int | None = None
-    skip: int = 0
-    threshold: float | None = None
-    skip_fraction: float = 0.0
-    tau_plus: float = 0.1
-    beta: float = 1.0
-
-    def __post_init__(self) -> None:
-        _require_choice("negatives", self.mode, NEGATIVES)
-        if not 0.0 <= self.skip_fraction < 1.0 or (self.skip_fraction and self.skip):
-            raise ValueError(f"skip_fraction must lie in [0, 1) and not be combined with skip; got {self}")
-        if not 0.0 <= self.tau_plus < 1.0 or not self.beta >= 0.0:
-            raise ValueError(f"tau_plus must lie in [0, 1) and beta be >= 0; got {self.tau_plus}, {self.beta}")
-        for name, meaning in NEGATIVE_MODES[self.mode].requires.items():
-            if getattr(self, name) is None:
-                raise ValueError(f"negatives={self.mode!r} needs {name} ({meaning})")
-        if self.k is not None and self.k < 1:
-            raise ValueError(f"k must be a positive number of negatives; got {self.k}")
-        if self.skip < 0:
-            raise ValueError(f"skip must be >= 0; got {self.skip}")
-
-    def skip_count(self, queue_size: int) -> int:
-        """How many of the most similar entries ``band`` drops from a queue of ``queue_size``."""
-        return self.skip or round(self.skip_fraction * queue_size)
-
-    @property
-    def reweights(self) -> bool:
-        """Whether the loss re-estimates the negatives' sum (``debiased``, ``hard-weighted``)."""
-        return NEGATIVE_MODES[self.mode].reweights
-
-
-ALL_NEGATIVES = NegativeSampling()
 
 
 @dataclass(frozen=True)
@@ -154,16 +102,8 @@ class MoCoConfig:
 
     @property
     def sampling(self) -> NegativeSampling:
-        """The hard-negative selection once warm-up is over."""
-        return NegativeSampling(
-            mode=self.negatives,
-            k=self.num_negatives,
-            skip=self.skip_negatives,
-            threshold=self.negative_threshold,
-            skip_fraction=self.skip_negatives_fraction,
-            tau_plus=self.debias_prior,
-            beta=self.hardness,
-        )
+        """The hard-negative selection once warm-up is over: this config's fields of the same names."""
+        return NegativeSampling(**{name.name: getattr(self, name.name) for name in fields(NegativeSampling)})
 
     def sampling_at(self, epoch: int, step: int = 0) -> NegativeSampling:
         """`all` during warm-up (whole epochs, or steps): a random encoder has no meaningful hard negatives."""

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from mocoplus.config import ALL_NEGATIVES, DUAL_VIEWS, NegativeSampling
-from mocoplus.negatives import NEGATIVE_MODES, select_negatives
+from mocoplus.config import DUAL_VIEWS
+from mocoplus.negatives import ALL_NEGATIVES, NEGATIVE_MODES, NegativeSampling, select_negatives
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,13 @@ def _log_negative_sum(negatives: Tensor, positive: Tensor, sampling: NegativeSam
     if not sampling.reweights:
         return torch.logsumexp(negatives, dim=1)
     count = negatives.shape[1]
-    concentration = NEGATIVE_MODES[sampling.mode].concentration
+    concentration = NEGATIVE_MODES[sampling.negatives].concentration
     beta = concentration(sampling) if concentration is not None else 0.0
     log_weighted_sum = (
         torch.logsumexp((1.0 + beta) * negatives, dim=1) - torch.logsumexp(beta * negatives, dim=1) + math.log(count)
     )
     shift = torch.maximum(log_weighted_sum, positive).detach()
-    prior = sampling.tau_plus
+    prior = sampling.debias_prior
     estimate = (torch.exp(log_weighted_sum - shift) - prior * count * torch.exp(positive - shift)) / (1.0 - prior)
     floor = count * math.exp(-1.0 / temperature) * torch.exp(-shift)
     return torch.log(torch.maximum(estimate, floor)) + shift
@@ -115,24 +115,33 @@ def info_nce(
     *,
     temperature: float,
     negatives: str = "all",
-    k: int | None = None,
-    skip: int = 0,
-    threshold: float | None = None,
-    skip_fraction: float = 0.0,
-    tau_plus: float = 0.1,
-    beta: float = 1.0,
+    num_negatives: int | None = None,
+    skip_negatives: int = 0,
+    negative_threshold: float | None = None,
+    skip_negatives_fraction: float = 0.0,
+    debias_prior: float = 0.1,
+    hardness: float = 1.0,
 ) -> Tensor:
     """InfoNCE of L2-normalised ``anchors`` [B,d] vs ``positives`` [B,d] and a ``queue`` [K,d].
 
     ``negatives`` selects, per anchor, which queue entries enter the
-    denominator: ``all``, ``topk`` (``k`` most similar), ``band`` (skip the
-    ``skip`` most similar, keep the next ``k``) or ``threshold`` (drop those
-    with similarity > ``threshold``, keep the ``k`` most similar of the rest),
-    ``debiased`` (class prior ``tau_plus``) or ``hard-weighted`` (also ``beta``).
-    Gradients flow to anchors and positives, never through the selection.
+    denominator, with the settings of the same names as in the config
+    (`mocoplus.negatives.NegativeSampling`): ``all``, ``topk``
+    (``num_negatives`` most similar), ``band`` (skip the ``skip_negatives``
+    most similar, keep the next ``num_negatives``), ``threshold`` (drop those
+    with similarity > ``negative_threshold``, keep the ``num_negatives`` most
+    similar of the rest), ``debiased`` (class prior ``debias_prior``) or
+    ``hard-weighted`` (also ``hardness``). Gradients flow to anchors and
+    positives, never through the selection.
     """
     sampling = NegativeSampling(
-        mode=negatives, k=k, skip=skip, threshold=threshold, skip_fraction=skip_fraction, tau_plus=tau_plus, beta=beta
+        negatives=negatives,  # type: ignore[arg-type]
+        num_negatives=num_negatives,
+        skip_negatives=skip_negatives,
+        negative_threshold=negative_threshold,
+        skip_negatives_fraction=skip_negatives_fraction,
+        debias_prior=debias_prior,
+        hardness=hardness,
     )
     return contrastive_loss(anchors, positives, queue, temperature=temperature, sampling=sampling).loss
 

@@ -36,23 +36,27 @@ def naive_info_nce(
     positives: Tensor,
     queue: Tensor,
     temperature: float,
-    mode: str = "all",
-    k: int | None = None,
-    skip: int = 0,
-    threshold: float | None = None,
-    skip_fraction: float = 0.0,
-    tau_plus: float = 0.1,
-    beta: float = 1.0,
+    negatives: str = "all",
+    num_negatives: int | None = None,
+    skip_negatives: int = 0,
+    negative_threshold: float | None = None,
+    skip_negatives_fraction: float = 0.0,
+    debias_prior: float = 0.1,
+    hardness: float = 1.0,
 ) -> Tensor:
     """Mean over anchors of −log(e^{a·p/τ} / (e^{a·p/τ} + Σ_{n∈N(a)} e^{a·n/τ})), or of its debiased form.
 
     ``debiased`` / ``hard-weighted`` (β = 0 / β) replace the sum with Chuang et al.'s and Robinson et al.'s
-    estimate: max((M·Σ w·e^{a·n/τ} / Σ w − τ⁺·M·e^{a·p/τ}) / (1 − τ⁺), M·e^{−1/τ}), w = e^{β·a·n/τ}.
+    estimate: max((M·Σ w·e^{a·n/τ} / Σ w − τ⁺·M·e^{a·p/τ}) / (1 − τ⁺), M·e^{−1/τ}), w = e^{β·a·n/τ}
+    (τ⁺ = ``debias_prior``, β = ``hardness``: the settings' names in the config).
     """
+    mode, tau_plus, beta = negatives, debias_prior, hardness
     losses = []
     for a, p in zip(anchors, positives, strict=True):
         similarities = [float(a.detach() @ n) for n in queue]
-        chosen = naive_negatives(similarities, mode, k, skip, threshold, skip_fraction)
+        chosen = naive_negatives(
+            similarities, mode, num_negatives, skip_negatives, negative_threshold, skip_negatives_fraction
+        )
         positive = torch.exp(a @ p / temperature)
         exps = [torch.exp(a @ queue[j] / temperature) for j in chosen]
         if mode in ("debiased", "hard-weighted"):

@@ -8,30 +8,26 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import naive_dual_view, naive_info_nce, unit_vectors
 
-from mocoplus.config import NegativeSampling
 from mocoplus.losses import contrastive_loss, dual_view_loss, info_nce
+from mocoplus.negatives import NegativeSampling
 
 SELECTIONS = [
     pytest.param({"negatives": "all"}, id="all"),
-    pytest.param({"negatives": "topk", "k": 5}, id="topk"),
-    pytest.param({"negatives": "topk", "k": 50}, id="topk-k>K"),
-    pytest.param({"negatives": "band", "k": 4, "skip": 3}, id="band"),
-    pytest.param({"negatives": "band", "k": None, "skip": 2}, id="band-rest"),
-    pytest.param({"negatives": "band", "k": 10, "skip": 15}, id="band-short"),
-    pytest.param({"negatives": "threshold", "threshold": 0.1, "k": 3}, id="threshold"),
-    pytest.param({"negatives": "threshold", "threshold": 0.0, "k": None}, id="threshold-rest"),
-    pytest.param({"negatives": "threshold", "threshold": -0.2, "k": 8}, id="threshold-few"),
-    pytest.param({"negatives": "band", "k": 5, "skip_fraction": 0.1}, id="band-share"),
-    pytest.param({"negatives": "band", "k": None, "skip_fraction": 0.3}, id="band-share-rest"),
-    pytest.param({"negatives": "debiased", "tau_plus": 0.1}, id="debiased"),
-    pytest.param({"negatives": "debiased", "tau_plus": 0.5}, id="debiased-floor"),
-    pytest.param({"negatives": "hard-weighted", "tau_plus": 0.1, "beta": 1.0}, id="hard-weighted"),
-    pytest.param({"negatives": "hard-weighted", "tau_plus": 0.0, "beta": 2.0}, id="hard-weighted-no-debias"),
+    pytest.param({"negatives": "topk", "num_negatives": 5}, id="topk"),
+    pytest.param({"negatives": "topk", "num_negatives": 50}, id="topk-k>K"),
+    pytest.param({"negatives": "band", "num_negatives": 4, "skip_negatives": 3}, id="band"),
+    pytest.param({"negatives": "band", "num_negatives": None, "skip_negatives": 2}, id="band-rest"),
+    pytest.param({"negatives": "band", "num_negatives": 10, "skip_negatives": 15}, id="band-short"),
+    pytest.param({"negatives": "threshold", "negative_threshold": 0.1, "num_negatives": 3}, id="threshold"),
+    pytest.param({"negatives": "threshold", "negative_threshold": 0.0, "num_negatives": None}, id="threshold-rest"),
+    pytest.param({"negatives": "threshold", "negative_threshold": -0.2, "num_negatives": 8}, id="threshold-few"),
+    pytest.param({"negatives": "band", "num_negatives": 5, "skip_negatives_fraction": 0.1}, id="band-share"),
+    pytest.param({"negatives": "band", "num_negatives": None, "skip_negatives_fraction": 0.3}, id="band-share-rest"),
+    pytest.param({"negatives": "debiased", "debias_prior": 0.1}, id="debiased"),
+    pytest.param({"negatives": "debiased", "debias_prior": 0.5}, id="debiased-floor"),
+    pytest.param({"negatives": "hard-weighted", "debias_prior": 0.1, "hardness": 1.0}, id="hard-weighted"),
+    pytest.param({"negatives": "hard-weighted", "debias_prior": 0.0, "hardness": 2.0}, id="hard-weighted-no-debias"),
 ]
-
-
-def naive_kwargs(selection: dict) -> dict:
-    return {"mode": selection["negatives"], **{key: v for key, v in selection.items() if key != "negatives"}}
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)
@@ -43,7 +39,7 @@ def test_info_nce_matches_naive_loop_value_and_gradients(generator, selection):
 
     loss = info_nce(anchors, positives, queue, temperature=tau, **selection)
     grads = torch.autograd.grad(loss, [anchors, positives])
-    expected = naive_info_nce(anchors, positives, queue, tau, **naive_kwargs(selection))
+    expected = naive_info_nce(anchors, positives, queue, tau, **selection)
     expected_grads = torch.autograd.grad(expected, [anchors, positives])
 
     assert loss.dtype == torch.float64
@@ -60,7 +56,7 @@ def test_ties_in_the_queue_give_the_naive_loss(generator, selection):
     distinct = unit_vectors(generator, 7, d)
     queue = torch.cat([distinct, distinct, distinct[:3]])  # every similarity appears two or three times
     loss = info_nce(anchors, positives, queue, temperature=0.1, **selection)
-    expected = naive_info_nce(anchors, positives, queue, 0.1, **naive_kwargs(selection))
+    expected = naive_info_nce(anchors, positives, queue, 0.1, **selection)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -85,7 +81,11 @@ def test_info_nce_matches_naive_loop_for_any_shapes(
     anchors = unit_vectors(generator, batch, dim, requires_grad=True)
     positives = unit_vectors(generator, batch, dim)
     queue = unit_vectors(generator, queue_size, dim)
-    selection = {"k": k, "skip": skip if mode == "band" else 0, "threshold": threshold if mode == "threshold" else None}
+    selection = {
+        "num_negatives": k,
+        "skip_negatives": skip if mode == "band" else 0,
+        "negative_threshold": threshold if mode == "threshold" else None,
+    }
 
     loss = info_nce(anchors, positives, queue, temperature=temperature, negatives=mode, **selection)
     expected = naive_info_nce(anchors, positives, queue, temperature, mode, **selection)
@@ -98,7 +98,10 @@ def test_rows_without_any_negative_give_zero_loss_and_finite_gradients(generator
     anchors = unit_vectors(generator, 4, 5, requires_grad=True)
     positives = unit_vectors(generator, 4, 5)
     queue = unit_vectors(generator, 6, 5)
-    for selection in ({"negatives": "threshold", "threshold": -1.5, "k": 3}, {"negatives": "band", "skip": 6, "k": 2}):
+    for selection in (
+        {"negatives": "threshold", "negative_threshold": -1.5, "num_negatives": 3},
+        {"negatives": "band", "skip_negatives": 6, "num_negatives": 2},
+    ):
         loss = info_nce(anchors, positives, queue, temperature=0.2, **selection)
         (grad,) = torch.autograd.grad(loss, anchors)
         assert loss.item() == pytest.approx(0.0, abs=1e-12)  # −log(e^p / e^p)
@@ -111,7 +114,9 @@ def test_selection_changes_the_loss_and_statistics(generator):
     positives = unit_vectors(generator, 8, 16)
     queue = unit_vectors(generator, 64, 16)
     everything = contrastive_loss(anchors, positives, queue, temperature=0.2)
-    hardest = contrastive_loss(anchors, positives, queue, temperature=0.2, sampling=NegativeSampling("topk", k=4))
+    hardest = contrastive_loss(
+        anchors, positives, queue, temperature=0.2, sampling=NegativeSampling("topk", num_negatives=4)
+    )
     assert hardest.loss < everything.loss  # fewer terms in the denominator
     assert hardest.selected_negative_similarity > everything.selected_negative_similarity
     torch.testing.assert_close(everything.selected_negative_similarity, everything.negative_similarity)
@@ -122,14 +127,16 @@ def test_low_precision_inputs_and_autocast_compute_in_float32(generator):
     positives = unit_vectors(generator, 4, 8).to(torch.bfloat16)
     queue = unit_vectors(generator, 10, 8).float()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = info_nce(anchors, positives, queue, temperature=0.2, negatives="topk", k=3)
+        loss = info_nce(anchors, positives, queue, temperature=0.2, negatives="topk", num_negatives=3)
     assert loss.dtype == torch.float32
-    expected = naive_info_nce(anchors.double(), positives.double(), queue.double(), 0.2, "topk", k=3)
+    expected = naive_info_nce(anchors.double(), positives.double(), queue.double(), 0.2, "topk", num_negatives=3)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["none", "symmetric", "key-anchor"])
-@pytest.mark.parametrize("selection", [{"mode": "all"}, {"mode": "band", "k": 5, "skip": 2}])
+@pytest.mark.parametrize(
+    "selection", [{"negatives": "all"}, {"negatives": "band", "num_negatives": 5, "skip_negatives": 2}]
+)
 def test_dual_view_modes_match_naive_composition(generator, mode, selection):
     B, K, d = 5, 13, 6
     q1, q2 = (unit_vectors(generator, B, d, requires_grad=True) for _ in range(2))
@@ -155,10 +162,10 @@ def test_dual_view_modes_match_naive_composition(generator, mode, selection):
     ("kwargs", "message"),
     [
         ({"negatives": "hardest"}, "negatives must be one of"),
-        ({"negatives": "topk"}, "needs k"),
-        ({"negatives": "threshold", "k": 2}, "needs threshold"),
-        ({"negatives": "band", "k": 0}, "positive number"),
-        ({"negatives": "band", "k": 2, "skip": -1}, "skip must be"),
+        ({"negatives": "topk"}, "needs num_negatives"),
+        ({"negatives": "threshold", "num_negatives": 2}, "needs negative_threshold"),
+        ({"negatives": "band", "num_negatives": 0}, "positive number"),
+        ({"negatives": "band", "num_negatives": 2, "skip_negatives": -1}, "skip_negatives must be"),
     ],
 )
 def test_bad_selection_arguments_are_rejected_clearly(generator, kwargs, message):
@@ -181,8 +188,8 @@ def test_mismatched_shapes_are_rejected_clearly(generator):
 def test_debiased_estimate_is_floored_when_the_prior_removes_more_than_the_queue_holds(generator):
     anchors = unit_vectors(generator, 4, 6, requires_grad=True)
     queue = -anchors.detach()[:1].repeat(10, 1)  # every queue entry is far: a tiny negative sum
-    loss = info_nce(anchors, anchors.detach(), queue, temperature=0.2, negatives="debiased", tau_plus=0.5)
-    expected = naive_info_nce(anchors, anchors.detach(), queue, 0.2, "debiased", tau_plus=0.5)
+    loss = info_nce(anchors, anchors.detach(), queue, temperature=0.2, negatives="debiased", debias_prior=0.5)
+    expected = naive_info_nce(anchors, anchors.detach(), queue, 0.2, "debiased", debias_prior=0.5)
     torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-12)
     floor_only = torch.log1p(10 * torch.exp(torch.tensor(-1 / 0.2 - 1 / 0.2, dtype=torch.float64)))
     torch.testing.assert_close(loss, floor_only)  # −log(e^{1/τ} / (e^{1/τ} + M·e^{−1/τ}))
@@ -194,8 +201,10 @@ def test_hard_weighting_leans_on_the_most_similar_negatives(generator):
     anchors = unit_vectors(generator, 8, 16)
     positives = unit_vectors(generator, 8, 16)
     queue = unit_vectors(generator, 64, 16)
-    plain = info_nce(anchors, positives, queue, temperature=0.2, negatives="debiased", tau_plus=0.0)
-    hard = info_nce(anchors, positives, queue, temperature=0.2, negatives="hard-weighted", tau_plus=0.0, beta=1.0)
+    plain = info_nce(anchors, positives, queue, temperature=0.2, negatives="debiased", debias_prior=0.0)
+    hard = info_nce(
+        anchors, positives, queue, temperature=0.2, negatives="hard-weighted", debias_prior=0.0, hardness=1.0
+    )
     assert hard > plain  # the weighted mean of e^{a·n/τ} exceeds the plain mean when weights favour large terms
     torch.testing.assert_close(plain, info_nce(anchors, positives, queue, temperature=0.2))  # τ⁺ = 0: plain InfoNCE
 
@@ -204,10 +213,10 @@ def test_hard_negatives_wait_for_a_warm_up_in_steps_or_epochs():
     from mocoplus import MoCoConfig
 
     config = MoCoConfig(negatives="band", num_negatives=8, skip_negatives_fraction=0.1, warmup_steps=50)
-    assert config.sampling_at(epoch=3, step=49).mode == "all"
-    assert config.sampling_at(epoch=3, step=50).mode == "band"
+    assert config.sampling_at(epoch=3, step=49).negatives == "all"
+    assert config.sampling_at(epoch=3, step=50).negatives == "band"
     assert config.sampling_at(epoch=0, step=50).skip_count(4096) == 410
-    with pytest.raises(ValueError, match="not be combined with skip"):
+    with pytest.raises(ValueError, match="not be combined with skip_negatives"):
         MoCoConfig(negatives="band", num_negatives=8, skip_negatives=4, skip_negatives_fraction=0.1)
-    with pytest.raises(ValueError, match="tau_plus must lie in"):
+    with pytest.raises(ValueError, match="debias_prior must lie in"):
         MoCoConfig(negatives="debiased", debias_prior=1.0)

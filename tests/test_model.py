@@ -194,8 +194,8 @@ def test_a_stride_two_cifar_stem_halves_the_maps_and_keeps_the_feature_size():
 
 def test_warmup_uses_every_negative_then_the_selection():
     config = MoCoConfig(**TINY, negatives="band", num_negatives=8, skip_negatives=2, warmup_epochs=2)
-    assert config.sampling_at(0).mode == "all" and config.sampling_at(1).mode == "all"
-    assert config.sampling_at(2).mode == "band" and config.sampling_at(2).k == 8
+    assert config.sampling_at(0).negatives == "all" and config.sampling_at(1).negatives == "all"
+    assert config.sampling_at(2).negatives == "band" and config.sampling_at(2).num_negatives == 8
     x1, x2 = images(8), images(8, seed=1)
 
     def first_loss(config: MoCoConfig, epoch: int) -> torch.Tensor:
@@ -238,7 +238,7 @@ def test_small_crops_get_gradient_and_the_queue_takes_only_the_global_keys():
     ("overrides", "message"),
     [
         ({"dual_view": "both"}, "dual_view must be one of"),
-        ({"negatives": "topk"}, "needs k"),
+        ({"negatives": "topk"}, "needs num_negatives"),
         ({"queue_size": 0}, "queue_size"),
         ({"temperature": 0.0}, "temperature"),
         ({"momentum": 1.5}, "momentum"),

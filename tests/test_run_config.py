@@ -333,7 +333,7 @@ def test_out_of_range_value_names_section_and_field(override, section, key):
 
 
 def test_topk_negatives_without_k_is_refused():
-    assert "k" in error_of(["model.negatives=topk"], spec=None)
+    assert "needs num_negatives" in error_of(["model.negatives=topk"], spec=None)
 
 
 @pytest.mark.parametrize("override", ["optim.lr=nan", "model.temperature=nan", "eval.knn_temperature=nan"])

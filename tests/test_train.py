@@ -16,6 +16,8 @@ from datasets import noise_image
 from test_data import _png, write_shard
 
 from pipeline.train.checkpoints import load_checkpoint, resolve_checkpoint
+from pipeline.train.hooks import Checkpointing, Hook
+from pipeline.train.placement import distributed_placement
 from pipeline.train.run_config import load_config, with_data
 from pipeline.train.state import state_fingerprint
 from pipeline.train.trainer import Trainer, train
@@ -71,6 +73,64 @@ def test_a_short_run_logs_every_step_checkpoints_and_monitors_knn(fashion_shards
     assert best["step"] == 6 and best["best_knn_top1"] is None  # the copy is taken before best is known
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert load_config(tmp_path / "run" / "config.json") == config and saved["train"]["max_steps"] == 6
+
+
+class StepCounter(Hook):
+    """A hook of one's own: what it sees of the run, and a count it keeps across a resume."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.counted = 0
+
+    def before_run(self, run) -> None:
+        self.calls.append(f"before {run.step}/{run.total_steps}")
+
+    def after_step(self, run, epoch, record, last) -> None:
+        self.counted += 1
+        self.calls.append(f"step {run.step}" + (" last" if last else ""))
+
+    def after_epoch(self, run, epoch, stopped_by) -> None:
+        self.calls.append("epoch")
+
+    def after_run(self, run, loss, stopped_by) -> None:
+        self.calls.append("after")
+
+    def close(self, run) -> None:
+        self.calls.append("close")
+
+    def state(self) -> dict:
+        return {"counted_steps": self.counted}
+
+    def load_state(self, state: dict) -> None:
+        self.counted = state.get("counted_steps", 0)
+
+
+def run_with(hooks: tuple[Hook, ...], config, run_dir: Path, *, resume: bool = False):
+    with distributed_placement(config.train.collective_timeout) as placement:
+        trainer = Trainer(config, run_dir, placement, resume=resume)
+        try:
+            return trainer.run(hooks)
+        finally:
+            trainer.close()
+
+
+def test_the_trainer_calls_the_hooks_it_is_given_and_keeps_their_state_in_checkpoints(fashion_shards, tmp_path):
+    """Hooks are arguments: a counter alone sees every step in order; with a checkpointing hook beside it, its
+    count is saved in each checkpoint and handed back to a new counter when the run resumes."""
+    config = tiny_config(fashion_shards, "train.max_steps=3", "train.checkpoint_every=0")
+    counter = StepCounter()
+    loop = run_with((counter,), config, tmp_path / "alone")
+    assert loop.steps == 3 and loop.stopped_by is None
+    assert counter.calls == ["before 0/3", "step 1", "step 2", "step 3 last", "epoch", "after", "close"]
+    assert not (tmp_path / "alone" / "checkpoints").exists()  # no checkpointing hook, no checkpoint
+    assert not (tmp_path / "alone" / "metrics.jsonl").exists()  # nor a metrics log
+
+    run_with((StepCounter(), Checkpointing(every=0)), config, tmp_path / "run")
+    assert load_checkpoint(resolve_checkpoint(tmp_path / "run", "last"))["counted_steps"] == 3
+    longer = tiny_config(fashion_shards, "train.max_steps=5", "train.checkpoint_every=0", "train.time_budget=0")
+    resumed = StepCounter()
+    run_with((resumed, Checkpointing(every=0)), longer, tmp_path / "run", resume=True)
+    assert resumed.calls[0] == "before 3/5" and resumed.counted == 5  # 3 restored + 2 counted
 
 
 def test_a_time_budget_ends_the_schedule_when_the_budget_is_spent(fashion_shards, tmp_path, monkeypatch):

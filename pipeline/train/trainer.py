@@ -6,8 +6,10 @@ on GPU, gloo on CPU), takes ``global_batch / world_size`` images per step and
 the model is wrapped in DistributedDataParallel; keys are all-gathered into
 one queue that every rank holds identically (`mocoplus.builder`).
 
-The loop is short on purpose: batches → the shared `TrainingStep` → hooks
-(`pipeline.train.hooks`: metrics log, progress, checkpoints, kNN monitor).
+The loop is short on purpose: batches → the shared `TrainingStep` → the
+hooks it is given (`pipeline.train.hooks`: metrics log, progress,
+checkpoints, kNN monitor, curves), which see the run only through
+`pipeline.train.hooks.RunView`.
 Each step the ranks agree (one all-reduce of two flags) on whether any rank
 saw a non-finite loss or was asked to stop (SIGTERM, SIGINT): on a stop all
 ranks finish the step, rank 0 writes a checkpoint and everyone exits cleanly;
@@ -41,15 +43,7 @@ from mocoplus import MoCoPlus
 from pipeline.data.streams import StreamConfig, TrainBatch, TrainStream
 from pipeline.progress import stage_progress
 from pipeline.train.checkpoints import checkpoint_dir, load_checkpoint, resolve_checkpoint, save_checkpoint
-from pipeline.train.hooks import (
-    Checkpointing,
-    Hook,
-    KnnMonitor,
-    MetricsLog,
-    Pace,
-    ProgressReport,
-    draw_run_curves,
-)
+from pipeline.train.hooks import Encoder, Hook, Pace, standard_hooks
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.placement import Placement, barrier, distributed_placement, resolve_training_precision
 from pipeline.train.run_config import RunConfig, config_from_dict
@@ -78,7 +72,21 @@ class StepPlan:
 
 
 @dataclass
+class LoopResult:
+    """How the loop ended."""
+
+    steps: int
+    epoch: int
+    final_loss: float
+    images_per_s: float
+    stopped_by: str | None
+    replicas_identical: bool | None
+
+
+@dataclass
 class TrainResult:
+    """A run's summary (``RUN/train.json``): how the loop ended and the kNN monitor's scores."""
+
     run_dir: Path
     steps: int
     epoch: int
@@ -93,14 +101,14 @@ class TrainResult:
 class Trainer:
     """Builds model, optimizer and streams for ``config`` and runs (or resumes) the loop in ``run_dir``."""
 
-    def __init__(self, config: RunConfig, run_dir: Path, placement: Placement, *, resume: bool, progress: bool):
+    def __init__(self, config: RunConfig, run_dir: Path, placement: Placement, *, resume: bool):
         if not config.data.train:
             raise ValueError("no training shards: give --data (or data.train in the config)")
         if config.train.global_batch % placement.world_size:
             raise ValueError(
                 f"train.global_batch {config.train.global_batch} does not split over {placement.world_size} processes"
             )
-        self.config, self.run_dir, self.placement, self.progress = config, Path(run_dir), placement, progress
+        self.config, self.run_dir, self.placement = config, Path(run_dir), placement
         self.device = placement.device
         self.precision = resolve_training_precision(config.train.precision, self.device)
         self.augment = config.augmentation
@@ -126,7 +134,8 @@ class Trainer:
         self.step_cap = min(full, config.train.max_steps) if config.train.max_steps else full
         self.plan = StepPlan(self.step_cap)  # a time budget re-plans it (`_replan`)
         self.elapsed_before = 0.0  # wall-clock seconds of earlier segments of a resumed run
-        self.knn_seconds = 0.0  # the last kNN pass's duration: the budget keeps room for the final one
+        self.hooks: tuple[Hook, ...] = ()  # those of the run in progress (`run`)
+        self.resumed_state: dict[str, Any] = {}  # the checkpoint resumed from: its hooks' part goes back to them
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.model = MoCoPlus(config.model).to(self.device, memory_format=self.precision.memory_format())
@@ -146,8 +155,6 @@ class Trainer:
 
         self.step = 0
         self.started: float | None = None  # when this process's segment of the run began (perf_counter)
-        self.best_knn: float | None = None
-        self.last_knn: float | None = None
         torch.manual_seed(config.train.seed + 1_000_003 * placement.rank)  # shuffle-BN's draws differ per rank
         if resume:
             self._resume()  # restores the RNG states too
@@ -162,6 +169,15 @@ class Trainer:
     def total_steps(self, steps: int) -> None:
         self.plan.total = steps
 
+    @property
+    def is_main(self) -> bool:
+        return self.placement.is_main
+
+    @property
+    def encoder(self) -> Encoder:
+        """The key encoder's backbone where it trains: what the kNN monitor scores."""
+        return Encoder(self.model.key_encoder.backbone, self.device, self.precision)
+
     def close(self) -> None:
         """Let go of the network: the DDP wrapper holds the process group, which must go before it is destroyed.
 
@@ -173,7 +189,9 @@ class Trainer:
     # -- checkpoints --
 
     def _state(self, epoch: int) -> dict[str, Any]:
+        hooks_state = {key: value for hook in self.hooks for key, value in hook.state().items()}
         return {
+            **hooks_state,
             "format": CHECKPOINT_FORMAT,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -182,7 +200,6 @@ class Trainer:
             "rng": rng_state(),
             "step": self.step,
             "epoch": epoch,
-            "best_knn_top1": self.best_knn,
             "elapsed_s": self.elapsed_before + (self.clock() - self.started if self.started is not None else 0.0),
             "total_steps": self.total_steps,
             "config": self.config.to_dict(),
@@ -210,7 +227,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.placement.world_size == 1:
             set_rng_state(state["rng"])
-        self.step, self.best_knn = int(state["step"]), state.get("best_knn_top1")
+        self.step, self.resumed_state = int(state["step"]), state
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.config.train.time_budget:
             self.total_steps = min(int(state.get("total_steps", self.step_cap)), self.step_cap)
@@ -219,16 +236,20 @@ class Trainer:
 
     # -- the loop --
 
-    def run(self) -> TrainResult:
+    def run(self, hooks: tuple[Hook, ...]) -> LoopResult:
+        """Train until the step plan is done or a stop is requested, calling ``hooks`` around the steps."""
         self._prepare_run_dir()
+        self.hooks = hooks
+        for hook in hooks:
+            hook.load_state(self.resumed_state)
         loss, stopped_by = math.nan, None
         epoch = self.step // self.steps_per_epoch
         self.started, first_step = self.clock(), self.step
-        pace, log = Pace(self.placement.world_size), MetricsLog(self)
+        pace = Pace(self.placement.world_size)
         try:
-            with StopRequest() as stop, stage_progress(self.progress and self.placement.is_main) as bar:
-                progress, checkpoints = ProgressReport(self, bar), Checkpointing(self)
-                hooks: tuple[Hook, ...] = (log, progress, checkpoints, KnnMonitor(self, checkpoints, log, bar))
+            with StopRequest() as stop:
+                for hook in hooks:
+                    hook.before_run(self)
                 while self.step < self.total_steps and stopped_by is None:
                     epoch = self.step // self.steps_per_epoch
                     pace.start_epoch()
@@ -241,30 +262,17 @@ class Trainer:
                         pace.tick(batch.view1.shape[0], record)
                         last = stopped_by is not None or self.step >= self.total_steps
                         for hook in hooks:
-                            hook.after_step(epoch, record, last)
+                            hook.after_step(self, epoch, record, last)
                         if last:
                             break
                     for hook in hooks:
-                        hook.after_epoch(epoch, stopped_by)
-                progress.finish(loss, stopped_by)
+                        hook.after_epoch(self, epoch, stopped_by)
+                for hook in hooks:
+                    hook.after_run(self, loss, stopped_by)
         finally:
-            log.close()
-            if self.placement.is_main:  # also when a NaN loss or an error ends the run: then they matter most
-                draw_run_curves(self.run_dir)
-        result = TrainResult(
-            self.run_dir,
-            self.step,
-            epoch,
-            loss,
-            pace.images_per_s,
-            self.last_knn,
-            self.best_knn,
-            stopped_by,
-            self._replicas_identical(),
-        )
-        if self.placement.is_main:
-            write_json_atomic(self.run_dir / SUMMARY_NAME, {**asdict(result), "run_dir": str(self.run_dir)})
-        return result
+            for hook in hooks:  # also when a NaN loss or an error ends the run: the log and curves matter most then
+                hook.close(self)
+        return LoopResult(self.step, epoch, loss, pace.images_per_s, stopped_by, self._replicas_identical())
 
     def _prepare_run_dir(self) -> None:
         if self.placement.is_main:
@@ -299,8 +307,8 @@ class Trainer:
         """Set the run's length from its pace so far, so that it ends when ``train.time_budget`` is spent.
 
         The pace (steps per second since this process started, kNN passes and
-        checkpoints included) is re-measured every few steps; the time of the last
-        kNN pass is kept back for the final one. The cosine LR and momentum
+        checkpoints included) is re-measured every few steps; the time the hooks
+        reserve (the last kNN pass's) is kept back for the final one. The cosine LR and momentum
         schedules read `total_steps`, so they reach their ends at the budget. Ranks
         take the smallest plan, so all of them stop at the same step.
         """
@@ -309,7 +317,8 @@ class Trainer:
             return
         assert self.started is not None
         elapsed = self.clock() - self.started
-        left = self.config.train.time_budget - self.elapsed_before - elapsed - self.knn_seconds
+        reserved = sum(hook.reserve_seconds for hook in self.hooks)  # the kNN monitor's final pass
+        left = self.config.train.time_budget - self.elapsed_before - elapsed - reserved
         planned = min(self.step + max(0, int(left * done / max(elapsed, 1e-9))), self.step_cap)
         if self.placement.world_size > 1:
             plan = torch.tensor([planned], device=self.device)
@@ -347,10 +356,26 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(config: RunConfig, run_dir: Path, *, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train (or resume) a run in ``run_dir``; works alone or under torchrun."""
+    """Train (or resume) a run in ``run_dir`` with the standard hooks; works alone or under torchrun."""
     with distributed_placement(config.train.collective_timeout) as placement:
-        trainer = Trainer(config, run_dir, placement, resume=resume, progress=progress)
+        trainer = Trainer(config, run_dir, placement, resume=resume)
         try:
-            return trainer.run()
+            with stage_progress(progress and placement.is_main) as bar:
+                hooks = standard_hooks(config, trainer.encoder, bar)
+                loop = trainer.run(tuple(hooks))
         finally:
             trainer.close()
+    result = TrainResult(
+        trainer.run_dir,
+        loop.steps,
+        loop.epoch,
+        loop.final_loss,
+        loop.images_per_s,
+        hooks.knn.last,
+        hooks.knn.best,
+        loop.stopped_by,
+        loop.replicas_identical,
+    )
+    if placement.is_main:
+        write_json_atomic(trainer.run_dir / SUMMARY_NAME, {**asdict(result), "run_dir": str(trainer.run_dir)})
+    return result
