@@ -1,15 +1,11 @@
-"""The corpus behind the index, for people: its images as PNG, its class names, a random key — and the search page.
+"""The corpus behind the served index, for people: its images as PNG, its class names, a random key.
 
-``GET /`` is one self-contained page (``serving/static/search.html``: no CDN,
-no build step) that searches with an uploaded image, a corpus key or a random
-corpus image and shows the neighbours as a grid. ``GET /v1/images/{key}``
-answers a corpus image as PNG: the key only ever goes through the index's id
-map, so no path is taken from the request, and the stored image is held to the
-service's image caps before it is decoded, and the answer is a thumbnail at
-most `THUMBNAIL_SIDE` pixels wide. An ETag names each image of each index, so
-browsers revalidate instead of showing another index's picture. Without an
-index the page says so; with an index whose shards are not readable here,
-searches work and images answer 503 with the reason.
+The routes are `serving.routes.corpus`. An image is found by its key through
+the index's id map only, so no path is ever taken from a request; the stored
+image is held to the service's image caps before it is decoded, and the answer
+is a thumbnail at most `THUMBNAIL_SIDE` pixels wide. With an index whose
+shards are not readable here, searches work and images answer 503 with the
+reason.
 """
 
 from __future__ import annotations
@@ -19,19 +15,12 @@ import io
 import logging
 import random
 from dataclasses import dataclass
-from importlib.resources import files
-from typing import TYPE_CHECKING, Any
-
-from fastapi import FastAPI, Request, Response
-from fastapi.responses import HTMLResponse
+from typing import Any
 
 from artifacts.corpus_images import CorpusImages, CorpusImagesError, StoredImageTooLargeError
 from artifacts.images import InvalidImageError, decode_image, limit_side
 from artifacts.index_bundle import IndexBundle
 from serving.payloads import Limits, RequestError, shorten
-
-if TYPE_CHECKING:
-    from serving.app import Service
 
 log = logging.getLogger("mocoplus.serve")
 THUMBNAIL_SIDE = 256  # the page shows ~120 px cards: a 40-megapixel original would cost seconds and megabytes
@@ -100,39 +89,3 @@ class Corpus:
         buffer = io.BytesIO()
         limit_side(decoded.image, THUMBNAIL_SIDE).save(buffer, format="PNG")
         return buffer.getvalue()
-
-
-def search_page() -> str:
-    return files("serving").joinpath("static/search.html").read_text(encoding="utf-8")
-
-
-def add_corpus_routes(app: FastAPI, service: Service) -> None:
-    """``GET /``, ``/v1/corpus``, ``/v1/corpus/random`` and ``/v1/images/{key}``."""
-    page = search_page()
-
-    @app.get("/", response_class=HTMLResponse, summary="The search page", include_in_schema=False)
-    async def index_page() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Cache-Control": "no-cache"})
-
-    @app.get("/v1/corpus", summary="The indexed corpus: size, class names, whether its images can be shown")
-    async def corpus_summary() -> dict[str, Any]:
-        return service.require_corpus().summary()
-
-    @app.get("/v1/corpus/random", summary="A random corpus key (the page's 'random image')")
-    async def random_key() -> dict[str, str]:
-        return {"key": service.require_corpus().random_key()}
-
-    @app.get(
-        "/v1/images/{key:path}",
-        summary="A corpus image as PNG",
-        responses={200: {"content": {"image/png": {}}}},
-        response_class=Response,
-    )
-    async def corpus_image(key: str, request: Request) -> Response:
-        corpus = service.require_corpus()
-        corpus.require_key(key)  # an unknown key is 404 even to a client that sends a matching If-None-Match
-        etag = corpus.etag(key)
-        headers = {"ETag": etag, "Cache-Control": "no-cache"}  # revalidated each time: a 304 costs no decode
-        if request.headers.get("if-none-match") == etag:
-            return Response(status_code=304, headers=headers)
-        return Response(await service.corpus_png(key), media_type="image/png", headers=headers)

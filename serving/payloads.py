@@ -18,6 +18,7 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -34,7 +35,7 @@ SHORT = 80  # characters of a client's string that an error message quotes
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may cost; `README` "Limits" lists them with their `mocoplus serve` flags."""
+    """What one request may cost; docs/service.md, "Limits", lists them with their `mocoplus serve` flags."""
 
     max_images: int = 64  # per request (and query vectors per search)
     max_image_bytes: int = 16 << 20
@@ -93,20 +94,33 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-async def read_payload(request: Request, limits: Limits) -> Payload:
-    """The request's images (raw bytes), key, vectors and scalar fields."""
+async def read_payload(request: Request, limits: Limits, members: Collection[str]) -> Payload:
+    """The request's images (raw bytes), key, vectors and scalar fields.
+
+    ``members`` are the names the endpoint reads (its request model's fields,
+    `serving.schemas`): any other JSON member or form field is a 422, so a
+    misspelt ``topk`` is never silently searched with the default ``k``.
+    """
     content_type = request.headers.get("content-type", "")
     kind = media_type(content_type)
     if kind == "multipart/form-data":
-        return await _read_multipart(request, limits)
+        return await _read_multipart(request, limits, members)
     if kind == "application/json":
         body = await request.body()  # `BodyGuard` caps it as it arrives
-        return await asyncio.to_thread(_parse_json, body, limits)
+        return await asyncio.to_thread(_parse_json, body, limits, members)
     shown = repr(shorten(content_type)) if content_type else "no content type"
     raise RequestError(415, f"send multipart/form-data or application/json, not {shown}")
 
 
-async def _read_multipart(request: Request, limits: Limits) -> Payload:
+def _check_members(names: Collection[str], members: Collection[str]) -> None:
+    unknown = [name for name in names if name not in members]
+    if unknown:
+        raise RequestError(
+            422, f"unknown field {shorten(unknown[0])!r}: this endpoint reads {', '.join(sorted(members))}"
+        )
+
+
+async def _read_multipart(request: Request, limits: Limits, members: Collection[str]) -> Payload:
     try:
         form = await request.form(max_files=limits.max_images, max_fields=16)
     except HTTPException as error:  # how Starlette reports a malformed body or a passed limit
@@ -115,7 +129,7 @@ async def _read_multipart(request: Request, limits: Limits) -> Payload:
     try:
         for name, value in form.multi_items():
             if isinstance(value, UploadFile):
-                if name != "images":
+                if name != "images" or name not in members:
                     raise RequestError(422, f"unexpected file field {shorten(name)!r}: send images as 'images'")
                 if value.size is not None and value.size > limits.max_image_bytes:
                     position = len(payload.images)
@@ -125,6 +139,7 @@ async def _read_multipart(request: Request, limits: Limits) -> Payload:
                 payload.fields[name] = value
     finally:
         await form.close()  # uploads over 1 MiB spill to temp files: free them now, not at garbage collection
+    _check_members(payload.fields, members)
     payload.key = payload.fields.pop("key", None)
     return payload
 
@@ -163,7 +178,7 @@ def _check_json_structure(body: bytes, limits: Limits) -> None:
         raise RequestError(422, f"JSON nested {depth} levels deep; the limit is {limits.max_json_depth}")
 
 
-def _parse_json(body: bytes, limits: Limits) -> Payload:
+def _parse_json(body: bytes, limits: Limits, members: Collection[str]) -> Payload:
     """The JSON body as a `Payload` (run it in a thread: base64 decoding and the parse take CPU)."""
     _check_json_structure(body, limits)
     try:
@@ -174,6 +189,7 @@ def _parse_json(body: bytes, limits: Limits) -> Payload:
         raise RequestError(422, f"body is not valid JSON ({shorten(str(error))})") from None
     if not isinstance(data, dict):
         raise RequestError(422, "JSON body must be an object")
+    _check_members(data, members)
     return _json_payload(data, limits)
 
 

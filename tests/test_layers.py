@@ -109,6 +109,67 @@ def test_the_stage_rule_has_no_loop_and_covers_every_folder() -> None:
     assert not [stage for stage, seen in reachable.items() if stage in seen]
 
 
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def module_imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules ``path`` imports by name (``from a import b`` counts ``a.b`` when it is a module, else
+    ``a``), whether at the top, inside functions or under ``TYPE_CHECKING``: a loop of knowledge either way."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            for alias in node.names:
+                found.add(f"{node.module}.{alias.name}" if f"{node.module}.{alias.name}" in modules else node.module)
+    return found & modules
+
+
+def import_loops(paths: list[Path]) -> list[list[str]]:
+    """The groups of modules that reach each other through imports (strongly connected, more than one)."""
+    modules = {module_name(path): path for path in paths}
+    graph = {name: module_imports(path, set(modules)) - {name} for name, path in modules.items()}
+    order, low, stack, loops = {}, {}, [], []
+
+    def visit(name: str) -> None:  # Tarjan's algorithm
+        order[name] = low[name] = len(order)
+        stack.append(name)
+        for other in graph[name]:
+            if other not in order:
+                visit(other)
+                low[name] = min(low[name], low[other])
+            elif other in stack:
+                low[name] = min(low[name], order[other])
+        if low[name] == order[name]:
+            group = stack[stack.index(name) :]
+            del stack[stack.index(name) :]
+            if len(group) > 1:
+                loops.append(sorted(group))
+
+    for name in graph:
+        if name not in order:
+            visit(name)
+    return loops
+
+
+def test_no_two_modules_import_each_other() -> None:
+    paths = [path for package in PACKAGES if package != "tests" for path in modules_of(package)]
+    assert import_loops(paths) == []
+
+
+def test_the_loop_finder_sees_a_loop_through_type_checking(tmp_path: Path, monkeypatch) -> None:
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from pkg.b import B\n")
+    (package / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg import a\n")
+    (package / "c.py").write_text("from pkg import a, b\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    assert import_loops(sorted(package.glob("*.py"))) == [["pkg.a", "pkg.b"]]
+
+
 def test_the_walk_sees_imports_inside_functions(tmp_path: Path) -> None:
     module = tmp_path / "module.py"
     module.write_text("import os\n\ndef run():\n    from pipeline.train.trainer import train\n    import torch.nn\n")

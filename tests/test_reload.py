@@ -185,8 +185,8 @@ def test_searches_answer_from_one_generation_even_across_a_swap(bundle, builds):
     """In process: a request pinned to generation 1 finishes on it while generation 2 is swapped in."""
     import asyncio
 
-    from serving.app import Service, ServiceConfig
     from serving.payloads import Payload
+    from serving.service import Service, ServiceConfig
 
     async def scenario() -> tuple[int, int, bool]:
         service = Service(ServiceConfig(model=bundle, index=builds["test"]))

@@ -21,9 +21,10 @@ from PIL import Image
 from processes import start_server, stop, wait_listening
 
 from artifacts.index_bundle import INDEX_JSON
-from serving.app import Service, ServiceConfig, create_app
+from serving.app import create_app
 from serving.batcher import BatcherConfig, MicroBatcher, QueueFullError
 from serving.payloads import Limits
+from serving.service import Service, ServiceConfig
 
 
 def make_client(bundle: Path, index: Path | None, *, raise_server_exceptions: bool = True, **overrides) -> TestClient:
@@ -97,6 +98,49 @@ def test_model_health_and_openapi(client):
     assert client.get("/readyz").json() == {"ready": True}
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/embed", "/v1/search", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(paths)
+
+
+def test_openapi_names_the_request_and_response_schema_of_every_v1_route(client):
+    """A client generator gets every body: each /v1 route's answer has a schema (JSON by a named model, an
+    image by its media type), each POST names its JSON and multipart request models, and every name resolves."""
+    schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    routes = {path: operations for path, operations in schema["paths"].items() if path.startswith("/v1/")}
+    assert set(routes) == {"/v1/embed", "/v1/search", "/v1/model", "/v1/corpus", "/v1/corpus/random",
+                           "/v1/images/{key}"}  # fmt: skip
+    for path, operations in routes.items():
+        for method, operation in operations.items():
+            answer = operation["responses"]["200"]["content"]
+            if "image/png" in answer:
+                continue
+            reference = answer["application/json"]["schema"]["$ref"]
+            assert reference.split("/")[-1] in components, (path, reference)
+            assert operation["responses"]["422" if method == "post" else "200"]
+            if method == "post":
+                content = operation["requestBody"]["content"]
+                assert set(content) == {"application/json", "multipart/form-data"}, path
+                for body in content.values():
+                    assert body["schema"]["$ref"].split("/")[-1] in components, (path, body)
+    error = components[routes["/v1/search"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]
+                       ["$ref"].split("/")[-1]]  # fmt: skip
+    assert set(error["properties"]) == {"error"}
+    hits = components["SearchResponse"]["properties"]["results"]
+    assert hits["items"]["$ref"].endswith("/QueryHits")
+
+
+def test_the_request_models_are_what_the_parser_reads(client, corpus):
+    """The documented members are read, and an undocumented one (a misspelt k) is refused, not ignored."""
+    from serving.schemas import SearchRequest
+
+    key = corpus["keys"][3]
+    assert set(SearchRequest.model_fields) == {"images", "key", "vectors", "k", "nprobe", "ef"}
+    assert len(client.post("/v1/search", json={"key": key, "k": 2}).json()["results"][0]["hits"]) == 2
+    for answer in (
+        client.post("/v1/search", json={"key": key, "topk": 2}),
+        client.post("/v1/search", files={"key": (None, key), "topk": (None, "2")}),
+        client.post("/v1/embed", json={"images": [], "k": 2}),
+    ):
+        assert answer.status_code == 422 and "unknown field" in answer.json()["error"], answer.text
 
 
 def test_metrics_count_requests_batches_and_stages(client, corpus):

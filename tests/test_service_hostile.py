@@ -27,13 +27,14 @@ from PIL import Image, ImageFile
 from processes import stop
 from test_service import make_client, png, start_server, upload, wait_ready
 
-import serving.app
 import serving.payloads
+import serving.service
 from artifacts.images import InvalidImageError, decode_image
 from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
-from serving.app import ServiceConfig, create_app
+from serving.app import create_app
 from serving.guards import Gate
 from serving.payloads import Limits, RequestError
+from serving.service import ServiceConfig
 
 LIMITS = Limits(max_images=8, max_image_bytes=200_000, max_body_bytes=1 << 20, max_json_tokens=100_000)
 SECONDS = 30  # the generous bound on anything the server must do "soon"
@@ -188,14 +189,14 @@ def test_a_gate_lets_slots_run_queues_a_few_and_refuses_the_rest():
 
 def test_decodes_beyond_the_slots_and_queue_get_503_with_retry_after(bundle, corpus, monkeypatch):
     entered, release = threading.Event(), threading.Event()
-    real_decode = serving.app.decode_images
+    real_decode = serving.service.decode_images
 
     def held_decode(*args):
         entered.set()
         release.wait(SECONDS)
         return real_decode(*args)
 
-    monkeypatch.setattr(serving.app, "decode_images", held_decode)
+    monkeypatch.setattr(serving.service, "decode_images", held_decode)
     limits = Limits(max_images=8, max_concurrent_decodes=1, max_waiting=1)
     image = upload(corpus["images"][corpus["keys"][0]])
     with make_client(bundle, None, limits=limits) as small:
@@ -237,13 +238,13 @@ def test_json_is_parsed_off_the_event_loop(client, corpus, monkeypatch):
     on_loop: list[bool] = []
     real_parse = serving.payloads._parse_json
 
-    def spy(body: bytes, limits: Limits):
+    def spy(body: bytes, limits: Limits, members):
         try:
             asyncio.get_running_loop()
             on_loop.append(True)
         except RuntimeError:
             on_loop.append(False)
-        return real_parse(body, limits)
+        return real_parse(body, limits, members)
 
     monkeypatch.setattr(serving.payloads, "_parse_json", spy)
     assert client.post("/v1/search", json={"key": corpus["keys"][0]}).status_code == 200
@@ -293,7 +294,7 @@ def test_a_bug_is_a_one_line_500_without_internals(client, corpus, monkeypatch):
     async def broken(self, payload):
         raise RuntimeError(f"secret {corpus['index']}\nTraceback (most recent call last)")
 
-    monkeypatch.setattr(serving.app.Service, "search", broken)
+    monkeypatch.setattr(serving.service.Service, "search", broken)
     error = assert_error(client.post("/v1/search", json={"key": "x"}), 500, "internal server error")
     assert "secret" not in error and "Traceback" not in error
 

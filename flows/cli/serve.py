@@ -102,9 +102,10 @@ def serve_command(
     """Serve the embedding and search API."""
     import uvicorn
 
-    from serving.app import CONFIG_ENV, Service, ServiceConfig, config_to_json, create_app
+    from serving.app import CONFIG_ENV, config_to_json, create_app
     from serving.gpus import SLOTS_ENV, make_slots
     from serving.protocol import ConnectionLimits, protocol_factory
+    from serving.service import Service, ServiceConfig
 
     limits = given(
         max_images=max_images,
