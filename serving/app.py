@@ -36,8 +36,8 @@ from serving.batcher import BatcherConfig
 from serving.errors import add_error_handlers
 from serving.gpus import worker_device
 from serving.guards import BodyGuard, MemoryBudget
+from serving.limits import Limits
 from serving.metrics import RequestMetrics
-from serving.payloads import Limits
 from serving.reloads import ReloadTriggers
 from serving.routes import corpus, meta, search
 from serving.schemas import request_models

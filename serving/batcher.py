@@ -20,8 +20,11 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
+
+from artifacts.settings import Help
 
 
 class QueueFullError(RuntimeError):
@@ -30,9 +33,9 @@ class QueueFullError(RuntimeError):
 
 @dataclass(frozen=True)
 class BatcherConfig:
-    max_batch: int = 64
-    max_wait_ms: float = 5.0
-    max_queue: int = 1024  # images waiting, across requests
+    max_batch: Annotated[int, Help("Most images per ONNX Runtime call.")] = 64
+    max_wait_ms: Annotated[float, Help("Longest a batch waits to fill, in milliseconds.")] = 5.0
+    max_queue: Annotated[int, Help("Most images waiting, across requests; beyond, 503.")] = 1024
 
     def __post_init__(self) -> None:
         if self.max_batch < 1 or self.max_queue < 1 or self.max_wait_ms < 0:

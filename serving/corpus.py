@@ -20,7 +20,8 @@ from typing import Any
 from artifacts.corpus_images import CorpusImages, CorpusImagesError, StoredImageTooLargeError
 from artifacts.images import InvalidImageError, decode_image, limit_side
 from artifacts.index_bundle import IndexBundle
-from serving.payloads import Limits, RequestError, shorten
+from serving.limits import Limits
+from serving.payloads import RequestError, shorten
 
 log = logging.getLogger("mocoplus.serve")
 THUMBNAIL_SIDE = 256  # the page shows ~120 px cards: a 40-megapixel original would cost seconds and megabytes

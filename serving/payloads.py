@@ -19,7 +19,7 @@ import binascii
 import json
 import re
 from collections.abc import Collection
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -29,39 +29,9 @@ from starlette.requests import Request
 
 from artifacts.images import InvalidImageError, decode_image, fit_square, to_mode
 from artifacts.query_vectors import query_vector_problem
+from serving.limits import Limits
 
 SHORT = 80  # characters of a client's string that an error message quotes
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may cost; docs/service.md, "Limits", lists them with their `mocoplus serve` flags."""
-
-    max_images: int = 64  # per request (and query vectors per search)
-    max_image_bytes: int = 16 << 20
-    max_body_bytes: int = 64 << 20  # counted as received, whatever Content-Length says
-    body_timeout_s: float = 60.0  # the whole body must arrive within this of the app's first read
-    max_request_memory: int = 512 << 20  # all request bodies held at once, per server process; beyond, 503
-    max_pixels: int = 40_000_000
-    max_decoded_bytes: int = 64 << 20  # width × height × bytes per pixel, from the header
-    max_k: int = 1000
-    max_effort: int = 65536  # nprobe / efSearch
-    max_search_work: int = 1 << 24  # query vectors × k × nprobe/efSearch
-    max_json_depth: int = 32
-    max_json_tokens: int = 1 << 19  # JSON punctuation ([]{}",:), about two per value: bounds the parse
-    max_concurrent_decodes: int = 4  # requests decoding images at once
-    max_concurrent_searches: int = 4
-    max_waiting: int = 64  # requests queued for a decode or search slot (each); beyond, 503
-
-    def __post_init__(self) -> None:
-        for limit in fields(self):
-            if not getattr(self, limit.name) > 0:
-                raise ValueError(f"limit {limit.name} must be > 0; got {getattr(self, limit.name)!r}")
-        if self.max_request_memory < self.max_body_bytes:
-            raise ValueError(
-                f"max_request_memory ({self.max_request_memory:,}) must hold at least one body of max_body_bytes "
-                f"({self.max_body_bytes:,})"
-            )
 
 
 class RequestError(Exception):

@@ -22,38 +22,15 @@ import asyncio
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from serving.limits import ConnectionLimits
+
 RETRY_AFTER_SECONDS = 1  # what every 503, the app's and the connection's, tells a client to wait
-
-
-@dataclass(frozen=True)
-class ConnectionLimits:
-    max_head_bytes: int = 64 << 10  # request line and headers; a chunk more may be parsed before the check
-    max_headers: int = 100
-    head_timeout_s: float = 10.0  # from the connection's opening, or a request's first byte, to its last header
-    keep_alive_s: int = 5  # an idle keep-alive connection is closed after this (uvicorn's timeout_keep_alive)
-    max_connections: int = 1024  # open at once, per server process; beyond, 503
-    write_timeout_s: float = 30.0  # unsent response bytes that do not drain for this long: the connection is dropped
-
-    def __post_init__(self) -> None:
-        if (
-            min(
-                self.max_head_bytes,
-                self.max_headers,
-                self.head_timeout_s,
-                self.keep_alive_s,
-                self.max_connections,
-                self.write_timeout_s,
-            )
-            <= 0
-        ):
-            raise ValueError(f"connection limits must be > 0; got {self}")
 
 
 class _HeadRefusedError(Exception):

@@ -31,8 +31,9 @@ from artifacts.versions import resolve_version
 from serving.batcher import BatcherConfig, BatchStats, MicroBatcher, QueueFullError
 from serving.corpus import Corpus
 from serving.guards import Gate
+from serving.limits import Limits
 from serving.metrics import ServiceMetrics
-from serving.payloads import Limits, Payload, RequestError, decode_images, int_field, shorten
+from serving.payloads import Payload, RequestError, decode_images, int_field, shorten
 
 log = logging.getLogger("uvicorn.error")
 

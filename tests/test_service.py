@@ -23,7 +23,7 @@ from processes import start_server, stop, wait_listening
 from artifacts.index_bundle import INDEX_JSON
 from serving.app import create_app
 from serving.batcher import BatcherConfig, MicroBatcher, QueueFullError
-from serving.payloads import Limits
+from serving.limits import Limits
 from serving.service import Service, ServiceConfig
 
 

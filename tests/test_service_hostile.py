@@ -33,7 +33,8 @@ from artifacts.images import InvalidImageError, decode_image
 from artifacts.index_bundle import INDEX_JSON, IndexBundle, IndexBundleError
 from serving.app import create_app
 from serving.guards import Gate
-from serving.payloads import Limits, RequestError
+from serving.limits import Limits
+from serving.payloads import RequestError
 from serving.service import ServiceConfig
 
 LIMITS = Limits(max_images=8, max_image_bytes=200_000, max_body_bytes=1 << 20, max_json_tokens=100_000)

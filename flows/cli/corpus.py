@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated
 
@@ -13,11 +13,11 @@ from rich.console import Console
 from rich.table import Table
 
 from artifacts.model_bundle import Provider
+from flows.cli.config_options import FromConfig, config_options
 from flows.cli.errors import one_line_errors
-from flows.cli.options import byte_size, byte_text, choice, from_env, progress_option
+from flows.cli.options import choice, from_env, progress_option
 from pipeline.embed.config import EmbedConfig
-from pipeline.index.config import IndexConfig, Merge
-from pipeline.index.plan import IndexKind, Metric
+from pipeline.index.config import IndexConfig
 
 commands = typer.Typer()
 
@@ -33,17 +33,12 @@ commands = typer.Typer()
     ),
 )
 @one_line_errors
+@config_options(FromConfig(EmbedConfig, "config", ("batch_size", "workers", "provider", "threads", "fp16")))
 def embed_command(
     model: Annotated[Path, typer.Argument(help="A model bundle (from mocoplus export).")],
     data: Annotated[str, typer.Option(help="Shards to embed (folder, manifest, .tar, brace pattern, pipe:).")],
     out: Annotated[Path, typer.Option(help="The embedding set folder.")],
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per ONNX Runtime call.")] = EmbedConfig.batch_size,
-    workers: Annotated[int, typer.Option(min=0, help="Decoding worker processes.")] = EmbedConfig.workers,
-    provider: Annotated[
-        Provider,
-        typer.Option(parser=choice(Provider, "provider"), help="cpu or cuda (a hard error if CUDA is unavailable)."),
-    ] = EmbedConfig.provider,
-    fp16: Annotated[bool, typer.Option("--fp16", help="Store float16 vectors (half the disk).")] = EmbedConfig.fp16,
+    config: EmbedConfig,
     shard_index: Annotated[
         int | None, typer.Option(min=0, help="This process's share of the shards (default: $RANK, else 0) ...")
     ] = None,
@@ -55,11 +50,8 @@ def embed_command(
     """Embed a shard set with a model bundle."""
     from pipeline.embed.embed import embed
 
-    config = EmbedConfig(
-        batch_size=batch_size,
-        workers=workers,
-        provider=provider,
-        fp16=fp16,
+    config = replace(
+        config,
         shard_index=from_env(shard_index, "RANK", EmbedConfig.shard_index),
         num_shards=from_env(num_shards, "WORLD_SIZE", EmbedConfig.num_shards),
     )
@@ -87,6 +79,13 @@ def embed_command(
     ),
 )
 @one_line_errors
+@config_options(
+    FromConfig(
+        IndexConfig,
+        "config",
+        ("kind", "metric", "target_recall", "k", "memory_budget", "queries", "num_shards", "merge", "gpu"),
+    )
+)
 def index_command(
     context: typer.Context,
     embeddings: Annotated[Path, typer.Argument(help="An embedding set (from mocoplus embed).")],
@@ -96,36 +95,10 @@ def index_command(
             help="The index bundle folder to create (must not exist, or be empty; or, with --update, to update)."
         ),
     ],
-    kind: Annotated[
-        IndexKind, typer.Option(parser=choice(IndexKind, "index kind"), help="auto, flat, hnsw, ivf or ivfpq.")
-    ] = IndexConfig.kind,
-    metric: Annotated[
-        Metric,
-        typer.Option(parser=choice(Metric, "metric"), help="ip (inner product: cosine on normalised vectors) or l2."),
-    ] = IndexConfig.metric,
-    target_recall: Annotated[
-        float, typer.Option(help="recall@k against exact search to tune for.")
-    ] = IndexConfig.target_recall,
-    k: Annotated[int, typer.Option("--k", min=1, help="The k of recall@k.")] = IndexConfig.k,
-    memory_budget: Annotated[str, typer.Option(help="Memory the index may use, e.g. 4G or 512M.")] = byte_text(
-        IndexConfig.memory_budget
-    ),
-    queries: Annotated[int, typer.Option(min=1, help="Held-out queries for tuning.")] = IndexConfig.queries,
-    num_shards: Annotated[
-        int, typer.Option(min=1, help="Build IVF shards on one trained index, then merge.")
-    ] = IndexConfig.num_shards,
+    config: IndexConfig,
     workers: Annotated[
         int, typer.Option(min=1, help="Local processes filling the shards at once (with --num-shards).")
     ] = 1,
-    merge: Annotated[
-        Merge,
-        typer.Option(
-            parser=choice(Merge, "merge"),
-            help="How shards merge: auto (in memory while they fit --memory-budget), memory, or disk "
-            "(an index.ivfdata searched memory-mapped).",
-        ),
-    ] = IndexConfig.merge,
-    gpu: Annotated[bool, typer.Option("--gpu", help="Train, add and tune on GPU (needs faiss-gpu).")] = IndexConfig.gpu,
     update: Annotated[
         bool,
         typer.Option(
@@ -141,17 +114,6 @@ def index_command(
     from pipeline.index.build import build_index
     from pipeline.index.update import update_index
 
-    config = IndexConfig(
-        kind=kind,
-        metric=metric,
-        target_recall=target_recall,
-        k=k,
-        memory_budget=byte_size(memory_budget),
-        queries=queries,
-        num_shards=num_shards,
-        merge=merge,
-        gpu=gpu,
-    )
     if update:  # the bundle keeps its options; those given on this command line change them
         given = {name: getattr(config, name) for name in asdict(config) if _given(context, name)}
         result = update_index(embeddings, out, given, keep=keep, progress=progress, workers=workers)

@@ -10,11 +10,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.cli.config_options import FromConfig, config_options
 from flows.cli.errors import fail, one_line_errors
-from flows.cli.options import byte_size, byte_text, choice, progress_option
-from pipeline.data.config import ImageFormat, IngestConfig
+from flows.cli.options import progress_option
+from pipeline.data.config import IngestConfig
 
 commands = typer.Typer()
+INGEST_OPTIONS = ("shard_size", "shard_bytes", "image_format", "max_side", "max_pixels", "max_file_bytes", "name",
+                  "workers", "overwrite", "update")  # fmt: skip
 
 
 @commands.command(
@@ -29,6 +32,14 @@ commands = typer.Typer()
     ),
 )
 @one_line_errors(interrupted="interrupted; rerun the same command to resume from the last finished shard")
+@config_options(
+    FromConfig(
+        IngestConfig,
+        "config",
+        INGEST_OPTIONS,
+        flags={"image_format": "--format"},
+    )
+)
 def ingest_command(
     source: Annotated[
         str,
@@ -38,53 +49,12 @@ def ingest_command(
         ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Folder for the shards and manifest.json.")],
-    shard_size: Annotated[int, typer.Option(min=1, help="Samples per shard.")] = IngestConfig.shard_size,
-    shard_bytes: Annotated[
-        str, typer.Option(help="Byte cap per shard (e.g. 512M, 1G); a shard closes at whichever limit comes first.")
-    ] = byte_text(IngestConfig.shard_bytes),
-    image_format: Annotated[
-        ImageFormat,
-        typer.Option(
-            "--format",
-            parser=choice(ImageFormat, "format"),
-            help="Stored image format: png, jpg, webp, or keep (original bytes if possible).",
-        ),
-    ] = IngestConfig.image_format,
-    max_side: Annotated[int | None, typer.Option(min=1, help="Shrink images whose longer side exceeds this.")] = None,
-    max_pixels: Annotated[
-        int, typer.Option(min=1, help="Reject images with more pixels than this (decompression bombs).")
-    ] = IngestConfig.max_pixels,
-    max_file_bytes: Annotated[
-        str, typer.Option(help="Skip files larger than this (e.g. 256M), checked before reading them.")
-    ] = byte_text(IngestConfig.max_file_bytes),
-    workers: Annotated[int | None, typer.Option(min=1, help="Worker processes (default: all cores).")] = None,
-    name: Annotated[str, typer.Option(help="Shard file prefix: NAME-000000.tar.")] = IngestConfig.name,
-    overwrite: Annotated[bool, typer.Option(help="Replace a shard set made from other input.")] = False,
-    update: Annotated[
-        bool,
-        typer.Option(
-            help="Bring a finished set up to date with its source: new and changed inputs go into new shards, "
-            "removed ones are recorded (existing shards are never rewritten)."
-        ),
-    ] = False,
+    config: IngestConfig,
     progress: Annotated[bool, progress_option()] = True,
 ) -> None:
     """Write images as WebDataset shards with a manifest; bad inputs are skipped and listed, never fatal."""
     from pipeline.data.ingest import ingest
 
-    settings = {"workers": workers} if workers is not None else {}
-    config = IngestConfig(
-        shard_size=shard_size,
-        shard_bytes=byte_size(shard_bytes),
-        image_format=image_format,
-        max_side=max_side,
-        max_pixels=max_pixels,
-        max_file_bytes=byte_size(max_file_bytes),
-        name=name,
-        overwrite=overwrite,
-        update=update,
-        **settings,
-    )
     result = ingest(source, out, config, progress=progress)
 
     manifest = result.manifest

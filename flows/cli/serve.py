@@ -7,30 +7,28 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from artifacts.model_bundle import Provider
+from flows.cli.config_options import FromConfig, config_options, field_names
 from flows.cli.errors import one_line_errors
-from flows.cli.options import choice, given
+from flows.cli.options import choice
 from serving.batcher import BatcherConfig
-from serving.payloads import Limits
+from serving.limits import ConnectionLimits, Limits
 
 commands = typer.Typer()
+CONNECTION_FLAGS = {  # seconds, as the service's other timeouts are spelt on the command line
+    "head_timeout_s": "--head-timeout",
+    "keep_alive_s": "--keep-alive",
+    "write_timeout_s": "--write-timeout",
+}
 flows_commands = typer.Typer(
     name="flows",
     help="Prefect deployments: pretrain and refresh-corpus on cron schedules, index-corpus and end-to-end on demand.",
     no_args_is_help=True,
 )
-
-
-def _limit(help_text: str) -> Any:
-    """A `serve` budget option: unset means the library default, which the help text names in parentheses.
-
-    Values are checked by `Limits` and `ConnectionLimits` (each must be > 0), one place for both uses.
-    """
-    return typer.Option(show_default=False, help=help_text)
 
 
 @commands.command(
@@ -41,7 +39,7 @@ def _limit(help_text: str) -> Any:
         "--max-wait-ms); a full queue answers 503 with Retry-After. The model and index are loaded and\n"
         "cross-checked before the server listens; /readyz turns 200 after a warm-up batch. Every request is held\n"
         "to budgets (body bytes and time, request head size and time, decoded image size, search work,\n"
-        'decodes and searches at once); past one it gets a JSON error: README "Limits".\n\n'
+        'decodes and searches at once); past one it gets a JSON error (docs/service.md, "Limits").\n\n'
         "Examples:\n\n"
         "  mocoplus serve --model models/fmnist --index indexes/fmnist\n\n"
         "  mocoplus serve --model models/fmnist --host 0.0.0.0 --port 9000 --max-batch 128 --max-wait-ms 10\n\n"
@@ -49,7 +47,13 @@ def _limit(help_text: str) -> Any:
     ),
 )
 @one_line_errors
+@config_options(
+    FromConfig(BatcherConfig, "batcher", ("max_batch", "max_wait_ms", "max_queue")),
+    FromConfig(Limits, "limits", field_names(Limits), flags={"body_timeout_s": "--body-timeout"}),
+    FromConfig(ConnectionLimits, "connection", field_names(ConnectionLimits), flags=CONNECTION_FLAGS),
+)
 def serve_command(
+    *,  # keyword-only: the configs built from options (`config_options`) need no default here
     model: Annotated[Path, typer.Option(help="The model bundle (from mocoplus export).")],
     index: Annotated[Path | None, typer.Option(help="An index bundle built with this model (enables search).")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
@@ -59,12 +63,6 @@ def serve_command(
         typer.Option(parser=choice(Provider, "provider"), help="cpu or cuda (a hard error if CUDA would fall back)."),
     ] = "cpu",
     threads: Annotated[int, typer.Option(min=0, help="ONNX Runtime threads (0: its default).")] = 0,
-    max_batch: Annotated[int, typer.Option(min=1, help="Most images per ONNX Runtime call.")] = BatcherConfig.max_batch,
-    max_wait_ms: Annotated[
-        float, typer.Option(min=0, help="Longest a batch waits to fill.")
-    ] = BatcherConfig.max_wait_ms,
-    max_queue: Annotated[int, typer.Option(min=1, help="Most images waiting; beyond, 503.")] = BatcherConfig.max_queue,
-    max_images: Annotated[int, typer.Option(min=1, help="Most images in one request.")] = Limits.max_images,
     workers: Annotated[int, typer.Option(min=1, help="Server processes, each with its own model and batcher.")] = 1,
     watch: Annotated[
         float | None,
@@ -74,23 +72,9 @@ def serve_command(
             "seconds; SIGHUP reloads at any time.",
         ),
     ] = None,
-    max_body_bytes: Annotated[int | None, _limit("Most request body bytes, as received (64 MiB).")] = None,
-    body_timeout: Annotated[float | None, _limit("Seconds a request body may take to arrive (60).")] = None,
-    max_request_memory: Annotated[
-        int | None, _limit("Most request body bytes held at once, all connections together; beyond, 503 (512 MiB).")
-    ] = None,
-    max_decoded_bytes: Annotated[int | None, _limit("Most bytes one image may decode to (64 MiB).")] = None,
-    max_search_work: Annotated[int | None, _limit("Most queries × k × nprobe/ef in one search (2^24).")] = None,
-    max_concurrent_decodes: Annotated[int | None, _limit("Requests decoding images at once (4).")] = None,
-    max_concurrent_searches: Annotated[int | None, _limit("Searches running at once (4).")] = None,
-    max_waiting: Annotated[
-        int | None, _limit("Requests waiting for a decode or search slot; beyond, 503 (64).")
-    ] = None,
-    head_timeout: Annotated[float | None, _limit("Seconds a request head may take to arrive (10).")] = None,
-    max_connections: Annotated[int | None, _limit("Open connections per server process; beyond, 503 (1024).")] = None,
-    write_timeout: Annotated[
-        float | None, _limit("Seconds unsent response bytes may wait for the client to read; then it is dropped (30).")
-    ] = None,
+    batcher: BatcherConfig,
+    limits: Limits,
+    connection: ConnectionLimits,
     pid_file: Annotated[
         Path | None,
         typer.Option(
@@ -104,31 +88,11 @@ def serve_command(
 
     from serving.app import CONFIG_ENV, config_to_json, create_app
     from serving.gpus import SLOTS_ENV, make_slots
-    from serving.protocol import ConnectionLimits, protocol_factory
+    from serving.protocol import protocol_factory
     from serving.service import Service, ServiceConfig
 
-    limits = given(
-        max_images=max_images,
-        max_body_bytes=max_body_bytes,
-        body_timeout_s=body_timeout,
-        max_request_memory=max_request_memory,
-        max_decoded_bytes=max_decoded_bytes,
-        max_search_work=max_search_work,
-        max_concurrent_decodes=max_concurrent_decodes,
-        max_concurrent_searches=max_concurrent_searches,
-        max_waiting=max_waiting,
-    )
-    connection = ConnectionLimits(
-        **given(head_timeout_s=head_timeout, max_connections=max_connections, write_timeout_s=write_timeout)
-    )
     config = ServiceConfig(
-        model=model,
-        index=index,
-        provider=provider,
-        threads=threads,
-        batcher=BatcherConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue),
-        limits=Limits(**limits),
-        watch_s=watch,
+        model=model, index=index, provider=provider, threads=threads, batcher=batcher, limits=limits, watch_s=watch
     )
     service = Service(config)
     service.load()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 from artifacts.files import MAX_FILE_BYTES
 from artifacts.images import DEFAULT_MAX_PIXELS
+from artifacts.settings import Help
 
 ImageFormat = Literal["png", "jpg", "webp", "keep"]  # keep: the original bytes where the format allows
 IMAGE_FORMATS: tuple[str, ...] = get_args(ImageFormat)
@@ -31,16 +32,30 @@ class IngestConfig:
     to date (new shards for new and changed inputs, removed keys recorded).
     """
 
-    shard_size: int = 5000
-    shard_bytes: int = 512 * 2**20
-    image_format: ImageFormat = "png"
-    max_side: int | None = None
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_file_bytes: int = MAX_FILE_BYTES  # checked before a file is read: a 3 GB ".png" is skipped, not loaded
-    name: str = "shard"
-    workers: int = field(default_factory=_default_workers)
-    overwrite: bool = False
-    update: bool = False
+    shard_size: Annotated[int, Help("Samples per shard.")] = 5000
+    shard_bytes: Annotated[
+        int, Help("Byte cap per shard (e.g. 512M, 1G); a shard closes at whichever limit comes first.", byte_size=True)
+    ] = 512 * 2**20
+    image_format: Annotated[
+        ImageFormat, Help("Stored image format: png, jpg, webp, or keep (original bytes if possible).")
+    ] = "png"
+    max_side: Annotated[int | None, Help("Shrink images whose longer side exceeds this.")] = None
+    max_pixels: Annotated[int, Help("Reject images with more pixels than this (decompression bombs).")] = (
+        DEFAULT_MAX_PIXELS
+    )
+    max_file_bytes: Annotated[  # checked before a file is read: a 3 GB ".png" is skipped, not loaded
+        int, Help("Skip files larger than this (e.g. 256M), checked before reading them.", byte_size=True)
+    ] = MAX_FILE_BYTES
+    name: Annotated[str, Help("Shard file prefix: NAME-000000.tar.")] = "shard"
+    workers: Annotated[int, Help("Worker processes (default: all cores).")] = field(default_factory=_default_workers)
+    overwrite: Annotated[bool, Help("Replace a shard set made from other input.")] = False
+    update: Annotated[
+        bool,
+        Help(
+            "Bring a finished set up to date with its source: new and changed inputs go into new shards, "
+            "removed ones are recorded (existing shards are never rewritten)."
+        ),
+    ] = False
 
     def __post_init__(self) -> None:
         if self.shard_size < 1 or self.shard_bytes < 1:

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 from artifacts.images import DEFAULT_MAX_PIXELS
 from artifacts.model_bundle import Provider
+from artifacts.settings import Help
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    batch_size: int = 256
-    workers: int = 2
-    provider: Provider = "cpu"
-    threads: int = 0  # ONNX Runtime intra-op threads; 0: its default
-    fp16: bool = False
+    batch_size: Annotated[int, Help("Images per ONNX Runtime call.")] = 256
+    workers: Annotated[int, Help("Decoding worker processes (0: decode in this process).")] = 2
+    provider: Annotated[Provider, Help("cpu or cuda (a hard error if CUDA is unavailable).")] = "cpu"
+    threads: Annotated[int, Help("ONNX Runtime intra-op threads (0: its default).")] = 0
+    fp16: Annotated[bool, Help("Store float16 vectors (half the disk).")] = False
     shard_index: int = 0
     num_shards: int = 1
     max_pixels: int = DEFAULT_MAX_PIXELS

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
+from artifacts.settings import Help
 from pipeline.index.plan import KINDS, METRICS, IndexKind, Metric
 
 Merge = Literal["auto", "memory", "disk"]  # how a sharded build merges its parts (`pipeline.index.shards`)
@@ -13,16 +14,22 @@ MERGES: tuple[str, ...] = get_args(Merge)
 
 @dataclass(frozen=True)
 class IndexConfig:
-    kind: IndexKind = "auto"
-    metric: Metric = "ip"
-    target_recall: float = 0.95
-    k: int = 10
-    memory_budget: int = 4 << 30
-    queries: int = 1000  # held-out queries for tuning and the recall/QPS report
+    kind: Annotated[IndexKind, Help("auto, flat, hnsw, ivf or ivfpq.")] = "auto"
+    metric: Annotated[Metric, Help("ip (inner product: cosine on normalised vectors) or l2.")] = "ip"
+    target_recall: Annotated[float, Help("recall@k against exact search to tune for.")] = 0.95
+    k: Annotated[int, Help("The k of recall@k.")] = 10
+    memory_budget: Annotated[int, Help("Memory the index may use, e.g. 4G or 512M.", byte_size=True)] = 4 << 30
+    queries: Annotated[int, Help("Held-out queries for tuning (and the recall/QPS report).")] = 1000
     chunk_rows: int = 65_536
-    num_shards: int = 1
-    merge: Merge = "auto"  # auto: in memory while the parts fit memory_budget, else into an on-disk index.ivfdata
-    gpu: bool = False
+    num_shards: Annotated[int, Help("Build IVF shards on one trained index, then merge.")] = 1
+    merge: Annotated[
+        Merge,
+        Help(
+            "How shards merge: auto (in memory while they fit --memory-budget), memory, or disk "
+            "(an index.ivfdata searched memory-mapped)."
+        ),
+    ] = "auto"
+    gpu: Annotated[bool, Help("Train, add and tune on GPU (needs faiss-gpu).")] = False
     seed: int = 0
 
     def __post_init__(self) -> None:
