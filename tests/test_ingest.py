@@ -652,3 +652,52 @@ def test_damaged_finished_shard_is_not_trusted_on_resume(labelled_folder, tmp_pa
     run(labelled_folder, tmp_path / "clean", shard_size=3)
     assert restarted.resumed_inputs == 0
     assert shard_bytes(out) == shard_bytes(tmp_path / "clean")
+
+
+class InlineImage:
+    """An `ItemInput` of a kind ingest has never seen: bytes held here, as a URL source would fetch them."""
+
+    def __init__(self, name: str, data: bytes) -> None:
+        self.name, self.data = name, data
+
+    def open(self, max_bytes: int) -> bytes:
+        if len(self.data) > max_bytes:
+            from artifacts.files import FileTooLargeError
+
+            raise FileTooLargeError(f"{self.name} is {len(self.data):,} bytes, over {max_bytes:,}")
+        return self.data
+
+
+def test_a_new_kind_of_source_is_one_module_and_its_registry_entry(tmp_path, monkeypatch):
+    """A source kind registered in SOURCE_KINDS whose items open their own bytes: ingested like files (decoded,
+    checked, provenance recorded), and its own size refusal skips the input with the reason, losing nothing."""
+    import pipeline.data.sources as sources
+    from pipeline.data.sources.base import Source, SourceItem
+
+    images = [noise_image((20, 12), seed=seed) for seed in range(3)]
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    encoded.append(b"\x89PNG" + bytes(5000))  # over the cap below: refused by the input itself
+
+    def resolve(spec: str) -> Source:
+        items = [
+            SourceItem(f"inline/{n}", n % 2, f"inline://{n}", InlineImage(f"inline://{n}", data), str(len(data)))
+            for n, data in enumerate(encoded)
+        ]
+        return Source("inline", spec, items, ("even", "odd"), "fingerprint")
+
+    kind = sources.SourceKind("inline", lambda spec: spec.startswith("inline:"), resolve)
+    monkeypatch.setattr(sources, "SOURCE_KINDS", (kind, *sources.SOURCE_KINDS))
+    result = ingest("inline:demo", tmp_path / "out", IngestConfig(workers=1, max_file_bytes=4096), progress=False)
+
+    assert (result.manifest.inputs, result.manifest.written) == (4, 3)
+    assert [entry.input for entry in result.manifest.skipped] == ["inline://3"]
+    assert "over 4,096" in result.manifest.skipped[0].reason
+    samples = tar_samples(tmp_path / "out")
+    for n, image in enumerate(images):
+        sample = samples[f"inline/{n}"]
+        np.testing.assert_array_equal(decoded_pixels(sample["png"]), np.asarray(image))
+        assert json.loads(sample["json"])["source"] == f"inline://{n}" and sample["cls"] == str(n % 2).encode()

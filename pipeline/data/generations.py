@@ -53,7 +53,7 @@ class InputRecord:
 
 
 def input_name(item: SourceItem) -> str:
-    return item.path or item.origin
+    return item.input.name
 
 
 def records_of(items: list[SourceItem], skipped: list[SkippedInput]) -> list[InputRecord]:

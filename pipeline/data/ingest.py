@@ -46,8 +46,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import numpy as np
-
 from artifacts.atomic import (
     TEMP_PREFIX,
     TEMP_SUFFIX,
@@ -147,21 +145,10 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _chunks(source: Source, start: int) -> Iterator[tuple[list[SourceItem], np.ndarray | None]]:
-    """Consecutive items with their pixel rows: many tiny array images per task, a few files per task.
-
-    Passing work to a process costs a pickle round trip; for 28 px images that
-    costs as much as the work itself unless many travel together, while a
-    chunk of large photos must stay small enough to hold in memory.
-    """
-    size = _ARRAY_CHUNK if source.pixels is not None else _FILE_CHUNK
-    for first in range(start, len(source.items), size):
-        items = source.items[first : first + size]
-        rows = None if source.pixels is None else source.pixels[[item.index for item in items]]
-        yield items, rows
-
-
-_ARRAY_CHUNK, _FILE_CHUNK = 512, 8
+def _chunks(source: Source, start: int) -> Iterator[list[SourceItem]]:
+    """Consecutive items, ``source.chunk_size`` at a time: what one worker round trip carries."""
+    for first in range(start, len(source.items), source.chunk_size):
+        yield source.items[first : first + source.chunk_size]
 
 
 def _run_workers(

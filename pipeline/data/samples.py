@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from artifacts.files import FileTooLargeError, UnreadableFileError, read_regular_file
+from artifacts.files import FileTooLargeError, UnreadableFileError
 from artifacts.images import FORMAT_EXTENSIONS, DecodedImage, InvalidImageError, decode_image, encode_image, limit_side
 from artifacts.shard_set import SkippedInput
 from pipeline.data.sources.base import SourceItem
@@ -46,18 +46,16 @@ class SampleOptions:
     class_names: tuple[str, ...] | None
 
 
-def prepare_sample(task: tuple[SourceItem, np.ndarray | None], options: SampleOptions) -> PreparedSample | SkippedInput:
-    """Read, validate and encode one input: the sample's tar members, or why it was skipped."""
-    item, pixels = task
+def prepare_sample(item: SourceItem, options: SampleOptions) -> PreparedSample | SkippedInput:
+    """Open, validate and encode one input: the sample's tar members, or why it was skipped."""
+    raw: bytes | None = None
     try:
-        if pixels is not None:
-            decoded, raw = (
-                DecodedImage(Image.fromarray(np.ascontiguousarray(pixels, dtype=np.uint8)), "array", "L", ""),
-                None,
-            )
+        opened = item.input.open(options.max_file_bytes)
+        if isinstance(opened, np.ndarray):
+            pixels = Image.fromarray(np.ascontiguousarray(opened, dtype=np.uint8))
+            decoded = DecodedImage(pixels, "array", pixels.mode, "")
         else:
-            assert item.path is not None
-            raw = read_regular_file(item.path, options.max_file_bytes)
+            raw = opened
             decoded = decode_image(raw, max_pixels=options.max_pixels)
     except FileTooLargeError as error:
         return SkippedInput(item.origin, f"{error} (--max-file-bytes)")
@@ -81,17 +79,14 @@ def prepare_sample(task: tuple[SourceItem, np.ndarray | None], options: SampleOp
     fields = {extension: payload}
     if item.label is not None:
         fields["cls"] = str(item.label).encode()
-    if item.path is not None:  # where a file came from and what was done to it; array rows need no record
+    if raw is not None:  # where an encoded image came from and what was done to it; array rows need no record
         fields["json"] = _provenance(item, decoded, image, options)
     return PreparedSample(item.key, tar_members(item.key, fields))
 
 
-def prepare_chunk(
-    chunk: tuple[list[SourceItem], np.ndarray | None], options: SampleOptions
-) -> list[PreparedSample | SkippedInput]:
-    """`prepare_sample` over consecutive items (with their rows of an array source): one round trip per chunk."""
-    items, pixels = chunk
-    return [prepare_sample((item, None if pixels is None else pixels[i]), options) for i, item in enumerate(items)]
+def prepare_chunk(items: list[SourceItem], options: SampleOptions) -> list[PreparedSample | SkippedInput]:
+    """`prepare_sample` over consecutive items: one round trip to a worker per chunk."""
+    return [prepare_sample(item, options) for item in items]
 
 
 def tar_members(key: str, fields: dict[str, bytes]) -> bytes:

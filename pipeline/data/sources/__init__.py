@@ -7,8 +7,10 @@ is sorted and the keys derive from paths, so the same input always gives the
 same items, keys and shards.
 
 Each kind of source is one module behind the same small interface, `claims(spec)`
-and `resolve(spec) -> Source` (the items, listed; `pipeline.data.samples` reads
-one: a file's bytes or an array's row), tried in `SOURCE_KINDS` order. The fingerprint (paths, sizes, modification
+and `resolve(spec) -> Source` (the items, listed, each with the `ItemInput` an
+ingest worker opens: a local file's bytes, an array row's pixels, or whatever
+a new kind brings), tried in `SOURCE_KINDS` order: a new kind of source is its
+module and its entry there. The fingerprint (paths, sizes, modification
 times; the IDX files for Fashion-MNIST) is what a rerun compares to decide
 whether earlier output is still the output of this input.
 

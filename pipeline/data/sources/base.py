@@ -1,5 +1,11 @@
 """What every image source resolves to: ordered `SourceItem`s, the inputs already rejected, a fingerprint.
 
+Each item carries its `ItemInput`, which the ingest worker opens: a local file
+(`LocalFile`: its bytes, read with the size cap before anything is decoded) or
+a row of an in-memory array (`ArrayRow`: its pixels). A source of another kind
+(an HTTP or object-store URL list, say) brings its own `ItemInput` whose
+``open`` returns the bytes; nothing else in ingest changes.
+
 Keys become tar member names, and WebDataset splits a member name at the first
 dot of its base name, so keys keep only ``[A-Za-z0-9_/-]`` (everything else
 becomes ``_``) and are made unique by a ``_2``, ``_3``... suffix in input order.
@@ -11,9 +17,11 @@ import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
+from artifacts.files import read_regular_file
 from artifacts.shard_set import SkippedInput
 
 IMAGE_SUFFIXES = frozenset(
@@ -22,21 +30,62 @@ IMAGE_SUFFIXES = frozenset(
 _UNSAFE_KEY_CHARS = re.compile(r"[^A-Za-z0-9_/-]")
 
 
+class ItemInput(Protocol):
+    """Where one input's image is. Opened in an ingest worker process, so it must pickle small."""
+
+    @property
+    def name(self) -> str:
+        """What names this input from one run of the source to the next (a path): how --update matches them."""
+        ...
+
+    def open(self, max_bytes: int) -> bytes | np.ndarray:
+        """The encoded image (at most ``max_bytes``: larger raises `artifacts.files.FileTooLargeError`) or its
+        pixels ([H, W] or [H, W, C] uint8). Encoded bytes are decoded, checked and recorded with provenance."""
+        ...
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    """A file on this machine: its bytes, read as a regular file within the size cap (never a FIFO or device)."""
+
+    path: str
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+    def open(self, max_bytes: int) -> bytes:
+        return read_regular_file(self.path, max_bytes)
+
+
+@dataclass(frozen=True)
+class ArrayRow:
+    """One image of an in-memory array source (Fashion-MNIST's IDX files): its pixels, travelling with the item."""
+
+    origin: str
+    pixels: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.origin
+
+    def open(self, max_bytes: int) -> np.ndarray:
+        return self.pixels
+
+
 @dataclass(frozen=True)
 class SourceItem:
-    """One input: its shard key, integer label (None when unlabelled) and origin (a path or ``train[17]``).
+    """One input: its shard key, integer label (None when unlabelled), origin (a path or ``train[17]``) and input.
 
-    ``path`` is set for files (read by the ingest worker), ``index`` for rows
-    of an in-memory array source. ``signature`` changes when the input does
-    (a file's size and modification time, with its label where a list gives
-    one): what `mocoplus ingest --update` compares to find changed inputs.
+    ``signature`` changes when the input does (a file's size and modification
+    time, with its label where a list gives one): what `mocoplus ingest
+    --update` compares to find changed inputs.
     """
 
     key: str
     label: int | None
     origin: str
-    path: str | None = None
-    index: int | None = None
+    input: ItemInput
     signature: str = ""
 
 
@@ -50,7 +99,9 @@ class Source:
     class_names: tuple[str, ...] | None
     fingerprint: str
     rejected: list[SkippedInput] = field(default_factory=list)
-    pixels: np.ndarray | None = None  # in-memory images [N, H, W] uint8, for array sources
+    # items a worker prepares per round trip: many tiny array images (a pickle costs as much as the work), a
+    # few files (a chunk of large photos must fit in memory)
+    chunk_size: int = 8
 
     @property
     def inputs(self) -> int:

@@ -5,10 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from pipeline.data.fashion_mnist import CLASS_NAMES, find_fashion_mnist, load_split, split_paths
-from pipeline.data.sources.base import Source, SourceItem, file_signature, fingerprint
+from pipeline.data.sources.base import ArrayRow, Source, SourceItem, file_signature, fingerprint
 
 FASHION_MNIST = "fashion-mnist"
 
@@ -30,24 +28,17 @@ def fashion_mnist_source(spec: str, directory: Path | None = None) -> Source:
     if any(name not in ("train", "test") for name in splits):
         raise ValueError(f"unknown Fashion-MNIST split in {spec!r}: use fashion-mnist, fashion-mnist:train or :test")
     folder = _locate_fashion_mnist(directory)
-    arrays, items, signatures = [], [], []
-    offset = 0
+    items, signatures = [], []
     for name in splits:
         data = load_split(folder, name)  # type: ignore[arg-type]
-        arrays.append(data.images)
         files = [f"{path.name}\t{file_signature(path)}" for path in split_paths(folder, name)]  # type: ignore[arg-type]
         signature = fingerprint(files)[:16]  # a row changes only with its split's files
         for index, label in enumerate(data.labels.tolist()):
-            key = f"{name}_{index:05d}"
-            items.append(
-                SourceItem(
-                    key=key, label=int(label), origin=f"{name}[{index}]", index=offset + index, signature=signature
-                )
-            )
-        offset += len(data)
+            origin = f"{name}[{index}]"
+            row = ArrayRow(origin, data.images[index])
+            items.append(SourceItem(f"{name}_{index:05d}", int(label), origin, row, signature))
         signatures.extend(files)
-    pixels = np.concatenate(arrays) if len(arrays) > 1 else arrays[0]
-    return Source(FASHION_MNIST, spec, items, CLASS_NAMES, fingerprint(signatures), pixels=pixels)
+    return Source(FASHION_MNIST, spec, items, CLASS_NAMES, fingerprint(signatures), chunk_size=512)
 
 
 def _download_dir() -> Path:

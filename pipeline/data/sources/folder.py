@@ -8,6 +8,7 @@ from pathlib import Path
 from artifacts.shard_set import SkippedInput
 from pipeline.data.sources.base import (
     IMAGE_SUFFIXES,
+    LocalFile,
     Source,
     SourceItem,
     file_signature,
@@ -57,7 +58,7 @@ def folder_source(root: Path) -> Source:
         else:
             label = class_index[top] if class_names is not None else None
             key = make_key(relative[: -len(path.suffix)], used)
-            items.append(SourceItem(key=key, label=label, origin=relative, path=str(path), signature=signature))
+            items.append(SourceItem(key, label, relative, LocalFile(str(path)), signature))
     signatures.append(f"classes\t{class_names}")
     return Source("folder", str(root.resolve()), items, class_names, fingerprint(signatures), rejected)
 

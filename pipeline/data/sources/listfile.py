@@ -8,7 +8,7 @@ from pathlib import Path
 
 from artifacts.files import UnreadableFileError, read_regular_file
 from artifacts.shard_set import SkippedInput
-from pipeline.data.sources.base import Source, SourceItem, file_signature, fingerprint, make_key
+from pipeline.data.sources.base import LocalFile, Source, SourceItem, file_signature, fingerprint, make_key
 
 
 def claims(spec: str) -> bool:
@@ -73,5 +73,5 @@ def list_source(list_path: Path) -> Source:
         label_id = None if label is None else (int(label) if numeric else class_index[label])
         relative = os.path.relpath(path, base) if not Path(name).is_absolute() else name
         key = make_key(relative[: -len(path.suffix)] if path.suffix else relative, used)
-        items.append(SourceItem(key=key, label=label_id, origin=origin, path=str(path), signature=signature))
+        items.append(SourceItem(key, label_id, origin, LocalFile(str(path)), signature))
     return Source("list", str(list_path.resolve()), items, class_names, fingerprint(signatures), rejected)
