@@ -63,6 +63,7 @@ class MoCoPlus(nn.Module):
             width=config.width,
             cifar_stem=config.cifar_stem,
             stem_stride=config.stem_stride,
+            in_channels=config.in_channels,
             norm_layer=norm_layer,
         )
         head_norm = (norm_layer if split else nn.BatchNorm1d) if config.head_bn else None

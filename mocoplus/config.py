@@ -41,10 +41,11 @@ class MoCoConfig:
     """
 
     # encoders
-    arch: Arch = "resnet50"
+    arch: Arch = "resnet50"  # a `mocoplus.backbones.BACKBONES` name
     width: float = 1.0
     cifar_stem: bool = False
     stem_stride: int = 1
+    in_channels: int = 3  # what the stem takes: the augmentation's channels (1: gray fed as one channel)
     hidden_dim: int | None = None
     embedding_dim: int = 128
     embedding_grid: int = 1  # the embedding: the backbone's last map pooled to grid × grid (1: global pool)
@@ -78,6 +79,8 @@ class MoCoConfig:
         _require_choice("key_bn", self.key_bn, KEY_BATCH_NORMS)
         _require_choice("momentum_schedule", self.momentum_schedule, MOMENTUM_SCHEDULES)
         _require_choice("embedding_whitening", self.embedding_whitening, EMBEDDING_WHITENINGS)
+        if self.in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (gray) or 3 (RGB); got {self.in_channels}")
         if not self.width > 0:  # `not >` also refuses NaN
             raise ValueError(f"width must be > 0; got {self.width}")
         if self.embedding_dim < 1 or (self.hidden_dim is not None and self.hidden_dim < 1) or self.embedding_grid < 1:

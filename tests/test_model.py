@@ -322,3 +322,60 @@ def test_split_batch_norm_keeps_channels_last_and_gives_the_same_numbers():
     torch.testing.assert_close(out_last, out)
     torch.testing.assert_close(split.running_mean, reference.running_mean)
     torch.testing.assert_close(split.running_var, reference.running_var)
+
+
+def test_a_one_channel_stem_takes_gray_images_as_they_are():
+    backbone = build_backbone("resnet18", width=0.125, cifar_stem=True, in_channels=1).eval()
+    assert backbone.conv1.in_channels == 1 and backbone(torch.randn(2, 1, 28, 28)).shape == (2, 64)
+    model = tiny_model(in_channels=1)
+    gray = images(8)[:, :1]
+    assert torch.isfinite(model(gray, gray.flip(3)).loss)
+    with pytest.raises(ValueError, match=r"in_channels must be 1 \(gray\) or 3"):
+        MoCoConfig(**TINY, in_channels=2)
+
+
+def test_the_run_config_refuses_a_stem_that_does_not_take_the_augmentations_channels():
+    from pipeline.train.run_config import load_config
+
+    gray = ["augment.channels=1", "augment.mean=[0.286]", "augment.std=[0.353]"]
+    with pytest.raises(ValueError, match=r"model.in_channels \(3\) must equal augment.channels \(1\)"):
+        load_config("fashion-mnist-cpu", gray)
+    assert load_config("fashion-mnist-cpu", [*gray, "model.in_channels=1"]).model.in_channels == 1
+
+
+class PatchBackbone(nn.Module):
+    """A ViT-style backbone in a few lines: 4×4 patches embedded, mixed by one attention layer, laid out on their
+    grid as the feature map."""
+
+    def __init__(self, spec) -> None:
+        super().__init__()
+        self.out_dim = round(32 * spec.width)
+        self.patches = nn.Conv2d(spec.in_channels, self.out_dim, kernel_size=4, stride=4)
+        self.mixer = nn.TransformerEncoderLayer(
+            self.out_dim, nhead=2, dim_feedforward=2 * self.out_dim, batch_first=True
+        )
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        grid = self.patches(images)
+        tokens = self.mixer(grid.flatten(2).transpose(1, 2))
+        return tokens.transpose(1, 2).reshape(grid.shape)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(images).mean(dim=(2, 3))
+
+
+def test_a_new_backbone_is_one_module_and_its_entry_in_the_table(monkeypatch):
+    """Registered under a name, a backbone of another family trains in MoCoPlus and feeds the grid embedding."""
+    import mocoplus.backbones
+    import mocoplus.config
+    from mocoplus.backbones import GridEmbedding
+
+    monkeypatch.setitem(mocoplus.backbones.BACKBONES, "patches", PatchBackbone)
+    monkeypatch.setattr(mocoplus.config, "ARCHS", (*mocoplus.config.ARCHS, "patches"))
+    model = tiny_model(arch="patches", width=1.0, key_bn="plain")
+    torch.manual_seed(0)
+    output = model(images(8), images(8, seed=1))
+    output.loss.backward()
+    assert torch.isfinite(output.loss) and model.query_encoder.backbone.patches.weight.grad is not None
+    cells = GridEmbedding(model.key_encoder.backbone, 2)
+    assert cells.out_dim == 128 and cells(images(3)).shape == (3, 128)

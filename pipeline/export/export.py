@@ -110,7 +110,7 @@ class EmbeddingModel(nn.Module):
     def features(self, images: Tensor) -> Tensor:
         """The network's features of uint8 RGB images, before whitening and normalisation."""
         x = images.permute(0, 3, 1, 2).float() / 255.0
-        if self.gray:
+        if self.gray or self.channels == 1:  # a one-channel stem takes luma whatever the images' mode
             x = (x * self.luma).sum(dim=1, keepdim=True).expand(-1, self.channels, -1, -1)
         x = (x - self.mean) / self.std
         features = self.backbone(x)

@@ -143,7 +143,12 @@ class RunConfig:
     augment: dict[str, Any] = field(default_factory=dict)  # fields of data.augment's preset to override
 
     def __post_init__(self) -> None:
-        _ = self.augmentation  # builds (and so validates) the augmentation with its overrides
+        channels = self.augmentation.channels  # builds (and so validates) the augmentation with its overrides
+        if self.model.in_channels != channels:
+            raise ValueError(
+                f"model.in_channels ({self.model.in_channels}) must equal augment.channels ({channels}): "
+                "the network's stem takes what the augmentation gives it"
+            )
         if self.train.global_batch % self.model.bn_splits and self.model.key_bn in ("split", "auto"):
             raise ValueError(
                 f"train.global_batch ({self.train.global_batch}) must be a multiple of model.bn_splits "
