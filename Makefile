@@ -27,7 +27,7 @@ data:
 		$(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "Fashion-MNIST not found: set MOCOPLUS_FASHION_MNIST_DIR to a folder with its IDX files"; fi
 
-# curl: the README's service examples, which tests/test_readme.py runs as written;
+# curl: the service examples of the README and docs/service.md, which tests/test_readme.py runs as written;
 # chromium + chromium-driver: tests/test_search_page.py drives the search page in headless Chromium
 tools:
 	@command -v curl >/dev/null && command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \

@@ -82,7 +82,7 @@ def gpu_index(index: faiss.Index) -> faiss.Index:
     One GPU gets a plain GPU index; several get an ``IndexReplicas`` of one copy each.
     """
     if not hasattr(faiss, "StandardGpuResources"):
-        raise IndexBundleError('--gpu needs faiss-gpu (README "GPU"); this FAISS build is CPU-only')
+        raise IndexBundleError("--gpu needs faiss-gpu (docs/gpu.md); this FAISS build is CPU-only")
     if faiss.get_num_gpus() < 1:
         raise IndexBundleError("--gpu: faiss-gpu sees no CUDA device")
     if isinstance(faiss.downcast_index(index), faiss.IndexHNSW):

@@ -145,7 +145,7 @@ class ModelBundle:
             import onnxruntime as ort  # deferred: reading model.json alone needs no runtime
         except ImportError:
             raise BundleError(
-                "ONNX Runtime is not installed: pip install 'mocoplus[cpu]' (or 'mocoplus[gpu]', README \"GPU\")"
+                "ONNX Runtime is not installed: pip install 'mocoplus[cpu]' (or 'mocoplus[gpu]', docs/gpu.md)"
             ) from None
 
         self.path = resolve_model(path)
@@ -157,7 +157,7 @@ class ModelBundle:
         if wanted not in ort.get_available_providers():
             raise BundleError(
                 f"provider {provider!r} asked for, but this ONNX Runtime has only {ort.get_available_providers()}"
-                ' (for CUDA: the gpu extra instead of the cpu one, README "GPU")'
+                " (for CUDA: the gpu extra instead of the cpu one, docs/gpu.md)"
             )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -10,7 +10,7 @@ hard-negative warm-up is counted in steps (``--warmup-steps``), since short
 budgets may not reach a whole epoch. Each run is scored with `mocoplus evaluate`'s
 retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10; 60k training images
 as memory, 10k test queries) and linear probe, key encoder. Prints JSON with every
-run and mean ± std per variant over the seeds, and a Markdown table for the README.
+run and mean ± std per variant over the seeds, and a Markdown table for docs/results.md.
 Run it on a quiet machine: the budget is wall-clock.
 
     mocoplus ingest fashion-mnist:train --out shards/fmnist-train

@@ -7,7 +7,7 @@ once lost there. ``--mode flow`` runs the flow's own training task
 ``--mode alone`` runs ``mocoplus train`` as a user would. Each run trains
 ``--steps`` steps of the ``fashion-mnist-cpu`` preset into a fresh folder and
 prints the trainer's measured images/s (``train.json``) as JSON; time the two
-side by side with ``farm-bench`` (README, "The demo"):
+side by side with ``farm-bench`` (docs/results.md, "The demo"):
 
     farm-bench -n 3 --warmup 0 --timeout 1500 \\
       --vs "sh -c 'exec .venv/bin/python benchmarks/bench_flow_training.py --mode alone >>/tmp/alone.jsonl'" \\

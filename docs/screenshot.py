@@ -1,4 +1,4 @@
-"""Screenshot of the search page for the README: `mocoplus serve` + headless Chromium, one search by upload.
+"""Screenshot of the search page for docs/service.md: `mocoplus serve` + headless Chromium, one search by upload.
 
     python docs/screenshot.py --model demo-out/model --index demo-out/corpus/index \
         --query demo-out/query.png --out docs/search-page.png

@@ -31,7 +31,7 @@ from typing import Any
 
 from artifacts.atomic import prepare_out_dir, write_json_atomic
 
-# after the planned steps, measured on 2 cores with AVX-512 (quiet; README, "The demo"): torchrun start-up ≈ 7 s;
+# after the planned steps, measured on 2 cores with AVX-512 (quiet; docs/results.md, demo): torchrun start-up ≈ 7 s;
 # export with the whitening fitted on 60k images 53 s; embedding the 60k training and 10k test images 33 s;
 # the suite of the served vectors with pixels and HOG (their features computed the first time) 60 s; a 1,024-d
 # HNSW index and its tuning 13 s (16 s with efConstruction 80, the next run); the map of 3,000 embeddings 17 s;

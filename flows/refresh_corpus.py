@@ -4,7 +4,7 @@ ingest ``--update`` (new, changed and removed images into a new shard-set
 generation) → `flows.index_corpus.index_corpus` with ``update=True`` (new
 shards embedded in parallel shares, the index's next version) → SIGHUP to the
 service whose pid file is given (it reloads the version ``current`` now names,
-README "Reloading without a restart"). Each step skips what is done: a run
+docs/service.md, "Reloading without a restart"). Each step skips what is done: a run
 with nothing new changes nothing and tells no one. A markdown artifact
 reports what changed, the recall, and the update's time against the last full
 build's.

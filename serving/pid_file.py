@@ -1,5 +1,5 @@
 """A running server's pid file: how a refresh (a cron job, the ``refresh-corpus`` deployment) finds the service
-to send SIGHUP to, so it reloads the index version an update just switched to (README "A corpus that changes").
+to send SIGHUP to, so it reloads the index version an update just switched to (docs/search.md, "A corpus that changes").
 """
 
 from __future__ import annotations

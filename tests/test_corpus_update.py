@@ -38,7 +38,7 @@ def cli(*args: str) -> str:
 
 
 def refresh(folder: PhotoFolder, paths: dict, model: str) -> None:
-    """The day's three commands, exactly as the README gives them."""
+    """The day's three commands, exactly as docs/search.md gives them."""
     cli("ingest", str(folder.root), "--out", str(paths["shards"]), "--update")
     cli("embed", model, "--data", str(paths["shards"]), "--out", str(paths["emb"]))
     cli("index", str(paths["emb"]), "--out", str(paths["index"]), "--kind", "flat", "--update")

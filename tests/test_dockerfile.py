@@ -1,4 +1,4 @@
-"""The Dockerfile: hadolint-clean, and the promises the README makes about it."""
+"""The Dockerfile: hadolint-clean, and the promises docs/gpu.md ("Docker") makes about it."""
 
 from __future__ import annotations
 

@@ -1,22 +1,29 @@
-"""The README's command-line examples are tests: every ``mocoplus`` and ``curl`` line runs as written.
+"""The examples of the README and the docs are tests: every ``mocoplus`` and ``curl`` line runs as written.
 
-The examples are collected from the README's ``bash`` blocks in document
-order and run in a sandbox folder whose paths are small fixtures (a real
-Fashion-MNIST slice behind ``fashion-mnist:*``, generated photos under
-``~/photos``, a synthetic embedding set for ``emb/web``, query images...),
-with their documented options and nothing added: no ``--no-progress``. The
+The README and the pages of `GUIDE` are one guide: its examples are collected
+from their ``bash`` blocks, page after page in `GUIDE` order and in document
+order within a page, and run as one sequence in one sandbox folder, so each
+page continues from the files the pages before it made (the README's tour
+trains, exports, embeds and indexes once; the pages show the variations) and
+no costly command runs twice because an example moved from one page to
+another. The sandbox's paths are small fixtures (a real Fashion-MNIST slice
+behind ``fashion-mnist:*``, generated photos under ``~/photos``, a synthetic
+embedding set for ``emb/web``, query images...), and the examples run with
+their documented options and nothing added: no ``--no-progress``. The
 sequence runs once; each command alternates between output to a pipe and a
-pseudo-terminal (`mode_of`: the first ``mocoplus train`` piped, the second
-under a terminal, the third piped...), so the plain progress lines and the live
-progress bar are both exercised at the commands' defaults by every command the
-README shows more than once, at half the cost of running the whole sequence
-in both modes. ``mocoplus serve`` is started like
-any other line, waited for until ready, and the service's ``curl`` examples run
-against it.
+pseudo-terminal (`mode_of`: the first ``mocoplus train`` of the guide piped,
+the second under a terminal, the third piped...), so the plain progress lines
+and the live progress bar are both exercised at the commands' defaults by
+every command the guide shows more than once, at half the cost of running the
+whole sequence in both modes. ``mocoplus serve`` is started like any other
+line, waited for until ready, and the service's ``curl`` examples run against
+it.
 
 Only the examples in `SKIPPED` are not run, each for the reason given there;
-a new README example is run by default, and one whose absolute paths have no
-fixture fails here until `ABSOLUTE_PATHS` maps them.
+a new example is run by default, and one whose absolute paths have no fixture
+fails here until `ABSOLUTE_PATHS` maps them. A page of ``docs/`` with examples
+is either in `GUIDE` (after the pages whose files its examples use) or has a
+test of its own (`OWN_TESTS`). Failures name the page and line of the example.
 """
 
 from __future__ import annotations
@@ -39,7 +46,21 @@ import pytest
 from datasets import write_fashion_mnist_slice, write_image
 from processes import stop
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+GUIDE = (  # run as one sequence, in this order: a page's examples may use the files of the pages before it
+    "README.md",
+    "docs/command-line.md",
+    "docs/data.md",
+    "docs/training.md",
+    "docs/export.md",
+    "docs/search.md",
+    "docs/service.md",
+    "docs/flows.md",
+    "docs/results.md",
+)
+OWN_TESTS = {"docs/own-images.md": "test_the_own_images_page_runs_as_written"}  # pages run from a sandbox of their own
 RUNNABLE = ("mocoplus ", "curl ", "torchrun ")
 SKIPPED = {
     "mocoplus demo": "runs for its whole --minutes budget (10 minutes); tests/test_demo.py runs it with --minutes 1",
@@ -54,8 +75,13 @@ COMMAND_SECONDS = 600
 
 @dataclass(frozen=True)
 class Example:
+    source: str  # the page, relative to the repository: "README.md", "docs/data.md"
     line: int
     command: str
+
+    @property
+    def where(self) -> str:
+        return f"{self.source} line {self.line}"
 
     @property
     def skip_reason(self) -> str | None:
@@ -66,8 +92,9 @@ class Example:
         return self.command.startswith("mocoplus serve ")
 
 
-def readme_examples(text: str) -> list[Example]:
-    """Runnable lines of the ``bash`` blocks (continuations joined, comments and a trailing ``&`` dropped)."""
+def readme_examples(text: str, source: str = "README.md") -> list[Example]:
+    """Runnable lines of the ``bash`` blocks of one page (continuations joined, comments and a trailing ``&``
+    dropped)."""
     examples, in_block, pending, start = [], False, "", 0
     for number, line in enumerate(text.splitlines(), start=1):
         if line.startswith("```"):
@@ -82,8 +109,13 @@ def readme_examples(text: str) -> list[Example]:
             continue
         command, pending = _strip_comment(pending).strip().removesuffix("&").strip(), ""
         if command.startswith(RUNNABLE):
-            examples.append(Example(start, " ".join(command.split())))
+            examples.append(Example(source, start, " ".join(command.split())))
     return examples
+
+
+def guide_examples() -> list[Example]:
+    """The runnable lines of the README and the pages of `GUIDE`, as one sequence."""
+    return [example for page in GUIDE for example in readme_examples((ROOT / page).read_text(), page)]
 
 
 def _strip_comment(line: str) -> str:
@@ -102,24 +134,25 @@ def test_the_collector_reads_blocks_continuations_and_comments():
         "```bash\nmocoplus verify shards/x   # a comment\ncurl -s -H 'a: b' \\\n     http://h/p\n"
         "mocoplus flows serve --cron '0 3 * * *' &\nexport A=1\n```\n```text\nmocoplus not-bash\n```\n"
     )
-    examples = readme_examples(text)
+    examples = readme_examples(text, "docs/x.md")
     assert [e.command for e in examples] == [
         "mocoplus verify shards/x",
         "curl -s -H 'a: b' http://h/p",
         "mocoplus flows serve --cron '0 3 * * *'",
     ]
     assert [e.line for e in examples] == [2, 3, 5]
+    assert [e.where for e in examples][:1] == ["docs/x.md line 2"]
 
 
 def test_every_absolute_path_of_an_example_has_a_fixture():
-    for example in readme_examples(README.read_text()):
+    for example in guide_examples():
         if example.skip_reason:
             continue
         for word in shlex.split(example.command):
             path = word.split("=", 1)[-1].split("@", 1)[-1]
             if path.startswith("/"):
                 assert any(path.startswith(prefix) for prefix in ABSOLUTE_PATHS), (
-                    f"README line {example.line}: {path} needs an entry in ABSOLUTE_PATHS"
+                    f"{example.where}: {path} needs an entry in ABSOLUTE_PATHS"
                 )
 
 
@@ -251,7 +284,7 @@ def mode_of(example: Example, seen: dict[str, int]) -> str:
 
 
 def test_each_command_alternates_between_a_pipe_and_a_terminal():
-    examples = [Example(line, command) for line, command in enumerate(
+    examples = [Example("README.md", line, command) for line, command in enumerate(
         ["mocoplus train a", "mocoplus train b", "curl x", "mocoplus train c", "mocoplus index d", "curl y"]
     )]  # fmt: skip
     seen: dict[str, int] = {}
@@ -260,8 +293,10 @@ def test_each_command_alternates_between_a_pipe_and_a_terminal():
     ]  # fmt: skip
 
 
-def check_output(example: Example, code: int, output: str, mode: str) -> None:
-    where = f"README line {example.line} ({mode}): {example.command}\n{output[-3000:]}"
+def check_output(example: Example, code: int, output: str, mode: str, server_log: str = "") -> None:
+    where = f"{example.where} ({mode}): {example.command}\n{output[-3000:]}"
+    if server_log:
+        where += f"\nthe server's log:\n{server_log[-3000:]}"
     assert code == 0, f"exit {code}: {where}"
     assert "Traceback" not in output, where
     if example.command.startswith("curl "):
@@ -269,8 +304,8 @@ def check_output(example: Example, code: int, output: str, mode: str) -> None:
 
 
 def run_examples(examples: list[Example], root: Path, env: dict[str, str]) -> tuple[list[Example], dict[str, set]]:
-    """Run ``examples`` in order in ``root`` (servers started and left running until the end, skipped ones
-    skipped); returns the examples run and the modes each command ran in."""
+    """Run ``examples`` in order in ``root`` (servers started and left running until the end, their output in
+    ``root/server-N.log``; skipped ones skipped); returns the examples run and the modes each command ran in."""
     runners = {"piped": run_piped, "terminal": run_in_terminal}
     servers: dict[str, subprocess.Popen] = {}
     ran, seen, modes = [], {}, {}
@@ -282,16 +317,17 @@ def run_examples(examples: list[Example], root: Path, env: dict[str, str]) -> tu
             command = as_sandbox_command(example.command)
             if example.is_server:
                 if command not in servers:
-                    servers[command] = subprocess.Popen(
-                        ["bash", "-c", f"exec {command}"], cwd=root, env=env, stdout=subprocess.DEVNULL,
-                        stderr=subprocess.DEVNULL,
-                    )  # fmt: skip
+                    with open(root / f"server-{len(servers)}.log", "wb") as log:
+                        servers[command] = subprocess.Popen(
+                            ["bash", "-c", f"exec {command}"], cwd=root, env=env, stdout=log, stderr=log
+                        )
                     wait_ready(servers[command])
                 ran.append(example)
                 continue
             mode = mode_of(example, seen)
             code, output = runners[mode](command, root, env)
-            check_output(example, code, output, mode)
+            logs = sorted(root.glob("server-*.log")) if example.command.startswith("curl ") else []
+            check_output(example, code, output, mode, "".join(log.read_text(errors="replace") for log in logs))
             ran.append(example)
             modes.setdefault(example.command.split()[1], set()).add(mode)
     finally:
@@ -301,10 +337,10 @@ def run_examples(examples: list[Example], root: Path, env: dict[str, str]) -> tu
 
 
 @pytest.mark.slow
-def test_every_readme_example_runs_as_written(fashion_mnist_slice, tmp_path):
+def test_every_example_of_the_readme_and_the_guide_runs_as_written(fashion_mnist_slice, tmp_path):
     root = tmp_path / "sandbox"
     env = make_sandbox(root, fashion_mnist_slice)
-    examples = readme_examples(README.read_text())
+    examples = guide_examples()
     ran, modes = run_examples(examples, root, env)
     skipped = [example for example in examples if example not in ran]
     commands = {example.command.split()[1] for example in ran if example.command.startswith("mocoplus ")}
@@ -315,13 +351,19 @@ def test_every_readme_example_runs_as_written(fashion_mnist_slice, tmp_path):
     assert all(modes[stage] == set(MODES) for stage in stages), modes  # each stage under a pipe and a terminal
 
 
-DOCS = README.parent / "docs"
-
-
 def test_every_docs_page_with_examples_is_run_here():
-    """A page of docs/ with bash examples needs its own test below: none is left unrun."""
-    pages = {page.name for page in DOCS.glob("*.md") if readme_examples(page.read_text())}
-    assert pages == {"own-images.md"}
+    """A page of docs/ with bash examples is in the guide or has its own test below: none is left unrun."""
+    pages = {f"docs/{page.name}" for page in DOCS.glob("*.md") if readme_examples(page.read_text())}
+    assert pages <= set(GUIDE) | set(OWN_TESTS), sorted(pages - set(GUIDE) - set(OWN_TESTS))
+    assert all((ROOT / page).is_file() for page in GUIDE) and not set(GUIDE) & set(OWN_TESTS)
+    assert all(name in globals() for name in OWN_TESTS.values())
+
+
+def test_the_guide_trains_and_exports_each_model_once():
+    """The costly examples are not repeated across the guide: a page continues from the README's run and model
+    (``mocoplus train --resume``, other ``--out`` folders) instead of showing the same command again."""
+    commands = [e.command for e in guide_examples() if e.command.startswith(("mocoplus train ", "mocoplus export "))]
+    assert len(commands) == len(set(commands)), sorted(c for c in commands if commands.count(c) > 1)
 
 
 @pytest.mark.slow
@@ -340,7 +382,7 @@ def test_the_own_images_page_runs_as_written(tmp_path):
         "COLUMNS": "120",
         "TERM": "xterm-256color",
     }
-    examples = readme_examples((DOCS / "own-images.md").read_text())
+    examples = readme_examples((DOCS / "own-images.md").read_text(), "docs/own-images.md")
     ran, _modes = run_examples(examples, root, env)
     assert ran == examples
     commands = [example.command.split()[1] for example in ran if example.command.startswith("mocoplus ")]
@@ -357,6 +399,7 @@ def test_piped_training_prints_progress_lines_spread_over_the_run(fashion_shards
         "--config", "fashion-mnist-cpu", "--set", "train.max_steps=400", "--set", "model.width=0.0625",
         "--set", "train.global_batch=16", "--set", "model.queue_size=256", "--set", "model.num_negatives=64",
         "--set", "train.checkpoint_every=0", "--set", "train.epochs=100",
+        "--set", "train.time_budget=0",  # exactly 400 steps: on a busy machine the preset's budget would re-plan fewer
     ]  # fmt: skip
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     arrivals = []

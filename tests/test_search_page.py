@@ -1,7 +1,7 @@
 """The search page in a real browser: headless Chromium (Debian's chromium + chromium-driver) on `mocoplus serve`.
 
 ``make test`` installs both. ``MOCOPLUS_SCREENSHOT=docs/search-page.png`` saves
-the page after an image search (the README's picture).
+the page after an image search (the picture in docs/service.md).
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ from pipeline.train.run_config import config_from_dict
 
 # int8 keeps the whitening's leading 256 directions unless --dims says otherwise: whitening amplifies the
 # rounding of the int8 features in the trailing low-variance directions. Mean cosine of int8 to fp32 on the
-# demo's model (README, "Compact embeddings"): 0.995 at 256 dims, 0.991 at 512, 0.984 at 1,024, 0.971 at
+# demo's model (docs/results.md, "Compact embeddings"): 0.995 at 256 dims, 0.991 at 512, 0.984 at 1,024, 0.971 at
 # all 2,043 (refused below 0.99).
 INT8_WHITENING_DIMS = 256
 # ITU-R 601 luma, the weights PIL's RGB → L conversion uses: what training saw for gray data.

@@ -44,7 +44,7 @@ HNSW_MAX = 2_000_000
 HNSW_LINKS = 32
 # efConstruction: faiss's default 40 built a graph of the demo's 1,024-d whitened vectors where 3.6 % of the
 # test queries missed their nearest neighbour at the tuned efSearch (one of them the demo's search example);
-# 80 took the build from 9.2 to 14.2 s and recall@10 at that efSearch from 0.964 to 0.993 (README, "The demo")
+# 80 took the build from 9.2 to 14.2 s and recall@10 at that efSearch from 0.964 to 0.993 (docs/results.md, "The demo")
 HNSW_BUILD_EFFORT = 80
 # Sub-quantizer counts FAISS supports everywhere, the GPU IVF-PQ included.
 PQ_SIZES = (4, 8, 12, 16, 20, 24, 28, 32, 48, 56, 64, 96)
