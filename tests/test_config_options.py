@@ -21,6 +21,7 @@ from flows.cli.main import app
 from flows.cli.options import byte_size
 from pipeline.data.config import IngestConfig
 from pipeline.embed.config import EmbedConfig
+from pipeline.export.config import ExportConfig
 from pipeline.index.config import IndexConfig
 from serving.batcher import BatcherConfig
 from serving.limits import ConnectionLimits, Limits
@@ -30,6 +31,7 @@ DERIVED = {  # command → the dataclasses its options come from
     "index": (IndexConfig,),
     "embed": (EmbedConfig,),
     "ingest": (IngestConfig,),
+    "export": (ExportConfig,),
 }
 
 

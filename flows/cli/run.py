@@ -9,15 +9,18 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from flows.cli.config_options import FromConfig, config_options
 from flows.cli.errors import one_line_errors
-from flows.cli.options import choice, progress_option
+from flows.cli.options import progress_option
 from flows.cli.tables import retrieval_table, view_recall_table
 from pipeline.evaluate.config import ViewConfig
-from pipeline.export.config import EncoderChoice, ExportConfig, HeadChoice, QuantizeChoice
+from pipeline.export.config import ExportConfig
 
 commands = typer.Typer()
 
 GRID_HELP = "Pool the embedding over a grid×grid grid (default: the run's)."
+EXPORT_OPTIONS = ("checkpoint", "encoder", "head", "opset", "calibration", "quantize", "grid", "whiten", "whiten_data",
+                  "whiten_images", "dims")  # fmt: skip
 
 
 @commands.command(
@@ -270,72 +273,17 @@ def _evaluate_unlabelled(
     ),
 )
 @one_line_errors
+@config_options(FromConfig(ExportConfig, "config", EXPORT_OPTIONS))
 def export_command(
     run: Annotated[Path, typer.Argument(help="A run folder (from mocoplus train).")],
     out: Annotated[Path, typer.Option(help="The bundle folder to create (must not exist, or be empty).")],
-    checkpoint: Annotated[
-        str, typer.Option(help="best, last, or a checkpoint path (default: best if any).")
-    ] = ExportConfig.checkpoint,
-    encoder: Annotated[
-        EncoderChoice,
-        typer.Option(parser=choice(EncoderChoice, "encoder"), help="key (the momentum encoder) or query."),
-    ] = ExportConfig.encoder,
-    head: Annotated[
-        HeadChoice,
-        typer.Option(parser=choice(HeadChoice, "head"), help="none (backbone features) or projection (the MoCo head)."),
-    ] = ExportConfig.head,
-    opset: Annotated[int, typer.Option(help="ONNX opset.")] = ExportConfig.opset,
-    calibration: Annotated[
-        str,
-        typer.Option(
-            help="Shards for the parity check and int8 calibration (default: the run's held-out shards for "
-            "parity, its training shards for calibration)."
-        ),
-    ] = ExportConfig.calibration,
-    quantize: Annotated[
-        QuantizeChoice,
-        typer.Option(
-            parser=choice(QuantizeChoice, "quantize"), help="none, or int8 (static QDQ, calibrated on real images)."
-        ),
-    ] = ExportConfig.quantize,
+    config: ExportConfig,
     as_json: Annotated[bool, typer.Option("--json", help="Print model.json instead of a summary.")] = False,
     progress: Annotated[bool, progress_option()] = True,
-    grid: Annotated[int | None, typer.Option(min=1, help=GRID_HELP)] = ExportConfig.grid,
-    whiten: Annotated[
-        bool | None,
-        typer.Option(
-            "--whiten/--no-whiten",
-            help="PCA-whiten the embedding in the graph, fitted on --whiten-data (default: the run's "
-            "model.embedding_whitening; with --quantize int8 reduced to 256 directions unless --dims).",
-        ),
-    ] = ExportConfig.whiten,
-    whiten_data: Annotated[
-        str, typer.Option(help="Shards the whitening is fitted on (default: the run's training shards).")
-    ] = ExportConfig.whiten_data,
-    dims: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            help="Keep the whitening's leading D principal directions: a D-dim embedding "
-            "(default: the run's model.embedding_dims; --quantize int8: at most 256).",
-        ),
-    ] = ExportConfig.dims,
 ) -> None:
     """Export a run's encoder to TorchScript and ONNX with its model.json."""
     from pipeline.export.export import export
 
-    config = ExportConfig(
-        checkpoint=checkpoint,
-        encoder=encoder,
-        head=head,
-        opset=opset,
-        calibration=calibration,
-        quantize=quantize,
-        grid=grid,
-        whiten=whiten,
-        whiten_data=whiten_data,
-        dims=dims,
-    )
     result = export(run, out, config, progress=progress)
     info = result.model_json
     if as_json:
