@@ -33,7 +33,7 @@ def lightly_moco_step(config: RunConfig, precision: Precision, views: list[Tenso
     torch.manual_seed(0)
     backbone = build_backbone(
         model_config.arch, width=model_config.width, cifar_stem=model_config.cifar_stem,
-        stem_stride=model_config.stem_stride,
+        stem_stride=model_config.stem_stride, in_channels=model_config.in_channels,
     )  # fmt: skip
     head = MoCoProjectionHead(
         backbone.out_dim, model_config.hidden_dim or backbone.out_dim, model_config.embedding_dim,

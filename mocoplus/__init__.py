@@ -14,7 +14,7 @@ from mocoplus.config import MoCoConfig
 from mocoplus.losses import ContrastiveResult, contrastive_loss, dual_view_loss, info_nce
 from mocoplus.negatives import NegativeSampling
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "ContrastiveResult",

@@ -64,20 +64,23 @@ def media_type(content_type: str) -> str:
     return content_type.split(";", 1)[0].strip().lower()
 
 
-async def read_payload(request: Request, limits: Limits, members: Collection[str]) -> Payload:
+async def read_payload(
+    request: Request, limits: Limits, json_members: Collection[str], form_members: Collection[str]
+) -> Payload:
     """The request's images (raw bytes), key, vectors and scalar fields.
 
-    ``members`` are the names the endpoint reads (its request model's fields,
-    `serving.schemas`): any other JSON member or form field is a 422, so a
-    misspelt ``topk`` is never silently searched with the default ``k``.
+    ``json_members`` and ``form_members`` are the names the endpoint reads from
+    a JSON body and from a multipart form (its request models' fields,
+    `serving.schemas`): any other member or field is a 422, so a misspelt
+    ``topk`` is never silently searched with the default ``k``.
     """
     content_type = request.headers.get("content-type", "")
     kind = media_type(content_type)
     if kind == "multipart/form-data":
-        return await _read_multipart(request, limits, members)
+        return await _read_multipart(request, limits, form_members)
     if kind == "application/json":
         body = await request.body()  # `BodyGuard` caps it as it arrives
-        return await asyncio.to_thread(_parse_json, body, limits, members)
+        return await asyncio.to_thread(_parse_json, body, limits, json_members)
     shown = repr(shorten(content_type)) if content_type else "no content type"
     raise RequestError(415, f"send multipart/form-data or application/json, not {shown}")
 

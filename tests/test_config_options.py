@@ -73,6 +73,15 @@ def test_serve_has_an_option_for_every_limit():
     assert options["body_timeout_s"].opts == ["--body-timeout"]  # the command line's spelling, kept
 
 
+def test_every_switch_can_be_turned_on_and_off():
+    """A bool setting is --x/--no-x (ingest's --no-overwrite and --no-update existed before the options were
+    derived, and scripts use them)."""
+    for name, field_name in (("ingest", "overwrite"), ("ingest", "update"), ("embed", "fp16"), ("export", "whiten")):
+        option = command_options(name)[field_name]
+        flag = field_name.replace("_", "-")
+        assert (option.opts, option.secondary_opts) == ([f"--{flag}"], [f"--no-{flag}"]), (name, field_name)
+
+
 def test_a_size_is_given_as_512m_and_a_bad_value_gets_the_stages_message(tmp_path, monkeypatch):
     import pipeline.index.build
 

@@ -657,10 +657,12 @@ def test_damaged_finished_shard_is_not_trusted_on_resume(labelled_folder, tmp_pa
 class InlineImage:
     """An `ItemInput` of a kind ingest has never seen: bytes held here, as a URL source would fetch them."""
 
-    def __init__(self, name: str, data: bytes) -> None:
+    def __init__(self, name: str, data: bytes | None) -> None:
         self.name, self.data = name, data
 
     def open(self, max_bytes: int) -> bytes:
+        if self.data is None:  # what a fetch that fails raises
+            raise ConnectionRefusedError(111, "Connection refused")
         if len(self.data) > max_bytes:
             from artifacts.files import FileTooLargeError
 
@@ -670,7 +672,8 @@ class InlineImage:
 
 def test_a_new_kind_of_source_is_one_module_and_its_registry_entry(tmp_path, monkeypatch):
     """A source kind registered in SOURCE_KINDS whose items open their own bytes: ingested like files (decoded,
-    checked, provenance recorded), and its own size refusal skips the input with the reason, losing nothing."""
+    checked, provenance recorded); its own size refusal and a failed fetch skip the input with the reason, and
+    the ingest goes on, losing nothing."""
     import pipeline.data.sources as sources
     from pipeline.data.sources.base import Source, SourceItem
 
@@ -681,10 +684,11 @@ def test_a_new_kind_of_source_is_one_module_and_its_registry_entry(tmp_path, mon
         image.save(buffer, format="PNG")
         encoded.append(buffer.getvalue())
     encoded.append(b"\x89PNG" + bytes(5000))  # over the cap below: refused by the input itself
+    encoded.append(None)  # unreachable
 
     def resolve(spec: str) -> Source:
         items = [
-            SourceItem(f"inline/{n}", n % 2, f"inline://{n}", InlineImage(f"inline://{n}", data), str(len(data)))
+            SourceItem(f"inline/{n}", n % 2, f"inline://{n}", InlineImage(f"inline://{n}", data), str(n))
             for n, data in enumerate(encoded)
         ]
         return Source("inline", spec, items, ("even", "odd"), "fingerprint")
@@ -693,9 +697,10 @@ def test_a_new_kind_of_source_is_one_module_and_its_registry_entry(tmp_path, mon
     monkeypatch.setattr(sources, "SOURCE_KINDS", (kind, *sources.SOURCE_KINDS))
     result = ingest("inline:demo", tmp_path / "out", IngestConfig(workers=1, max_file_bytes=4096), progress=False)
 
-    assert (result.manifest.inputs, result.manifest.written) == (4, 3)
-    assert [entry.input for entry in result.manifest.skipped] == ["inline://3"]
+    assert (result.manifest.inputs, result.manifest.written) == (5, 3)
+    assert [entry.input for entry in result.manifest.skipped] == ["inline://3", "inline://4"]
     assert "over 4,096" in result.manifest.skipped[0].reason
+    assert result.manifest.skipped[1].reason == "cannot read it: Connection refused"
     samples = tar_samples(tmp_path / "out")
     for n, image in enumerate(images):
         sample = samples[f"inline/{n}"]

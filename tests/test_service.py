@@ -138,6 +138,7 @@ def test_the_request_models_are_what_the_parser_reads(client, corpus):
     for answer in (
         client.post("/v1/search", json={"key": key, "topk": 2}),
         client.post("/v1/search", files={"key": (None, key), "topk": (None, "2")}),
+        client.post("/v1/search", files={"key": (None, key), "vectors": (None, "[[1.0]]")}),  # JSON only
         client.post("/v1/embed", json={"images": [], "k": 2}),
     ):
         assert answer.status_code == 422 and "unknown field" in answer.json()["error"], answer.text

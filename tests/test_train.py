@@ -133,6 +133,18 @@ def test_the_trainer_calls_the_hooks_it_is_given_and_keeps_their_state_in_checkp
     assert resumed.calls[0] == "before 3/5" and resumed.counted == 5  # 3 restored + 2 counted
 
 
+def test_the_knn_monitor_keeps_its_scores_under_the_checkpoints_old_key_and_reserves_its_last_pass():
+    """Checkpoints of earlier versions hold ``best_knn_top1`` at their top level: the monitor reads and writes that
+    key, and a time budget keeps the last pass's duration free for the final one."""
+    from pipeline.train.hooks import KnnMonitor
+
+    monitor = KnnMonitor(load_config("fashion-mnist-cpu", TINY), None, None, None, None)  # type: ignore[arg-type]
+    assert monitor.state() == {"best_knn_top1": None} and monitor.reserve_seconds == 0.0
+    monitor.load_state({"best_knn_top1": 0.71, "counted_steps": 3})
+    monitor.seconds = 4.5
+    assert monitor.best == 0.71 and monitor.state() == {"best_knn_top1": 0.71} and monitor.reserve_seconds == 4.5
+
+
 def test_a_time_budget_ends_the_schedule_when_the_budget_is_spent(fashion_shards, tmp_path, monkeypatch):
     """A clock on which every step takes one second: a 50 s budget must end at step 50 with the LR at its end."""
     monkeypatch.setattr(Trainer, "clock", lambda self: float(self.step))

@@ -61,9 +61,10 @@ class FromConfig:
             default = byte_text(default) if default is not None else None
         elif get_origin(kind) is Literal:
             options["parser"] = choice(kind, flag.removeprefix("--"))
-        flag_like = kind is bool or set(get_args(kind)) == {bool, type(None)}
-        switch = flag_like and default is not False  # on by default, or unset (the run decides): it can be turned off
-        names = [f"{flag}/--no-{flag.removeprefix('--')}" if switch else flag]
+        if kind is bool or set(get_args(kind)) == {bool, type(None)}:  # a switch: --x turns it on, --no-x off
+            names = [f"{flag}/--no-{flag.removeprefix('--')}"]
+        else:
+            names = [flag]
         if item.default is MISSING:  # a factory's default: unset unless given
             annotation, options["show_default"] = annotation | None, False
         return inspect.Parameter(

@@ -61,6 +61,8 @@ def prepare_sample(item: SourceItem, options: SampleOptions) -> PreparedSample |
         return SkippedInput(item.origin, f"{error} (--max-file-bytes)")
     except (InvalidImageError, UnreadableFileError) as error:
         return SkippedInput(item.origin, str(error))
+    except OSError as error:  # an input of another kind that could not be fetched: skipped, like an unreadable file
+        return SkippedInput(item.origin, f"cannot read it: {error.strerror or error}")
     image = decoded.image
     if options.max_side is not None:
         image = limit_side(image, options.max_side)

@@ -52,6 +52,9 @@ from pipeline.train.state import rng_state, set_rng_state, state_fingerprint
 from pipeline.train.step import TrainingStep
 
 CHECKPOINT_FORMAT = "mocoplus.checkpoint"
+# what the trainer itself keeps in a checkpoint; every other top-level key belongs to a hook (`Hook.state`)
+TRAINER_STATE = ("format", "model", "optimizer", "scheduler", "scaler", "rng", "step", "epoch", "elapsed_s",
+                 "total_steps", "config")  # fmt: skip
 SUMMARY_NAME = "train.json"
 REPLAN_AFTER_STEPS, REPLAN_EVERY_STEPS = 20, 10  # a time budget's pace: measured after 20 steps, every 10
 
@@ -135,7 +138,7 @@ class Trainer:
         self.plan = StepPlan(self.step_cap)  # a time budget re-plans it (`_replan`)
         self.elapsed_before = 0.0  # wall-clock seconds of earlier segments of a resumed run
         self.hooks: tuple[Hook, ...] = ()  # those of the run in progress (`run`)
-        self.resumed_state: dict[str, Any] = {}  # the checkpoint resumed from: its hooks' part goes back to them
+        self.resumed_state: dict[str, Any] = {}  # the hooks' part of the checkpoint resumed from, for them
 
         torch.manual_seed(config.train.seed)  # identical initial weights on every rank
         self.model = MoCoPlus(config.model).to(self.device, memory_format=self.precision.memory_format())
@@ -227,7 +230,8 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         if self.placement.world_size == 1:
             set_rng_state(state["rng"])
-        self.step, self.resumed_state = int(state["step"]), state
+        self.step = int(state["step"])
+        self.resumed_state = {key: value for key, value in state.items() if key not in TRAINER_STATE}
         self.elapsed_before = float(state.get("elapsed_s", 0.0))
         if self.config.train.time_budget:
             self.total_steps = min(int(state.get("total_steps", self.step_cap)), self.step_cap)

@@ -32,7 +32,7 @@ router = APIRouter(prefix="/v1", tags=["search"], responses=ERRORS)
 )
 async def embed(request: Request, service: TheService) -> dict[str, Any]:
     service.require_ready()  # before the body is read: a loading service answers at once
-    payload = await read_payload(request, service.config.limits, EmbedRequest.model_fields)
+    payload = await read_payload(request, service.config.limits, EmbedRequest.model_fields, EmbedForm.model_fields)
     async with service.pinned() as live:
         vectors = await service.embed_images(payload.images, live)
         return {"model": live.model.hash, "dim": int(vectors.shape[1]), "embeddings": vectors.tolist()}
@@ -47,5 +47,5 @@ async def embed(request: Request, service: TheService) -> dict[str, Any]:
     openapi_extra=request_body(SearchRequest, SearchForm),
 )
 async def search(request: Request, service: TheService) -> dict[str, Any]:
-    payload = await read_payload(request, service.config.limits, SearchRequest.model_fields)
+    payload = await read_payload(request, service.config.limits, SearchRequest.model_fields, SearchForm.model_fields)
     return await service.search(payload)

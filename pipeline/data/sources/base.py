@@ -40,7 +40,9 @@ class ItemInput(Protocol):
 
     def open(self, max_bytes: int) -> bytes | np.ndarray:
         """The encoded image (at most ``max_bytes``: larger raises `artifacts.files.FileTooLargeError`) or its
-        pixels ([H, W] or [H, W, C] uint8). Encoded bytes are decoded, checked and recorded with provenance."""
+        pixels ([H, W] or [H, W, C] uint8). Encoded bytes are decoded, checked and recorded with provenance.
+        An input that cannot be read raises `OSError` (a network error included): it is skipped with the
+        reason, and the ingest goes on."""
         ...
 
 
