@@ -64,11 +64,6 @@ def from_env(value: int | None, variable: str, default: int) -> int:
     return int(text)
 
 
-def given(**values: object) -> dict[str, object]:
-    """The options set on the command line: the dataclass defaults stay the one source for the rest."""
-    return {name: value for name, value in values.items() if value is not None}
-
-
 def progress_option() -> Any:
     """``--progress/--no-progress``, the same on every long-running command."""
     return typer.Option(help="Show progress (a bar on a terminal, lines otherwise).")

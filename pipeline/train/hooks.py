@@ -265,8 +265,13 @@ class RunCurves(Hook):
     """``RUN/curves.png`` from the run's metrics when the run ends, also on an error (then it matters most)."""
 
     def close(self, run: RunView) -> None:
-        if run.is_main:
-            draw_run_curves(run.run_dir)
+        if not run.is_main:
+            return
+        curves = RunFolder(run.run_dir).curves
+        try:
+            draw_curves([run.run_dir], curves)
+        except Exception as error:  # matplotlib missing or broken, a disk full: the checkpoints matter, not the picture
+            print(f"warning: {curves} not drawn: {error}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -321,12 +326,3 @@ def _tensorboard(run_dir: Path):
     except ImportError as error:
         raise ValueError(f"train.tensorboard needs the tensorboard package ({error})") from None
     return SummaryWriter(str(run_dir / "tensorboard"))
-
-
-def draw_run_curves(run_dir: Path) -> Path | None:
-    """``RUN/curves.png`` from the run's metrics, when it ends or is stopped; a picture never fails a run."""
-    try:
-        return draw_curves([run_dir], RunFolder(run_dir).curves)
-    except Exception as error:  # matplotlib missing or broken, a disk full: the checkpoints matter, not the picture
-        print(f"warning: {RunFolder(run_dir).curves} not drawn: {error}", file=sys.stderr)
-        return None
