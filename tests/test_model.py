@@ -110,28 +110,62 @@ def test_state_dict_round_trip_includes_the_queue():
     torch.testing.assert_close(a, b)
 
 
-def test_split_batch_norm_normalises_each_interleaved_group_on_its_own():
+def naive_split_batch_norm(x: torch.Tensor, layer: SplitBatchNorm) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each slice normalised by its own biased mean/var; running stats moved by the slices' mean unbiased ones."""
+    dims = (0, *range(2, x.dim()))
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    outputs, means, variances = [], [], []
+    for part in x.chunk(layer.num_splits):
+        mean = part.mean(dim=dims, keepdim=True)
+        var = part.var(dim=dims, unbiased=False, keepdim=True)
+        outputs.append((part - mean) / torch.sqrt(var + layer.eps) * layer.weight.view(shape) + layer.bias.view(shape))
+        means.append(mean.flatten())
+        variances.append(part.var(dim=dims, unbiased=True))
+    momentum = layer.momentum
+    running_mean = (1 - momentum) * torch.zeros(x.shape[1]) + momentum * torch.stack(means).mean(0)
+    running_var = (1 - momentum) * torch.ones(x.shape[1]) + momentum * torch.stack(variances).mean(0)
+    return torch.cat(outputs), running_mean, running_var
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"),
+    [((8, 3, 4, 4), False), ((8, 3, 4, 4), True), ((12, 5), False)],
+    ids=["maps", "maps-channels-last", "features"],
+)
+def test_split_batch_norm_normalises_each_slice_of_the_batch_on_its_own(shape, channels_last):
     torch.manual_seed(0)
-    split = SplitBatchNorm(3, num_splits=2)
+    split = SplitBatchNorm(shape[1], num_splits=2 if len(shape) == 4 else 3)
     nn.init.uniform_(split.weight)
     nn.init.uniform_(split.bias)
-    x = torch.randn(8, 3, 4, 4) * 3 + 1
+    x = torch.randn(*shape) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    naive_input = x.detach().clone().requires_grad_()
+    x.requires_grad_()
     out = split(x)
-    for group in range(2):
-        part = x[group::2]
-        mean = part.mean(dim=(0, 2, 3), keepdim=True)
-        var = part.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
-        expected = (part - mean) / torch.sqrt(var + split.eps) * split.weight.view(1, 3, 1, 1) + split.bias.view(
-            1, 3, 1, 1
-        )
-        torch.testing.assert_close(out[group::2], expected, rtol=1e-5, atol=1e-5)
-    plain = nn.BatchNorm2d(3)
-    plain.load_state_dict({k: v for k, v in split.state_dict().items()})
+    reference = nn.BatchNorm2d(shape[1]) if len(shape) == 4 else nn.BatchNorm1d(shape[1])
+    expected, running_mean, running_var = naive_split_batch_norm(naive_input, split)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split.running_mean, running_mean)
+    torch.testing.assert_close(split.running_var, running_var)
+    # the same gradients as the naive form, to the input and to the affine parameters
+    weights = torch.randn(shape)
+    (out * weights).sum().backward()
+    grad_weight, grad_bias = split.weight.grad.clone(), split.bias.grad.clone()
+    split.zero_grad()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(x.grad, naive_input.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_weight, split.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grad_bias, split.bias.grad, rtol=1e-4, atol=1e-5)
+    if channels_last:  # the convolution after it keeps its fast layout
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    # in eval mode it is plain batch norm with the same state
+    reference.load_state_dict(split.state_dict())
     split.eval()
-    plain.eval()
-    torch.testing.assert_close(split(x), plain(x))
-    with pytest.raises(ValueError, match="divisible by bn_splits=2"):
-        split.train()(torch.randn(5, 3, 4, 4))
+    reference.eval()
+    torch.testing.assert_close(split(x), reference(x))
+    with pytest.raises(ValueError, match="divisible by bn_splits"):
+        split.train()(torch.randn(shape[0] + 1, *shape[1:]))
 
 
 def test_split_bn_is_the_single_device_default_and_shuffles_keys_without_reordering_them():
@@ -298,30 +332,6 @@ def test_head_bn_uses_split_bn_on_one_device_and_plain_bn_otherwise():
     plain = tiny_model(head_bn=True, key_bn="plain")
     assert type(plain.query_encoder.head[1]) is nn.BatchNorm1d
     assert len(tiny_model().query_encoder.head) == 3  # MoCo v2: Linear, ReLU, Linear
-
-
-def test_split_batch_norm_on_features_matches_per_group_statistics():
-    split = SplitBatchNorm(5, num_splits=4)
-    x = torch.randn(16, 5) * 2 + 3
-    out = split(x)
-    for group in range(4):
-        part = x[group::4]
-        expected = (part - part.mean(0)) / torch.sqrt(part.var(0, unbiased=False) + split.eps)
-        torch.testing.assert_close(out[group::4], expected, rtol=1e-5, atol=1e-5)
-
-
-def test_split_batch_norm_keeps_channels_last_and_gives_the_same_numbers():
-    torch.manual_seed(0)
-    split = SplitBatchNorm(6, num_splits=4)
-    nn.init.uniform_(split.weight)
-    x = torch.randn(8, 6, 5, 3)
-    x_last = x.contiguous(memory_format=torch.channels_last)
-    reference = copy.deepcopy(split)
-    out, out_last = reference(x), split(x_last)
-    assert out_last.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out_last, out)
-    torch.testing.assert_close(split.running_mean, reference.running_mean)
-    torch.testing.assert_close(split.running_var, reference.running_var)
 
 
 def test_a_one_channel_stem_takes_gray_images_as_they_are():
