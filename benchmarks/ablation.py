@@ -1,21 +1,34 @@
-"""Ablation at equal wall-clock: MoCo v2 vs + dual view vs + each hard-negative mode vs both, on Fashion-MNIST.
+"""Ablation at equal wall-clock on Fashion-MNIST, scored on the served embedding, accumulated across sessions.
 
-Each variant trains the `fashion-mnist-cpu` preset (as shipped, or with
-``--set`` overrides) from the same initialisation on the same shards for the
-same wall-clock budget (``--minutes``, the trainer's ``train.time_budget``: its
-cosine schedule is re-planned from the measured pace to end at the budget), so a
-variant that costs more per step — the symmetric loss encodes four views a step,
-selection costs a top-k — pays for it in steps, as it would for a user. The
-hard-negative warm-up is counted in steps (``--warmup-steps``), since short
-budgets may not reach a whole epoch. Each run is scored with `mocoplus evaluate`'s
-retrieval suite (weighted kNN-200, 1/5/20-NN, precision@10; 60k training images
-as memory, 10k test queries) and linear probe, key encoder. Prints JSON with every
-run and mean ± std per variant over the seeds, and a Markdown table for docs/results.md.
-Run it on a quiet machine: the budget is wall-clock.
+Every variant trains the `fashion-mnist-cpu` preset (with the variant's
+overrides) from the same initialisation per seed for the same *wall-clock
+budget* (``--minutes``), then `mocoplus evaluate` scores its **served
+embedding** — key encoder, the run's grid, whitening and kept dimensions, as
+`mocoplus export` ships it — with the retrieval suite (weighted kNN-200,
+1/5/20-NN, precision@10; 60,000 training images as memory, 10,000 test
+queries) and the linear probe.
+
+Equal wall-clock without a quiet machine: each variant's pace (images/s of the
+real training loop, data loading included) is measured once, quietly, in a
+short calibration run (``--calibrate-steps``), and the budget becomes a fixed
+step count, ``minutes × pace``. A variant that costs more per step (the
+symmetric loss encodes four views, multi-crop adds small ones) gets fewer steps,
+as it would for a user with that budget, and a run slowed by other work on the
+machine still trains exactly as far. The paces are kept in the results file
+with the machine that measured them, and reused, so runs from later sessions
+(on other machines) join the same table.
+
+Runs accumulate in ``--results`` (JSON lines, one per finished run; a run
+already there for the same variant, seed and budget is skipped), so the 3 seeds
+× 7 variants × 15 minutes (over 5 hours of 2 cores) can be spread over
+sessions. Prints JSON with every run and mean ± sample std per variant, and
+the Markdown table of docs/results.md.
 
     mocoplus ingest fashion-mnist:train --out shards/fmnist-train
     mocoplus ingest fashion-mnist:test --out shards/fmnist-test
-    python benchmarks/ablation.py --train shards/fmnist-train --test shards/fmnist-test --minutes 3 --seeds 0 1 2
+    python benchmarks/ablation.py --train shards/fmnist-train --test shards/fmnist-test \\
+        --minutes 15 --seeds 0 1 2 --results benchmarks/results/ablation-15min.jsonl
+    python benchmarks/ablation.py --results benchmarks/results/ablation-15min.jsonl --report   # the table only
 """
 
 from __future__ import annotations
@@ -23,112 +36,225 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Any
+
+from harness import cpu_model_name, environment, load_average, log  # benchmarks/ is the script's folder
 
 from pipeline.evaluate.evaluate import evaluate
-from pipeline.train.run_config import load_config, with_data
+from pipeline.train.run_config import RunConfig, load_config, with_data
 from pipeline.train.trainer import train
 
-VARIANTS = {
-    "MoCo v2": ["model.dual_view=none", "model.negatives=all"],
-    "+ dual view (symmetric)": ["model.dual_view=symmetric", "model.negatives=all"],
-    "+ band": ["model.dual_view=none", "model.negatives=band"],
-    "+ debiased": ["model.dual_view=none", "model.negatives=debiased"],
-    "+ hard-weighted": ["model.dual_view=none", "model.negatives=hard-weighted"],
-    "both (symmetric + band)": ["model.dual_view=symmetric", "model.negatives=band"],
+PRESET = "fashion-mnist-cpu"
+# The preset is the seed paper's hard negatives alone (band, one-sided loss); the rest change one thing each.
+VARIANTS: dict[str, list[str]] = {
+    "preset (band negatives)": [],
+    "MoCo v2 (no enhancement)": ["model.negatives=all"],
+    "dual view alone": ["model.dual_view=symmetric", "model.negatives=all"],
+    "both enhancements": ["model.dual_view=symmetric"],
+    "+ multi-crop (2 × 16 px)": ["augment.small_crops=2"],
+    "+ mild gray augmentation": ["augment.scale=[0.8, 1.0]", "augment.flip_p=0", "augment.rotation=10"],
+    "+ plain key BN": ["model.key_bn=plain"],
 }
 COLUMNS = ("weighted_knn200", "nn1", "nn5", "nn20", "precision_at_10", "linear_top1")
 HEADINGS = ("kNN-200", "1-NN", "5-NN", "20-NN", "P@10", "linear")
 
 
-def run_variant(name: str, seed: int, args: argparse.Namespace, folder: Path) -> dict[str, object]:
-    overrides = [
-        *VARIANTS[name],
-        f"model.warmup_steps={args.warmup_steps}",
-        "model.warmup_epochs=0",
-        *args.overrides,
-        f"train.seed={seed}",
-        f"train.time_budget={args.minutes * 60}",
-        "train.epochs=1000",  # the budget ends the run
-        "train.checkpoint_every=0",
-    ]
-    config = with_data(load_config("fashion-mnist-cpu", overrides), train=args.train)
-    run_dir = folder / f"{name.split(' (')[0].replace(' ', '_').replace('+', 'plus')}-{seed}"
-    result = train(config, run_dir, progress=args.progress)
-    scores = evaluate(run_dir, args.train, args.test, checkpoint="last", workers=args.workers, progress=False)
-    key = scores.encoders["key"]
+def variant_config(name: str, seed: int, extra: list[str], train_shards: str, **train_settings: Any) -> RunConfig:
+    """The preset with the variant's overrides, the common ones and ``train_settings`` (``train.<key>=<value>``)."""
+    settings = [f"train.{key}={value}" for key, value in train_settings.items()]
+    overrides = [*VARIANTS[name], *extra, f"train.seed={seed}", "train.time_budget=0", *settings]
+    return with_data(load_config(PRESET, overrides), train=train_shards)
+
+
+def measure_pace(name: str, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Images/s of the variant's real training loop over ``--calibrate-steps`` steps (data loading included)."""
+    config = variant_config(name, 0, args.overrides, args.train, max_steps=args.calibrate_steps, checkpoint_every=0)
+    log("ablation", f"calibrating {name!r}: {args.calibrate_steps} steps (keep the machine quiet)")
+    result = train(config, folder / f"pace-{slug(name)}", progress=False)
     return {
+        "kind": "pace",
         "variant": name,
-        "seed": seed,
-        "steps": result.steps,
+        "overrides": args.overrides,
         "images_per_s": result.images_per_s,
-        "final_loss": result.final_loss,
-        **key.retrieval.as_dict(),
-        "linear_top1": key.linear_top1,
+        "batch": config.train.global_batch,
+        "calibrate_steps": args.calibrate_steps,
+        "cpu": cpu_model_name(),
+        "load_average": load_average(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
     }
 
 
-def summarise(runs: list[dict[str, object]]) -> dict[str, dict[str, str]]:
-    """Mean ± sample std (in %) per variant and column, and the mean steps each variant reached."""
+def run_variant(name: str, seed: int, steps: int, args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    """Train ``steps`` steps, then score the served embedding (key encoder, as exported)."""
+    config = variant_config(
+        name, seed, args.overrides, args.train, max_steps=steps, epochs=10_000, checkpoint_every=0, keep_last=1
+    )
+    run_dir = folder / f"{slug(name)}-{seed}"
+    started = time.perf_counter()
+    result = train(config, run_dir, progress=args.progress)
+    trained_s = time.perf_counter() - started
+    scores = evaluate(run_dir, args.train, args.test, checkpoint="last", workers=args.workers, encoders=("key",))
+    key = scores.encoders["key"]
+    return {
+        "kind": "run",
+        "variant": name,
+        "seed": seed,
+        "minutes": args.minutes,
+        "overrides": args.overrides,
+        "steps": result.steps,
+        "train_s": round(trained_s, 1),
+        "images_per_s": result.images_per_s,
+        "final_loss": result.final_loss,
+        "embedding": f"grid {config.model.embedding_grid}, {config.model.embedding_whitening} "
+        f"whitening, {config.model.embedding_dims or 'all'} dims",
+        **key.retrieval.as_dict(),
+        "linear_top1": key.linear_top1,
+        "cpu": cpu_model_name(),
+        "load_average": load_average(),
+        "commit": git_commit(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def read_results(path: Path | None) -> list[dict[str, Any]]:
+    if path is None or not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_result(path: Path | None, record: dict[str, Any]) -> None:
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a") as file:
+            file.write(json.dumps(record) + "\n")
+    print(json.dumps(record), file=sys.stderr, flush=True)
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
+    """Mean ± sample std (in %) per variant and column, the seeds counted and the mean steps reached."""
     table: dict[str, dict[str, str]] = {}
     for name in VARIANTS:
         mine = [run for run in runs if run["variant"] == name]
         if not mine:
             continue
-        table[name] = {"steps": f"{statistics.mean(int(run['steps']) for run in mine):,.0f}"}  # type: ignore[arg-type]
+        table[name] = {"seeds": str(len(mine)), "steps": f"{statistics.mean(int(run['steps']) for run in mine):,.0f}"}
         for column in COLUMNS:
-            values = [100 * float(run[column]) for run in mine]  # type: ignore[arg-type]
+            values = [100 * float(run[column]) for run in mine if run.get(column) is not None]
             spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
-            table[name][column] = f"{statistics.mean(values):.2f}{spread}"
+            table[name][column] = f"{statistics.mean(values):.2f}{spread}" if values else "—"
     return table
 
 
-def markdown(table: dict[str, dict[str, str]], seeds: int, minutes: float) -> str:
-    unit = f"{seeds} seed{'s' if seeds > 1 else ''}, {minutes:g} min each"
-    lines = [f"| variant ({unit}) | steps | " + " | ".join(HEADINGS) + " |", "|---" * (len(COLUMNS) + 2) + "|"]
+def markdown(table: dict[str, dict[str, str]], minutes: float) -> str:
+    lines = [
+        f"| variant ({minutes:g} min each) | seeds | steps | " + " | ".join(HEADINGS) + " |",
+        "|---" * (len(COLUMNS) + 3) + "|",
+    ]
     for name, row in table.items():
-        lines.append(f"| {name} | {row['steps']} | " + " | ".join(row[column] for column in COLUMNS) + " |")
+        cells = " | ".join(row[column] for column in COLUMNS)
+        lines.append(f"| {name} | {row['seeds']} | {row['steps']} | {cells} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train", required=True, help="labelled training shards (memory and probe data)")
-    parser.add_argument("--test", required=True, help="labelled held-out shards")
+    parser.add_argument("--train", help="labelled training shards (memory and probe data)")
+    parser.add_argument("--test", help="labelled held-out shards")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--minutes", type=float, default=3.0, help="wall-clock training budget of every run")
-    parser.add_argument("--warmup-steps", type=int, default=300, help="steps of all negatives before selection")
+    parser.add_argument("--minutes", type=float, default=15.0, help="wall-clock training budget of every run")
+    parser.add_argument("--calibrate-steps", type=int, default=150, help="steps of each variant's pace measurement")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), metavar="NAME")
+    parser.add_argument("--results", type=Path, default=None, help="JSON-lines file the runs accumulate in")
+    parser.add_argument("--report", action="store_true", help="only summarise --results; train nothing")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temp folder)")
+    parser.add_argument("--out", type=Path, default=None, help="keep the run folders here (default: a temp folder)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        help="extra config override for every variant, e.g. augment.small_crops=2",
+        "--set", dest="overrides", action="append", default=[], help="extra config override for every variant"
     )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ablation-") as temp:
-        folder = args.out or Path(temp)
-        runs = []
-        for seed in args.seeds:  # seed-major: an interrupted run still has whole seeds of every variant
-            for name in args.variants:
-                runs.append(run_variant(name, seed, args, folder))
-                print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
+    if not args.report and not (args.train and args.test):
+        parser.error("--train and --test are needed to train (or give --report with --results)")
+    if args.report and args.results is None:
+        parser.error("--report reads --results")
+    return args
+
+
+def is_done(records: list[dict[str, Any]], name: str, seed: int, args: argparse.Namespace) -> bool:
+    wanted = ("run", name, seed, args.minutes, args.overrides)
+    return any(
+        (r["kind"], r.get("variant"), r.get("seed"), r.get("minutes"), r["overrides"]) == wanted for r in records
+    )
+
+
+def known_pace(records: list[dict[str, Any]], name: str, overrides: list[str]) -> dict[str, Any] | None:
+    wanted = ("pace", name, overrides)
+    return next((r for r in records if (r["kind"], r["variant"], r["overrides"]) == wanted), None)
+
+
+def run_ablation(records: list[dict[str, Any]], args: argparse.Namespace, folder: Path) -> None:
+    """Calibrate every variant still to run (all first, so one quiet stretch covers them), then train and score."""
+    todo = [(seed, name) for seed in args.seeds for name in args.variants if not is_done(records, name, seed, args)]
+    paces = {}
+    for name in dict.fromkeys(name for _, name in todo):
+        pace = known_pace(records, name, args.overrides)
+        if pace is None:
+            pace = measure_pace(name, args, folder)
+            append_result(args.results, pace)
+            records.append(pace)
+        paces[name] = pace
+    for seed, name in todo:  # seed-major: an interrupted ablation still has whole seeds of every variant
+        pace = paces[name]
+        steps = max(1, round(args.minutes * 60 * pace["images_per_s"] / pace["batch"]))
+        log(
+            "ablation",
+            f"{name!r} seed {seed}: {steps:,} steps, {args.minutes:g} min at {pace['images_per_s']:.0f} img/s",
+        )
+        record = run_variant(name, seed, steps, args, folder)
+        append_result(args.results, record)
+        records.append(record)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    records = read_results(args.results)
+    if not args.report:
+        with tempfile.TemporaryDirectory(prefix="ablation-") as temp:
+            run_ablation(records, args, args.out or Path(temp))
+    runs = [
+        r for r in records if r["kind"] == "run" and r["minutes"] == args.minutes and r["overrides"] == args.overrides
+    ]
     table = summarise(runs)
     report = {
         "benchmark": "ablation",
         "command": "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "minutes_per_run": args.minutes,
-        "warmup_steps": args.warmup_steps,
         "overrides": args.overrides,
+        "paces": [r for r in records if r["kind"] == "pace"],
         "runs": runs,
         "mean_std_percent": table,
-        "markdown": markdown(table, len(args.seeds), args.minutes),
+        "markdown": markdown(table, args.minutes),
+        "environment": environment(),
+        "wall_s": round(time.perf_counter() - started, 1),
     }
     json.dump(report, sys.stdout, indent=2)
     print()

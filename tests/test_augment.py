@@ -54,6 +54,33 @@ def test_flip_mirrors_the_image(images):
     torch.testing.assert_close(flipped, eval_transform(images, IDENTITY).flip(-1))
 
 
+def test_rotation_turns_each_view_as_torchvision_rotates_it():
+    """A naive reference: torchvision's bilinear rotate of each image by the angle the view drew (whole-image crops)."""
+    from torchvision.transforms.v2 import functional as reference
+
+    config = replace(IDENTITY, output_size=28, rotation=30.0)
+    shapes = torch.zeros(6, 28, 28, dtype=torch.uint8)
+    shapes[:, 6:22, 12:16], shapes[:, 6:9, 8:20] = 255, 200  # a "T" with a black border: nothing crosses the edge
+    augment = RandomAugment(config)
+    for view, draws_before_angles in (
+        (lambda g: augment(shapes, g), lambda g: (augment._crop_boxes(6, 28, 28, g), torch.rand(6, generator=g))),
+        (lambda g: augment.after_crop(shapes.unsqueeze(1), g), lambda g: torch.rand(6, generator=g)),  # flip chance
+    ):
+        turned = view(seeded(3))
+        replay = seeded(3)
+        draws_before_angles(replay)
+        angles = torch.rad2deg(augment._angles(6, replay))
+        assert angles.abs().max() <= 30 and angles.std() > 5
+        pixels = shapes.float().div(255).unsqueeze(1)
+        bilinear = reference.InterpolationMode.BILINEAR
+        rotated = torch.stack([reference.rotate(pixels[i], float(a), bilinear) for i, a in enumerate(angles)])
+        expected = ((rotated - config.mean[0]) / config.std[0]).expand(-1, 3, -1, -1)  # normalised, gray replicated
+        torch.testing.assert_close(turned, expected, atol=1e-4, rtol=0)
+    assert not torch.equal(RandomAugment(config)(shapes, seeded(3)), eval_transform(shapes, config))
+    with pytest.raises(ValueError, match="rotation"):
+        AugmentConfig(rotation=-1)
+
+
 def test_two_views_differ(images):
     view1, view2 = TwoViewAugment(PRESET)(images, seeded(0))
     assert (view1 - view2).abs().mean(dim=(1, 2, 3)).min() > 0  # every image's pair differs

@@ -42,6 +42,10 @@ class AugmentConfig:
     model encodes as extra queries against the key of the second global view.
     A 16 px crop costs about a third of a 28 px view, so two of them add more
     (and more local) positives per image for less than one more view's compute.
+
+    ``rotation`` > 0 turns each view by an angle drawn uniformly from
+    ±``rotation`` degrees, in the same resampling as its crop: a small affine
+    for product images, where a flip would mirror text-like details.
     """
 
     output_size: int = 224
@@ -63,6 +67,7 @@ class AugmentConfig:
     small_crops: int = 0
     small_size: int = 16
     small_scale: tuple[float, float] = (0.15, 0.5)
+    rotation: float = 0.0
 
     def __post_init__(self) -> None:
         if self.input_mode not in ("L", "RGB"):
@@ -80,6 +85,8 @@ class AugmentConfig:
                 f"need small_crops >= 0, small_size >= 1 and 0 < small_scale[0] <= small_scale[1] <= 1; "
                 f"got {self.small_crops}, {self.small_size}, {self.small_scale}"
             )
+        if not 0.0 <= self.rotation <= 180.0:
+            raise ValueError(f"rotation must lie in [0, 180] degrees; got {self.rotation}")
         probabilities = (self.flip_p, self.jitter_p, self.grayscale_p, self.blur_p)
         if not all(0.0 <= p <= 1.0 for p in probabilities):
             raise ValueError(f"probabilities must lie in [0, 1]; got {probabilities}")
@@ -192,6 +199,29 @@ def _chance(p: float, count: int, generator: torch.Generator | None) -> Tensor:
     return torch.rand(count, generator=generator) < p
 
 
+def _affine(angles: Tensor, x_scale: Tensor, y_scale: Tensor, aspect: float) -> Tensor:
+    """``affine_grid``'s ``theta`` [B, 2, 3] (no shift): the output scaled to the box, then turned by ``angles``.
+
+    ``x_scale`` is (flip ×) box width / image width, ``y_scale`` box height / image
+    height, ``aspect`` image width / height. The turn is made in pixels (an output
+    offset (u·w/2, v·h/2) rotated, then divided by half the image's width or
+    height), so a non-square image turns without shearing; angle 0 is the plain crop.
+    """
+    cos, sin = torch.cos(angles), torch.sin(angles)
+    theta = torch.zeros(angles.shape[0], 2, 3)
+    theta[:, 0, 0] = cos * x_scale
+    theta[:, 0, 1] = -sin * y_scale / aspect
+    theta[:, 1, 0] = sin * x_scale * aspect
+    theta[:, 1, 1] = cos * y_scale
+    return theta
+
+
+def _resample(x: Tensor, theta: Tensor, size: int) -> Tensor:
+    """One bilinear ``grid_sample`` of every image through its own ``theta`` to ``size`` px."""
+    grid = F.affine_grid(theta.to(x.device), [x.shape[0], x.shape[1], size, size], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
 def _fallback_box(height: int, width: int, ratio: tuple[float, float]) -> tuple[float, float]:
     """torchvision's fallback (w, h): the whole image, cut to the nearest aspect ratio allowed."""
     aspect = width / height
@@ -217,7 +247,7 @@ class RandomAugment(nn.Module):
         return self._photometric(x, generator)
 
     def after_crop(self, crops: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Flip and colour-augment a uint8 batch already cropped to ``output_size`` (see `crop_box`).
+        """Flip, turn and colour-augment a uint8 batch already cropped to ``output_size`` (see `crop_box`).
 
         The data streams crop each image on its own (images differ in size),
         then run the rest of the augmentation on the whole batch.
@@ -226,7 +256,11 @@ class RandomAugment(nn.Module):
         if x.shape[-2:] != (self.config.output_size, self.config.output_size):
             raise ValueError(f"crops must be {self.config.output_size} px squares; got {tuple(x.shape[-2:])}")
         flip = _chance(self.config.flip_p, x.shape[0], generator).to(x.device).view(-1, 1, 1, 1)
-        return self._photometric(torch.where(flip, x.flip(-1), x), generator)
+        x = torch.where(flip, x.flip(-1), x)
+        if self.config.rotation > 0:
+            ones = torch.ones(x.shape[0])
+            x = _resample(x, _affine(self._angles(x.shape[0], generator), ones, ones, 1.0), x.shape[-1])
+        return self._photometric(x, generator)
 
     def crop_box(self, height: int, width: int, generator: torch.Generator | None = None) -> tuple[float, ...]:
         """One RandomResizedCrop box (x0, y0, w, h) in pixels of a ``height`` × ``width`` image."""
@@ -262,19 +296,19 @@ class RandomAugment(nn.Module):
         return torch.stack([x0, y0, w, h], dim=1)
 
     def _crop_and_flip(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Resample each image's box (mirrored for flipped ones) to the output size in one ``grid_sample``."""
-        batch, channels, height, width = x.shape
+        """Resample each image's box (mirrored for flipped ones, turned by ``rotation``) to the output size at once."""
+        batch, _, height, width = x.shape
         x0, y0, w, h = self._crop_boxes(batch, height, width, generator).unbind(dim=1)
         flip = torch.where(_chance(self.config.flip_p, batch, generator), -1.0, 1.0)
-        # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1] (align_corners=False)
-        theta = torch.zeros(batch, 2, 3)
-        theta[:, 0, 0] = flip * w / width
+        angles = self._angles(batch, generator) if self.config.rotation > 0 else torch.zeros(batch)
+        theta = _affine(angles, flip * w / width, h / height, width / height)
         theta[:, 0, 2] = (2 * x0 + w) / width - 1
-        theta[:, 1, 1] = h / height
         theta[:, 1, 2] = (2 * y0 + h) / height - 1
-        size = self.config.output_size
-        grid = F.affine_grid(theta.to(x.device), [batch, channels, size, size], align_corners=False)
-        return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return _resample(x, theta, self.config.output_size)
+
+    def _angles(self, batch: int, generator: torch.Generator | None) -> Tensor:
+        """Each view's rotation in radians, uniform in ±``rotation`` degrees."""
+        return torch.deg2rad(_uniform(-self.config.rotation, self.config.rotation, batch, generator))
 
     def _jitter(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
         """Per-image brightness, contrast and saturation factors; 1 (no change) where jitter is skipped."""
