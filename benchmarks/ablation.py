@@ -127,9 +127,9 @@ def slug(name: str) -> str:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
+        command = ["git", "rev-parse", "--short", "HEAD"]
+        here = Path(__file__).parent
+        return subprocess.run(command, capture_output=True, text=True, check=True, cwd=here).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
