@@ -98,6 +98,10 @@ def run_variant(name: str, seed: int, steps: int, args: argparse.Namespace, fold
     started = time.perf_counter()
     result = train(config, run_dir, progress=args.progress)
     trained_s = time.perf_counter() - started
+    if result.steps < steps:  # stopped (Ctrl-C, SIGTERM): a short run is not this budget's result
+        raise SystemExit(
+            f"{name!r} seed {seed} stopped at step {result.steps:,} of {steps:,} ({result.stopped_by}): not recorded"
+        )
     scores = evaluate(run_dir, args.train, args.test, checkpoint="last", workers=args.workers, encoders=("key",))
     key = scores.encoders["key"]
     return {
