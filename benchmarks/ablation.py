@@ -214,6 +214,11 @@ def known_pace(records: list[dict[str, Any]], name: str, overrides: list[str]) -
     return next((r for r in records if (r["kind"], r["variant"], r["overrides"]) == wanted), None)
 
 
+def budget_steps(pace: dict[str, Any], minutes: float) -> int:
+    """The steps ``minutes`` of training buy at the calibrated pace."""
+    return max(1, round(minutes * 60 * pace["images_per_s"] / pace["batch"]))
+
+
 def run_ablation(records: list[dict[str, Any]], args: argparse.Namespace, folder: Path) -> None:
     """Calibrate every variant still to run (all first, so one quiet stretch covers them), then train and score."""
     todo = [(seed, name) for seed in args.seeds for name in args.variants if not is_done(records, name, seed, args)]
@@ -227,7 +232,7 @@ def run_ablation(records: list[dict[str, Any]], args: argparse.Namespace, folder
         paces[name] = pace
     for seed, name in todo:  # seed-major: an interrupted ablation still has whole seeds of every variant
         pace = paces[name]
-        steps = max(1, round(args.minutes * 60 * pace["images_per_s"] / pace["batch"]))
+        steps = budget_steps(pace, args.minutes)
         log(
             "ablation",
             f"{name!r} seed {seed}: {steps:,} steps, {args.minutes:g} min at {pace['images_per_s']:.0f} img/s",

@@ -15,11 +15,12 @@ three variants in one process, so machine load hits all alike:
 - ``lightly_moco``: lightly's MoCo v2 blocks on the same network (``pip install lightly``).
 
 Beside the ratios it profiles lightly's step (``torch.profiler``) for the share
-of its time spent in the convolutions (forward and backward, oneDNN): both
-steps run the very same convolutions, so ``1 / share`` is the most any step of
-this network, batch and precision could gain over lightly's on this CPU, with
-everything else (batch norm, loss, optimizer, EMA) free. The profiler's own
-cost per op inflates the small ops, so that ceiling is if anything too high.
+of its time spent in the network's own layers — convolutions, batch norm and
+ReLU, forward and backward (oneDNN and ATen kernels). Both steps run those very
+layers on the same tensors, so ``1 / share`` is the most any step of this
+network, batch and precision could gain over lightly's on this CPU, with all
+the rest (loss, queue, EMA, shuffle, optimizer, Python) free. The profiler's
+own cost per op inflates the small ops, so that ceiling is if anything too high.
 
 The symmetric loss encodes both views with the query encoder (two
 forward/backward passes a step) where MoCo v2 encodes one, so the fair unit
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_s": batch / median,
             "view_images_per_s": batch * views[name] / median,
         }
-    lightly_share = convolution_share(steps["lightly_moco"]) if "lightly_moco" in steps else None
+    lightly_shares = layer_shares(steps["lightly_moco"]) if "lightly_moco" in steps else None
     per_view_cost = results["moco_v2"]["view_images_per_s"] / results["enhanced"]["view_images_per_s"]
     results_report = {
         "command": "python benchmarks/bench_train.py " + " ".join(argv or sys.argv[1:]),
@@ -139,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
             if "lightly_moco" in results
             else None
         ),
-        "lightly_convolution_share": lightly_share,
-        "ceiling_vs_lightly_at_the_same_convolutions": 1 / lightly_share if lightly_share else None,
+        "lightly_time_shares": lightly_shares,
+        "ceiling_vs_lightly_at_the_same_network": 1 / lightly_shares["network_layers"] if lightly_shares else None,
         "target_vs_lightly_at_least": 1.5,
         "moco_v2_images_per_s_vs_lightly": (
             results["moco_v2"]["view_images_per_s"] / results["lightly_moco"]["images_per_s"]
@@ -152,11 +153,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-CONVOLUTION_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward")
+CONVOLUTIONS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_slow_conv2d_forward")
+NETWORK_LAYERS = (
+    *CONVOLUTIONS,
+    "aten::native_batch_norm", "aten::native_batch_norm_backward",  # batch norm
+    "aten::clamp_min_", "aten::clamp_min", "aten::relu_", "aten::threshold_backward",  # ReLU
+)  # fmt: skip
 
 
-def convolution_share(step, calls: int = 5) -> float:
-    """The fraction of ``step``'s self CPU time spent in convolution kernels, over ``calls`` profiled calls."""
+def layer_shares(step, calls: int = 5) -> dict[str, float]:
+    """The fractions of ``step``'s self CPU time in convolutions and in all the network's layers (``calls`` calls)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
@@ -164,7 +170,11 @@ def convolution_share(step, calls: int = 5) -> float:
             step()
     events = profiler.key_averages()
     total = sum(event.self_cpu_time_total for event in events)
-    return sum(event.self_cpu_time_total for event in events if event.key in CONVOLUTION_OPS) / total
+
+    def share(ops: tuple[str, ...]) -> float:
+        return sum(event.self_cpu_time_total for event in events if event.key in ops) / total
+
+    return {"convolutions": share(CONVOLUTIONS), "network_layers": share(NETWORK_LAYERS)}
 
 
 def _has_lightly() -> bool:

@@ -1,0 +1,60 @@
+"""`benchmarks/ablation.py`'s bookkeeping: runs accumulate across sessions, budgets become steps, tables add up."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+import ablation  # benchmarks/ is a folder of scripts, not a package
+
+
+def run(variant: str, seed: int, knn: float, minutes: float = 15.0, overrides: list[str] | None = None) -> dict:
+    scores = dict.fromkeys(ablation.COLUMNS, knn)
+    return {"kind": "run", "variant": variant, "seed": seed, "minutes": minutes, "overrides": overrides or [],
+            "steps": 1000 + seed, **scores}  # fmt: skip
+
+
+def test_a_run_is_done_only_for_its_variant_seed_budget_and_overrides():
+    args = ablation.parse_args(["--train", "t", "--test", "e", "--minutes", "15"])
+    records = [run("+ plain key BN", 0, 0.9), run("+ plain key BN", 1, 0.9, minutes=3)]
+    assert ablation.is_done(records, "+ plain key BN", 0, args)
+    assert not ablation.is_done(records, "+ plain key BN", 1, args)  # another budget
+    assert not ablation.is_done(records, "+ mild gray augmentation", 0, args)
+    other = ablation.parse_args(["--train", "t", "--test", "e", "--set", "model.width=0.5"])
+    assert not ablation.is_done(records, "+ plain key BN", 0, other)  # other overrides: another experiment
+
+
+def test_a_budget_buys_the_steps_of_the_calibrated_pace():
+    pace = {"kind": "pace", "variant": "v", "overrides": [], "images_per_s": 423.0, "batch": 64}
+    assert ablation.budget_steps(pace, 15) == round(900 * 423 / 64)  # 5,948
+    assert ablation.known_pace([pace], "v", []) is pace
+    assert ablation.known_pace([pace], "v", ["augment.rotation=5"]) is None
+
+
+def test_the_table_has_mean_and_sample_spread_per_variant(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    for record in (run("preset (band negatives)", 0, 0.88), run("preset (band negatives)", 1, 0.90)):
+        ablation.append_result(path, record)
+    records = ablation.read_results(path)
+    table = ablation.summarise(records)
+    row = table["preset (band negatives)"]
+    assert row["seeds"] == "2" and row["steps"] == "1,000"  # mean of 1,000 and 1,001, rounded
+    assert row["nn1"] == "89.00 ± 1.41"  # sample std of 88 and 90
+    assert "MoCo v2 (no enhancement)" not in table  # no runs, no row
+    lines = ablation.markdown(table, 15).splitlines()
+    assert lines[0].startswith("| variant (15 min each) | seeds | steps | kNN-200")
+    assert len(lines) == 3 and lines[2].count("|") == lines[0].count("|")
+    assert json.loads(path.read_text().splitlines()[0])["seed"] == 0
+
+
+def test_training_needs_its_shards_and_a_report_needs_its_file(capsys):
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--minutes", "15"])
+    assert "--train and --test" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.parse_args(["--report"])
+    assert "--report reads --results" in capsys.readouterr().err
