@@ -19,7 +19,8 @@ with the machine that measured them, and reused, so runs from later sessions
 (on other machines) join the same table.
 
 Runs accumulate in ``--results`` (JSON lines, one per finished run; a run
-already there for the same variant, seed and budget is skipped), so the 3 seeds
+already there for the same variant, seed, budget and ``--set`` overrides is
+skipped, and one stopped early is not written), so the 3 seeds
 × 7 variants × 15 minutes (over 5 hours of 2 cores) can be spread over
 sessions. Prints JSON with every run and mean ± sample std per variant, and
 the Markdown table of docs/results.md.

@@ -301,6 +301,7 @@ class RandomAugment(nn.Module):
         x0, y0, w, h = self._crop_boxes(batch, height, width, generator).unbind(dim=1)
         flip = torch.where(_chance(self.config.flip_p, batch, generator), -1.0, 1.0)
         angles = self._angles(batch, generator) if self.config.rotation > 0 else torch.zeros(batch)
+        # affine_grid maps output coordinates in [-1, 1] to input coordinates in [-1, 1] (align_corners=False)
         theta = _affine(angles, flip * w / width, h / height, width / height)
         theta[:, 0, 2] = (2 * x0 + w) / width - 1
         theta[:, 1, 2] = (2 * y0 + h) / height - 1
