@@ -26,7 +26,6 @@ least that of the raw pixels (the goal of issue 29).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from harness import emit, log, report  # benchmarks/ is the script's folder, fir
 from PIL import Image
 from torch.nn import functional as F
 
+from artifacts.model_bundle import InputContract, read_model_json
 from pipeline.data.ingest import ingest
 from pipeline.embed.embed import embed
 from pipeline.evaluate.embedded import evaluate_embeddings
@@ -66,7 +66,8 @@ def write_class_folders(images: np.ndarray, labels: np.ndarray, root: Path) -> t
 
 
 def bundle_input_size(bundle: Path) -> int:
-    return int(json.loads((bundle / "model.json").read_text())["input"]["resize"]["size"])
+    """The bundle's input side, from its contract (the digits are enlarged to it, as ingest would not)."""
+    return InputContract.from_model_json(read_model_json(bundle)).height
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="keep bundle, shards and sets here (default: temp)")
     args = parser.parse_args(argv)
     if (args.run is None) == (args.bundle is None):
-        parser.error("give a run folder or --bundle, not both")
+        parser.error("give one of a run folder or --bundle")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="unseen-") as temp:
         work = args.out or Path(temp)
