@@ -40,8 +40,12 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Two pytest workers (pytest-xdist): the suite is mostly single-threaded work (subprocess start-ups, Prefect,
+# services) that a second worker overlaps; tests/conftest.py splits the cores between them.
+TEST_WORKERS ?= 2
+
 test: setup data tools lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(BIN)/python benchmarks/bench_objective.py

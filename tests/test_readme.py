@@ -337,6 +337,7 @@ def run_examples(examples: list[Example], root: Path, env: dict[str, str]) -> tu
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("service-port-8000")  # the pages' `mocoplus serve` examples all listen on port 8000
 def test_every_example_of_the_readme_and_the_guide_runs_as_written(fashion_mnist_slice, tmp_path):
     root = tmp_path / "sandbox"
     env = make_sandbox(root, fashion_mnist_slice)
@@ -367,6 +368,7 @@ def test_the_guide_trains_and_exports_each_model_once():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("service-port-8000")
 def test_the_own_images_page_runs_as_written(tmp_path):
     """docs/own-images.md from an empty home: sample photos made, ingested, trained, scored without labels,
     exported, embedded, indexed, searched and served."""
