@@ -61,6 +61,7 @@ class CovarianceAccumulator:
         self.shift: Tensor | None = None
         self.total: Tensor | None = None
         self.outer: Tensor | None = None
+        self._eigen: tuple[Tensor, Tensor, Tensor] | None = None
 
     def add(self, features: Tensor) -> None:
         if features.ndim != 2 or len(features) == 0:
@@ -78,6 +79,7 @@ class CovarianceAccumulator:
         self.total += centred.sum(dim=0)
         self.outer += centred.T @ centred
         self.count += len(rows)
+        self._eigen = None
 
     def mean_and_covariance(self) -> tuple[Tensor, Tensor]:
         if self.count < 2 or self.shift is None or self.total is None or self.outer is None:
@@ -85,6 +87,15 @@ class CovarianceAccumulator:
         offset = self.total / self.count
         covariance = self.outer / self.count - torch.outer(offset, offset)
         return self.shift + offset, covariance
+
+    def eigen(self) -> tuple[Tensor, Tensor, Tensor]:
+        """Mean, eigenvalues (ascending) and eigenvectors of the covariance, decomposed once per set of rows:
+        an int8 export fits whitenings of several widths from one pass, and the decomposition of a
+        2,048-wide covariance is most of each fit."""
+        if self._eigen is None:
+            mean, covariance = self.mean_and_covariance()
+            self._eigen = (mean, *torch.linalg.eigh(covariance))
+        return self._eigen
 
 
 class PcaWhitening(nn.Module):
@@ -121,8 +132,7 @@ class PcaWhitening(nn.Module):
         cls, accumulator: CovarianceAccumulator, config: WhiteningConfig = WhiteningConfig()
     ) -> PcaWhitening:
         """Fit on the statistics gathered by ``accumulator`` (for callers that stream features themselves)."""
-        mean, covariance = accumulator.mean_and_covariance()
-        eigenvalues, eigenvectors = torch.linalg.eigh(covariance)  # ascending
+        mean, eigenvalues, eigenvectors = accumulator.eigen()  # ascending
         keep = eigenvalues > config.relative_floor * eigenvalues[-1].clamp_min(torch.finfo(torch.float64).tiny)
         if not keep.any():
             raise ValueError("whitening cannot fit features without variance (all rows equal)")

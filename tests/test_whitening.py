@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mocoplus.whitening import PcaWhitening, WhiteningConfig
+from mocoplus.whitening import CovarianceAccumulator, PcaWhitening, WhiteningConfig
 
 
 def correlated(rows: int, dim: int, seed: int = 0) -> torch.Tensor:
@@ -55,6 +55,20 @@ def test_a_stream_of_batches_fits_the_same_map_as_one_tensor():
     torch.testing.assert_close(streamed.mean, whole.mean)
     gram = lambda whitening: whitening(bank[:50]) @ whitening(bank[:50]).T  # noqa: E731
     torch.testing.assert_close(gram(streamed), gram(whole), atol=1e-2, rtol=1e-4)
+
+
+def test_whitenings_of_several_widths_from_one_accumulator_match_fits_of_their_own_after_more_rows_too():
+    """The decomposition an accumulator keeps for its fits follows the rows: one added later counts."""
+    bank, more, queries = correlated(400, 12), correlated(300, 12, seed=2), correlated(30, 12, seed=1)
+    accumulator = CovarianceAccumulator()
+    accumulator.add(bank)
+    gram = lambda whitening: whitening(queries.float()) @ whitening(queries.float()).T  # noqa: E731
+    for dims in (12, 6, 3):
+        shared = PcaWhitening.from_accumulator(accumulator, WhiteningConfig(dims=dims))
+        torch.testing.assert_close(gram(shared), gram(PcaWhitening.fit(bank, WhiteningConfig(dims=dims))))
+    accumulator.add(more)
+    grown = PcaWhitening.from_accumulator(accumulator, WhiteningConfig(dims=6))
+    torch.testing.assert_close(gram(grown), gram(PcaWhitening.fit(torch.cat([bank, more]), WhiteningConfig(dims=6))))
 
 
 def test_dead_and_duplicate_dimensions_are_dropped_not_blown_up():
