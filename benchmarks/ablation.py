@@ -22,8 +22,11 @@ Runs accumulate in ``--results`` (JSON lines, one per finished run; a run
 already there for the same variant, seed, budget and ``--set`` overrides is
 skipped, and one stopped early is not written), so the 3 seeds
 × 7 variants × 15 minutes (over 5 hours of 2 cores) can be spread over
-sessions. Prints JSON with every run and mean ± sample std per variant, and
-the Markdown table of docs/results.md.
+sessions. Prints JSON with every run and mean ± sample std per variant, the
+Markdown table of docs/results.md, and each variant against the preset: the
+difference of means per score and whether it is beyond the seeds' spread (at
+least two seeds a side, larger than either side's range), the rule by which
+the preset moves.
 
     mocoplus ingest fashion-mnist:train --out shards/fmnist-train
     mocoplus ingest fashion-mnist:test --out shards/fmnist-test
@@ -153,6 +156,10 @@ def append_result(path: Path | None, record: dict[str, Any]) -> None:
     print(json.dumps(record), file=sys.stderr, flush=True)
 
 
+def percentages(runs: list[dict[str, Any]], name: str, column: str) -> list[float]:
+    return [100 * float(run[column]) for run in runs if run["variant"] == name and run.get(column) is not None]
+
+
 def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     """Mean ± sample std (in %) per variant and column, the seeds counted and the mean steps reached."""
     table: dict[str, dict[str, str]] = {}
@@ -162,10 +169,53 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
             continue
         table[name] = {"seeds": str(len(mine)), "steps": f"{statistics.mean(int(run['steps']) for run in mine):,.0f}"}
         for column in COLUMNS:
-            values = [100 * float(run[column]) for run in mine if run.get(column) is not None]
+            values = percentages(runs, name, column)
             spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
             table[name][column] = f"{statistics.mean(values):.2f}{spread}" if values else "—"
     return table
+
+
+def against_preset(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each variant's mean minus the preset's, per column, and whether that difference is beyond the seeds'
+    spread: at least two seeds on each side and larger than either side's range (max − min), so the worst
+    seed of the better one is still about level with the best of the other. The rule the preset moves by."""
+    preset = next(iter(VARIANTS))
+    verdicts: dict[str, dict[str, dict[str, Any]]] = {}
+    for name in VARIANTS:
+        if name == preset or not any(run["variant"] == name for run in runs):
+            continue
+        verdicts[name] = {}
+        for column in COLUMNS:
+            mine, theirs = percentages(runs, name, column), percentages(runs, preset, column)
+            if not mine or not theirs:
+                continue
+            difference = statistics.mean(mine) - statistics.mean(theirs)
+            spread = max(max(mine) - min(mine), max(theirs) - min(theirs))
+            beyond = min(len(mine), len(theirs)) >= 2 and abs(difference) > spread
+            verdicts[name][column] = {"difference": round(difference, 2), "spread": round(spread, 2), "beyond": beyond}
+    return verdicts
+
+
+def winners(verdicts: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
+    """Variants above the preset beyond the seeds' spread on every retrieval score (the linear probe aside)."""
+    retrieval = [column for column in COLUMNS if column != "linear_top1"]
+    return [
+        name
+        for name, columns in verdicts.items()
+        if all(columns.get(c, {}).get("beyond") and columns[c]["difference"] > 0 for c in retrieval)
+    ]
+
+
+def markdown_against_preset(verdicts: dict[str, dict[str, dict[str, Any]]]) -> str:
+    """Points above (+) or below (−) the preset; ``*`` where the difference is beyond the seeds' spread."""
+    lines = ["| against the preset | " + " | ".join(HEADINGS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for name, columns in verdicts.items():
+        cells = [
+            f"{columns[c]['difference']:+.2f}{' *' if columns[c]['beyond'] else ''}" if c in columns else "—"
+            for c in COLUMNS
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells).replace("-", "−") + " |")
+    return "\n".join(lines)
 
 
 def markdown(table: dict[str, dict[str, str]], minutes: float) -> str:
@@ -254,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
         r for r in records if r["kind"] == "run" and r["minutes"] == args.minutes and r["overrides"] == args.overrides
     ]
     table = summarise(runs)
+    verdicts = against_preset(runs)
     report = {
         "benchmark": "ablation",
         "command": "python benchmarks/ablation.py " + " ".join(argv if argv is not None else sys.argv[1:]),
@@ -263,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "mean_std_percent": table,
         "markdown": markdown(table, args.minutes),
+        "against_preset": verdicts,
+        "markdown_against_preset": markdown_against_preset(verdicts),
+        "beyond_spread_on_every_retrieval_score": winners(verdicts),
         "environment": environment(),
         "wall_s": round(time.perf_counter() - started, 1),
     }

@@ -58,3 +58,26 @@ def test_training_needs_its_shards_and_a_report_needs_its_file(capsys):
     with pytest.raises(SystemExit):
         ablation.parse_args(["--report"])
     assert "--report reads --results" in capsys.readouterr().err
+
+
+def test_a_variant_wins_only_beyond_the_seeds_spread_on_every_retrieval_score():
+    preset, moco = "preset (band negatives)", "MoCo v2 (no enhancement)"
+    multi, mild = "+ multi-crop (2 × 16 px)", "+ mild gray augmentation"
+    runs = [run(preset, 0, 0.880), run(preset, 1, 0.884)]  # range 0.4 points
+    runs += [run(multi, 0, 0.892), run(multi, 1, 0.890)]  # +0.9 points: beyond both ranges
+    runs += [run(mild, 0, 0.878), run(mild, 1, 0.892)]  # +0.3 points, range 1.4: within the spread
+    runs += [run(moco, 0, 0.899)]  # one seed decides nothing, however far ahead
+    verdicts = ablation.against_preset(runs)
+    assert verdicts[multi]["nn1"] == {"difference": 0.9, "spread": 0.4, "beyond": True}
+    assert verdicts[mild]["nn1"]["beyond"] is False and verdicts[moco]["nn1"]["beyond"] is False
+    assert ablation.winners(verdicts) == [multi]
+    runs[2]["linear_top1"] = runs[3]["linear_top1"] = 0.5  # the probe aside: still a winner on retrieval
+    assert ablation.winners(ablation.against_preset(runs)) == [multi]
+    runs[2]["nn20"] = 0.87  # below the preset on one retrieval score: no longer
+    assert ablation.winners(ablation.against_preset(runs)) == []
+    table = ablation.markdown_against_preset(verdicts).splitlines()
+    assert table[2:] == [
+        "| MoCo v2 (no enhancement) | +1.70 | +1.70 | +1.70 | +1.70 | +1.70 | +1.70 |",
+        "| + multi-crop (2 × 16 px) | +0.90 * | +0.90 * | +0.90 * | +0.90 * | +0.90 * | +0.90 * |",
+        "| + mild gray augmentation | +0.30 | +0.30 | +0.30 | +0.30 | +0.30 | +0.30 |",
+    ]
