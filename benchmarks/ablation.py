@@ -192,18 +192,19 @@ def against_preset(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
             difference = statistics.mean(mine) - statistics.mean(theirs)
             spread = max(max(mine) - min(mine), max(theirs) - min(theirs))
             beyond = min(len(mine), len(theirs)) >= 2 and abs(difference) > spread
-            verdicts[name][column] = {"difference": round(difference, 2), "spread": round(spread, 2), "beyond": beyond}
+            verdicts[name][column] = {
+                "difference": round(difference, 2),
+                "spread": round(spread, 2),
+                "beyond": beyond,
+                "better": beyond and difference > 0,
+            }
     return verdicts
 
 
 def winners(verdicts: dict[str, dict[str, dict[str, Any]]]) -> list[str]:
     """Variants above the preset beyond the seeds' spread on every retrieval score (the linear probe aside)."""
     retrieval = [column for column in COLUMNS if column != "linear_top1"]
-    return [
-        name
-        for name, columns in verdicts.items()
-        if all(columns.get(c, {}).get("beyond") and columns[c]["difference"] > 0 for c in retrieval)
-    ]
+    return [name for name, columns in verdicts.items() if all(columns.get(c, {}).get("better") for c in retrieval)]
 
 
 def markdown_against_preset(verdicts: dict[str, dict[str, dict[str, Any]]]) -> str:

@@ -68,7 +68,7 @@ def test_a_variant_wins_only_beyond_the_seeds_spread_on_every_retrieval_score():
     runs += [run(mild, 0, 0.878), run(mild, 1, 0.892)]  # +0.3 points, range 1.4: within the spread
     runs += [run(moco, 0, 0.899)]  # one seed decides nothing, however far ahead
     verdicts = ablation.against_preset(runs)
-    assert verdicts[multi]["nn1"] == {"difference": 0.9, "spread": 0.4, "beyond": True}
+    assert verdicts[multi]["nn1"] == {"difference": 0.9, "spread": 0.4, "beyond": True, "better": True}
     assert verdicts[mild]["nn1"]["beyond"] is False and verdicts[moco]["nn1"]["beyond"] is False
     assert ablation.winners(verdicts) == [multi]
     runs[2]["linear_top1"] = runs[3]["linear_top1"] = 0.5  # the probe aside: still a winner on retrieval

@@ -17,7 +17,10 @@ and the live progress bar are both exercised at the commands' defaults by
 every command the guide shows more than once, at half the cost of running the
 whole sequence in both modes. ``mocoplus serve`` is started like any other
 line, waited for until ready, and the service's ``curl`` examples run against
-it.
+it — on a free port instead of the documented 8000 (`as_sandbox_command`), so
+two of these tests, or Prefect's temporary API server (which picks from
+8000–8999) in a test beside them under ``make test``'s two workers, never
+collide.
 
 Only the examples in `SKIPPED` are not run, each for the reason given there;
 a new example is run by default, and one whose absolute paths have no fixture
@@ -44,7 +47,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from datasets import write_fashion_mnist_slice, write_image
-from processes import stop
+from processes import free_port, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -69,7 +72,7 @@ SKIPPED = {
     "torchrun": "GPU-sized presets and two machines; tests/test_train.py trains under torchrun with 2 gloo processes",
 }
 ABSOLUTE_PATHS = {"/shared/": "shared/"}  # absolute paths in examples → sandbox paths
-SERVICE = "http://127.0.0.1:8000"
+SERVICE_PORT = 8000  # the port the pages show; the sandbox serves on a free one
 COMMAND_SECONDS = 600
 
 
@@ -215,10 +218,27 @@ def prepare(example: Example, root: Path) -> None:
         write_image(photos / "cats" / "img2.jpg", size=(96, 72), seed=101)
 
 
-def as_sandbox_command(command: str) -> str:
+def as_sandbox_command(command: str, port: int) -> str:
+    """The example with the sandbox's paths and its service on ``port`` (``mocoplus serve`` given ``--port``
+    where the page leaves the default, the ``curl`` lines pointed at it)."""
     for absolute, relative in ABSOLUTE_PATHS.items():
         command = command.replace(absolute, relative)
+    command = command.replace(f"127.0.0.1:{SERVICE_PORT}", f"127.0.0.1:{port}")
+    if command.startswith("mocoplus serve ") and "--port" not in command.split():
+        command += f" --port {port}"
     return command
+
+
+def test_the_sandbox_serves_and_calls_the_service_on_its_own_port():
+    assert as_sandbox_command("mocoplus serve --model models/fmnist --index indexes/fmnist", 41234) == (
+        "mocoplus serve --model models/fmnist --index indexes/fmnist --port 41234"
+    )
+    assert (
+        as_sandbox_command("curl -s http://127.0.0.1:8000/healthz", 41234) == "curl -s http://127.0.0.1:41234/healthz"
+    )
+    assert as_sandbox_command("mocoplus embed models/fmnist --out /shared/emb", 41234) == (
+        "mocoplus embed models/fmnist --out shared/emb"
+    )
 
 
 def run_piped(command: str, root: Path, env: dict[str, str]) -> tuple[int, str]:
@@ -257,13 +277,13 @@ def run_in_terminal(command: str, root: Path, env: dict[str, str]) -> tuple[int,
     return code, b"".join(chunks).decode(errors="replace")
 
 
-def wait_ready(server: subprocess.Popen, seconds: float = 120) -> None:
+def wait_ready(server: subprocess.Popen, port: int, seconds: float = 120) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise AssertionError(f"mocoplus serve exited with {server.returncode}")
         try:
-            with urllib.request.urlopen(f"{SERVICE}/readyz", timeout=2) as answer:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
                 if json.load(answer).get("ready"):
                     return
         except OSError:
@@ -308,20 +328,21 @@ def run_examples(examples: list[Example], root: Path, env: dict[str, str]) -> tu
     ``root/server-N.log``; skipped ones skipped); returns the examples run and the modes each command ran in."""
     runners = {"piped": run_piped, "terminal": run_in_terminal}
     servers: dict[str, subprocess.Popen] = {}
+    port = free_port()
     ran, seen, modes = [], {}, {}
     try:
         for example in examples:
             if example.skip_reason:
                 continue
             prepare(example, root)
-            command = as_sandbox_command(example.command)
+            command = as_sandbox_command(example.command, port)
             if example.is_server:
                 if command not in servers:
                     with open(root / f"server-{len(servers)}.log", "wb") as log:
                         servers[command] = subprocess.Popen(
                             ["bash", "-c", f"exec {command}"], cwd=root, env=env, stdout=log, stderr=log
                         )
-                    wait_ready(servers[command])
+                    wait_ready(servers[command], port)
                 ran.append(example)
                 continue
             mode = mode_of(example, seen)
@@ -337,7 +358,6 @@ def run_examples(examples: list[Example], root: Path, env: dict[str, str]) -> tu
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("service-port-8000")  # the pages' `mocoplus serve` examples all listen on port 8000
 def test_every_example_of_the_readme_and_the_guide_runs_as_written(fashion_mnist_slice, tmp_path):
     root = tmp_path / "sandbox"
     env = make_sandbox(root, fashion_mnist_slice)
@@ -368,7 +388,6 @@ def test_the_guide_trains_and_exports_each_model_once():
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("service-port-8000")
 def test_the_own_images_page_runs_as_written(tmp_path):
     """docs/own-images.md from an empty home: sample photos made, ingested, trained, scored without labels,
     exported, embedded, indexed, searched and served."""

@@ -57,8 +57,11 @@ def test_a_stream_of_batches_fits_the_same_map_as_one_tensor():
     torch.testing.assert_close(gram(streamed), gram(whole), atol=1e-2, rtol=1e-4)
 
 
-def test_whitenings_of_several_widths_from_one_accumulator_match_fits_of_their_own_after_more_rows_too():
-    """The decomposition an accumulator keeps for its fits follows the rows: one added later counts."""
+def test_whitenings_of_several_widths_from_one_accumulator_decompose_once_and_follow_added_rows(monkeypatch):
+    """An int8 export fits three widths from one pass: one eigendecomposition, until more rows come."""
+    decompositions = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda matrix: decompositions.append(1) or eigh(matrix))
     bank, more, queries = correlated(400, 12), correlated(300, 12, seed=2), correlated(30, 12, seed=1)
     accumulator = CovarianceAccumulator()
     accumulator.add(bank)
@@ -66,8 +69,10 @@ def test_whitenings_of_several_widths_from_one_accumulator_match_fits_of_their_o
     for dims in (12, 6, 3):
         shared = PcaWhitening.from_accumulator(accumulator, WhiteningConfig(dims=dims))
         torch.testing.assert_close(gram(shared), gram(PcaWhitening.fit(bank, WhiteningConfig(dims=dims))))
+    assert len(decompositions) == 1 + 3  # the shared one, and one for each fit of its own
     accumulator.add(more)
     grown = PcaWhitening.from_accumulator(accumulator, WhiteningConfig(dims=6))
+    assert len(decompositions) == 5
     torch.testing.assert_close(gram(grown), gram(PcaWhitening.fit(torch.cat([bank, more]), WhiteningConfig(dims=6))))
 
 
