@@ -31,6 +31,10 @@ from pipeline.evaluate.views import (
 from pipeline.train.run_config import load_config, with_data
 from pipeline.train.trainer import train
 
+# one pytest-xdist worker for the whole module: the tests share `photo_run`, a real training run that two
+# workers would each train again (``make test`` runs two)
+pytestmark = pytest.mark.xdist_group("views-photo-run")
+
 PER_PHOTO = 8  # 19 photos × 8 crops: a 152-picture folder in a second
 
 
