@@ -180,13 +180,14 @@ def against_preset(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
     spread: at least two seeds on each side and larger than either side's range (max − min), so the worst
     seed of the better one is still about level with the best of the other. The rule the preset moves by."""
     preset = next(iter(VARIANTS))
+    preset_scores = {column: percentages(runs, preset, column) for column in COLUMNS}
     verdicts: dict[str, dict[str, dict[str, Any]]] = {}
     for name in VARIANTS:
         if name == preset or not any(run["variant"] == name for run in runs):
             continue
         verdicts[name] = {}
         for column in COLUMNS:
-            mine, theirs = percentages(runs, name, column), percentages(runs, preset, column)
+            mine, theirs = percentages(runs, name, column), preset_scores[column]
             if not mine or not theirs:
                 continue
             difference = statistics.mean(mine) - statistics.mean(theirs)
