@@ -15,9 +15,10 @@ from flows.cli.main import app
 from pipeline.embed.config import EmbedConfig
 from pipeline.embed.embed import embed
 from pipeline.evaluate import cache as cache_module
-from pipeline.evaluate.embedded import evaluate_embeddings
+from pipeline.evaluate.embedded import evaluate_embeddings, image_format
 from pipeline.evaluate.evaluate import evaluate
 from pipeline.evaluate.retrieval import retrieval_scores
+from pipeline.progress import StageProgress
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,20 @@ def test_baselines_score_as_the_run_form_does_and_are_computed_once_per_shard_se
 
     monkeypatch.setattr(cache_module, "_compute", no_decoding)
     again = evaluate_embeddings(*sets, baselines=("pixels", "hog"), cache=tmp_path, workers=0, progress=False)
+    assert again.baselines == first.baselines
+
+
+def test_a_run_that_loses_the_race_to_the_cache_keeps_the_winners_rows(sets, fashion_shards, tmp_path):
+    """Two runs computing one baseline at once: the second finds the folder already in place when it writes."""
+    first = evaluate_embeddings(*sets, baselines=("pixels",), cache=tmp_path, workers=0, progress=False)
+    size, mode = image_format(EmbeddingSet(sets[0]))
+    root = tmp_path / "baselines" / cache_module.cache_key(fashion_shards, size, mode)
+    folder = root / "pixels"
+    written = folder.joinpath("features.npy").stat().st_mtime_ns
+    cache_module._compute(["pixels"], fashion_shards, size, mode, root, StageProgress(False), 0)
+    assert folder.joinpath("features.npy").stat().st_mtime_ns == written  # kept, not written over
+    assert not [path for path in root.iterdir() if path.name.startswith(".")]  # its own work removed
+    again = evaluate_embeddings(*sets, baselines=("pixels",), cache=tmp_path, workers=0, progress=False)
     assert again.baselines == first.baselines
 
 

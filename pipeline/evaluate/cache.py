@@ -110,10 +110,24 @@ def _compute(
     bar.finish(task, status=f"{', '.join(names)} features")
     pixels = torch.cat(images)
     for name in names:
-        features = baseline(name).rows(pixels)
-        with building_dir(root / name) as work:
+        _keep(root / name, baseline(name).rows(pixels), keys)
+
+
+def _keep(folder: Path, features: torch.Tensor, keys: list[str]) -> None:
+    """Write one baseline's rows into the cache as one folder.
+
+    Two runs may compute the same baseline at once (a scheduled flow's gate and
+    a user's ``evaluate`` on the same shards): the first to rename its folder
+    into place wins, and the other keeps that folder rather than failing after
+    all its work, since the same images give the same rows.
+    """
+    try:
+        with building_dir(folder) as work:
             np.save(work / FEATURES, features.numpy())
             (work / KEYS).write_text(json.dumps({"keys": keys, "sha256": _digest(keys)}))
+    except OSError:
+        if not (folder / KEYS).is_file():
+            raise
 
 
 def _read(folder: Path) -> BaselineRows:
