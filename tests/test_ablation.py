@@ -92,3 +92,13 @@ def test_a_variant_moves_the_preset_only_beyond_the_seeds_spread_on_most_retriev
         "| + multi-crop (2 × 16 px) | +0.90 * | +0.90 * | +0.90 * | +0.90 * | +0.90 * | +0.90 * |",
         "| + mild gray augmentation | +0.30 | +0.30 | +0.30 | +0.30 | +0.30 | +0.30 |",
     ]
+
+
+def test_paired_differences_compare_each_seed_with_the_presets_run_of_that_seed():
+    preset, multi = "preset (band negatives)", "+ multi-crop (2 × 16 px)"
+    runs = [run(preset, 0, 0.880), run(preset, 1, 0.870)]  # seed 1 is poor for every variant
+    runs += [run(multi, 1, 0.872), run(multi, 0, 0.879), run(multi, 2, 0.990)]  # seed 2 has no preset run
+    paired = ablation.paired_against_preset(runs)
+    assert paired[multi]["nn1"] == [-0.1, 0.2]  # seed 0, then seed 1
+    assert preset not in paired
+    assert ablation.markdown_paired(paired).splitlines()[2] == "| + multi-crop (2 × 16 px) |" + " 1 of 2 |" * 6
