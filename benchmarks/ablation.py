@@ -176,30 +176,41 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, str]]:
     return table
 
 
+def by_seed(runs: list[dict[str, Any]], name: str) -> dict[int, dict[str, Any]]:
+    """The variant's runs by seed, in seed order (a later run of a seed, from a merged file, replaces one before)."""
+    return dict(sorted({run["seed"]: run for run in runs if run["variant"] == name}.items()))
+
+
 def against_preset(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Each variant's mean minus the preset's, per column, and whether that difference is beyond the seeds'
-    spread: at least two seeds on each side and larger than either side's range (max − min), so the worst
-    seed of the better one is still about level with the best of the other. What `winners` moves the preset by."""
+    """Each variant's mean minus the preset's over the seeds both have, per column, and whether that difference
+    is beyond the seeds' spread: at least two seeds and larger than either side's range (max − min), so the worst
+    seed of the better one is still about level with the best of the other. What `winners` moves the preset by.
+
+    Over the same seeds: a seed fixes every variant's initial weights, and one that is poor for all would
+    otherwise favour the variants that have not run it yet."""
     preset = next(iter(VARIANTS))
-    preset_scores = {column: percentages(runs, preset, column) for column in COLUMNS}
+    preset_runs = by_seed(runs, preset)
     verdicts: dict[str, dict[str, dict[str, Any]]] = {}
     for name in VARIANTS:
-        if name == preset or not any(run["variant"] == name for run in runs):
+        common = [seed for seed in by_seed(runs, name) if seed in preset_runs]
+        if name == preset or not common:
             continue
+        mine_runs = by_seed(runs, name)
         verdicts[name] = {}
         for column in COLUMNS:
-            mine, theirs = percentages(runs, name, column), preset_scores[column]
-            if not mine or not theirs:
+            mine = percentages([mine_runs[seed] for seed in common], name, column)
+            theirs = percentages([preset_runs[seed] for seed in common], preset, column)
+            if len(mine) != len(common) or len(theirs) != len(common):
                 continue
             difference = statistics.mean(mine) - statistics.mean(theirs)
             spread = max(max(mine) - min(mine), max(theirs) - min(theirs))
-            beyond = min(len(mine), len(theirs)) >= 2 and abs(difference) > spread
+            beyond = len(common) >= 2 and abs(difference) > spread
             verdicts[name][column] = {
                 "difference": round(difference, 2),
                 "spread": round(spread, 2),
                 "beyond": beyond,
                 "better": beyond and difference > 0,
-                "seeds": min(len(mine), len(theirs)),
+                "seeds": len(common),
             }
     return verdicts
 
@@ -212,10 +223,10 @@ def paired_against_preset(runs: list[dict[str, Any]]) -> dict[str, dict[str, lis
     beside the rule (``seeds above``), not part of it: the rule was set before these were read.
     """
     preset = next(iter(VARIANTS))
-    preset_runs = {run["seed"]: run for run in runs if run["variant"] == preset}
+    preset_runs = by_seed(runs, preset)
     paired: dict[str, dict[str, list[float]]] = {}
     for name in VARIANTS:
-        mine = sorted((run["seed"], run) for run in runs if run["variant"] == name and run["seed"] in preset_runs)
+        mine = [(seed, run) for seed, run in by_seed(runs, name).items() if seed in preset_runs]
         if name == preset or not mine:
             continue
         paired[name] = {

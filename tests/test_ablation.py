@@ -88,7 +88,7 @@ def test_a_variant_moves_the_preset_only_beyond_the_seeds_spread_on_most_retriev
     assert ablation.winners(ablation.against_preset(runs)) == [moco, multi]
     table = ablation.markdown_against_preset(verdicts).splitlines()
     assert table[2:] == [
-        "| MoCo v2 (no enhancement) | +1.70 | +1.70 | +1.70 | +1.70 | +1.70 | +1.70 |",
+        "| MoCo v2 (no enhancement) | +1.90 | +1.90 | +1.90 | +1.90 | +1.90 | +1.90 |",  # seed 0 against seed 0
         "| + multi-crop (2 × 16 px) | +0.90 * | +0.90 * | +0.90 * | +0.90 * | +0.90 * | +0.90 * |",
         "| + mild gray augmentation | +0.30 | +0.30 | +0.30 | +0.30 | +0.30 | +0.30 |",
     ]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -66,7 +68,7 @@ def test_baselines_score_as_the_run_form_does_and_are_computed_once_per_shard_se
     assert again.baselines == first.baselines
 
 
-def test_a_run_that_loses_the_race_to_the_cache_keeps_the_winners_rows(sets, fashion_shards, tmp_path):
+def test_a_run_that_loses_the_race_to_the_cache_keeps_the_winners_rows(sets, fashion_shards, tmp_path, monkeypatch):
     """Two runs computing one baseline at once: the second finds the folder already in place when it writes."""
     first = evaluate_embeddings(*sets, baselines=("pixels",), cache=tmp_path, workers=0, progress=False)
     size, mode = image_format(EmbeddingSet(sets[0]))
@@ -78,6 +80,23 @@ def test_a_run_that_loses_the_race_to_the_cache_keeps_the_winners_rows(sets, fas
     assert not [path for path in root.iterdir() if path.name.startswith(".")]  # its own work removed
     again = evaluate_embeddings(*sets, baselines=("pixels",), cache=tmp_path, workers=0, progress=False)
     assert again.baselines == first.baselines
+
+    winner = tmp_path / "winner"  # now the other run's rename lands while this one writes its own folder
+    shutil.move(folder, winner)
+    real_building_dir = cache_module.building_dir
+
+    @contextmanager
+    def winner_lands_meanwhile(out_dir):
+        with real_building_dir(out_dir) as work:
+            yield work
+            shutil.copytree(winner, out_dir)
+
+    monkeypatch.setattr(cache_module, "building_dir", winner_lands_meanwhile)
+    cache_module._compute(["pixels"], fashion_shards, size, mode, root, StageProgress(False), 0)
+    assert not [path for path in root.iterdir() if path.name.startswith(".")]  # its own work removed
+    assert (
+        evaluate_embeddings(*sets, baselines=("pixels",), cache=tmp_path, progress=False).baselines == first.baselines
+    )
 
 
 def test_a_corrupt_baseline_cache_is_named_not_trusted(sets, tmp_path):
