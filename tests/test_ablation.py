@@ -102,3 +102,14 @@ def test_paired_differences_compare_each_seed_with_the_presets_run_of_that_seed(
     assert paired[multi]["nn1"] == [-0.1, 0.2]  # seed 0, then seed 1
     assert preset not in paired
     assert ablation.markdown_paired(paired).splitlines()[2] == "| + multi-crop (2 × 16 px) |" + " 1 of 2 |" * 6
+
+
+def test_winners_with_as_many_scores_above_rank_by_how_far_and_a_variant_missing_a_score_never_wins():
+    preset, moco, multi = "preset (band negatives)", "MoCo v2 (no enhancement)", "+ multi-crop (2 × 16 px)"
+    runs = [run(preset, seed, 0.880) for seed in range(3)]
+    runs += [run(moco, seed, 0.890) for seed in range(3)]  # +1.0 on all six
+    runs += [run(multi, seed, 0.900) for seed in range(3)]  # +2.0 on all six: as many scores, further
+    assert ablation.winners(ablation.against_preset(runs)) == [multi, moco]  # not the table's order
+    for row in runs[6:]:
+        row["linear_top1"] = None  # no probe score: the rule cannot see it lose there
+    assert ablation.winners(ablation.against_preset(runs)) == [moco]
