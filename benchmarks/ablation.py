@@ -192,10 +192,10 @@ def against_preset(runs: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, 
     preset_runs = by_seed(runs, preset)
     verdicts: dict[str, dict[str, dict[str, Any]]] = {}
     for name in VARIANTS:
-        common = [seed for seed in by_seed(runs, name) if seed in preset_runs]
+        mine_runs = by_seed(runs, name)
+        common = [seed for seed in mine_runs if seed in preset_runs]
         if name == preset or not common:
             continue
-        mine_runs = by_seed(runs, name)
         verdicts[name] = {}
         for column in COLUMNS:
             mine = percentages([mine_runs[seed] for seed in common], name, column)
